@@ -1,0 +1,1 @@
+"""Multi-label conditional image generation on i-CLEVR: data, judge, VAE, LDM, GAN."""

@@ -1,0 +1,85 @@
+"""The run folder every training writes: config.json, log.txt, metrics.jsonl, samples/, checkpoints.
+
+Checkpoints are crash-safe: each is written completely into its own `ckpt-<step>/` folder
+(weights as safetensors, optimizer and RNG state as a torch file), then the one-line `latest` file
+is swapped in atomically with os.replace, then older checkpoints are removed. An interrupted write
+leaves the previous checkpoint as `latest`; `--resume` continues from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from python.errors import UserError
+
+
+class RunDir:
+    def __init__(self, path: Path, config: dict, resume: bool = False):
+        self.path = Path(path)
+        self.t0 = time.time()
+        if self.path.exists() and (self.path / "latest").exists() and not resume:
+            raise UserError(f"{self.path}: run folder already holds a checkpoint; pass --resume to continue it "
+                            f"or choose another --run folder")
+        try:
+            (self.path / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the run folder ({e.strerror})") from None
+        if resume and (self.path / "config.json").exists():
+            old = json.loads((self.path / "config.json").read_text())
+            changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v and k not in ("resume",)}
+            if changed:
+                self.log(f"resuming with changed settings: {changed}")
+        self._write_json("config.json", config)
+
+    def _write_json(self, name: str, obj) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, self.path / name)
+
+    def log(self, msg: str, echo: bool = True) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        if echo:
+            print(line, flush=True)
+        with open(self.path / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def metrics(self, **kv) -> None:
+        kv = {"time": round(time.time() - self.t0, 2), **kv}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(kv) + "\n")
+
+    def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict, keep: int = 1) -> Path:
+        """weights: {"model": state_dict, "ema": state_dict, ...} -> <name>.safetensors; state -> state.pt."""
+        ckpt = self.path / f"ckpt-{step:08d}"
+        tmp = self.path / f".ckpt-{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, sd in weights.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save({"step": step, **state}, tmp / "state.pt")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
+        latest = self.path / ".latest.tmp"
+        latest.write_text(ckpt.name)
+        os.replace(latest, self.path / "latest")
+        for old in sorted(self.path.glob("ckpt-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return ckpt
+
+    def load(self):
+        """(step, {name: state_dict}, state) of the latest checkpoint, or None if there is none."""
+        if not (self.path / "latest").exists():
+            return None
+        ckpt = self.path / (self.path / "latest").read_text().strip()
+        weights = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        return state["step"], weights, state
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
