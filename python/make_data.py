@@ -101,7 +101,8 @@ def make_conditions(rng: np.random.Generator, n: int, sizes=(1, 2, 3), avoid: se
     """n label sets with a uniform number of objects from `sizes`; of the 3-object ones, a fraction
     is drawn from combinations absent from `avoid` (the training label sets)."""
     out = []
-    unseen = [c for c in combinations(range(NUM_CLASSES), 3) if frozenset(c) not in (avoid or set())]
+    unseen = [c for c in combinations(range(NUM_CLASSES), 3)
+              if frozenset(CLASS_NAMES[i] for i in c) not in (avoid or set())]
     for _ in range(n):
         k = int(rng.choice(sizes))
         if k == 3 and unseen and rng.random() < absent_fraction:

@@ -250,19 +250,8 @@ def render(scene: Scene, width: int = 160, height: int = 120, upto: int | None =
     count, which scene sampling uses to reject scenes where an object is hidden.
     """
     objs = scene.objects[: len(scene.objects) if upto is None else upto]
-    origin, dirs = camera_rays(scene, width, height)
-    origins = np.broadcast_to(origin, dirs.shape)
+    origin, dirs, t_floor, t_best, hit, alone = _primary_hits(scene, objs, width, height)
     n = len(dirs)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_floor = np.where(dirs[:, 2] < -1e-6, -origin[2] / dirs[:, 2], np.inf)
-    t_best, hit = t_floor.copy(), np.full(n, -1)
-    alone = []
-    for k, o in enumerate(objs):
-        t = intersect(o, origins, dirs)
-        alone.append(int(np.isfinite(t).sum()))
-        closer = t < t_best
-        t_best[closer], hit[closer] = t[closer], k
-
     color = np.empty((n, 3))
     sky = ~np.isfinite(t_best)
     color[sky] = HORIZON
@@ -290,9 +279,29 @@ def render(scene: Scene, width: int = 160, height: int = 120, upto: int | None =
     rgb = (_linear_to_srgb(color) * 255 + 0.5).astype(np.uint8).reshape(height, width, 3)
     img = np.concatenate([rgb, np.full((height, width, 1), 255, np.uint8)], axis=2)
     if ids:
-        visible = [int((hit == k).sum()) for k in range(len(objs))]
-        return img, visible, alone
+        return img, *_visibility(hit, alone)
     return img
+
+
+def _primary_hits(scene: Scene, objs, width: int, height: int):
+    """Camera rays and what each one sees first: the floor (-1) or object k."""
+    origin, dirs = camera_rays(scene, width, height)
+    origins = np.broadcast_to(origin, dirs.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_floor = np.where(dirs[:, 2] < -1e-6, -origin[2] / dirs[:, 2], np.inf)
+    t_best, hit = t_floor.copy(), np.full(len(dirs), -1)
+    alone = []
+    for k, o in enumerate(objs):
+        t = intersect(o, origins, dirs)
+        alone.append(int(np.isfinite(t).sum()))
+        closer = t < t_best
+        t_best[closer], hit[closer] = t[closer], k
+    return origin, dirs, t_floor, t_best, hit, alone
+
+
+def _visibility(hit, alone):
+    """Per object: (visible pixels, pixels it would cover alone)."""
+    return [int((hit == k).sum()) for k in range(len(alone))], alone
 
 
 def _random_scene_frame(rng: np.random.Generator):
@@ -342,7 +351,8 @@ def sample_scene(rng: np.random.Generator, classes, width: int = 160, height: in
         if len(objs) == 1:
             return scene
         # Occlusion only grows as objects are added, so checking the full scene covers every prefix.
-        _, visible, alone = render(scene, width // 2, height // 2, ids=True)
+        *_, hit, alone = _primary_hits(scene, scene.objects, width // 2, height // 2)
+        visible, alone = _visibility(hit, alone)
         if all(v >= min_visible * a and v >= 12 for v, a in zip(visible, alone)):
             return scene
     raise RuntimeError(f"could not place objects {classes} in {max_tries} tries")

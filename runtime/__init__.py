@@ -1,0 +1,1 @@
+"""The serving side: numpy + onnxruntime (+ Pillow for images). Never imports torch."""

@@ -1,0 +1,62 @@
+"""An export folder (manifest.json + ONNX files) opened as ONNX Runtime sessions."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from python.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_EXPORT = REPO / "exports" / "default"
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def pick_providers(requested: list[str] | None = None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        bad = [p for p in requested if p not in available]
+        if bad:
+            raise UserError(f"execution provider(s) {bad} not available; available: {available}")
+        return requested
+    return [p for p in PROVIDER_ORDER if p in available]
+
+
+class ExportFolder:
+    """Reads manifest.json; opens each model's session lazily."""
+
+    def __init__(self, path: Path | None = None, providers: list[str] | None = None, threads: int | None = None):
+        self.path = Path(path) if path else DEFAULT_EXPORT
+        mf = self.path / "manifest.json"
+        if not mf.exists():
+            raise UserError(f"{self.path}: no manifest.json; create the export with `python export/to_onnx.py"
+                                f" --out {self.path}`")
+        self.manifest = json.loads(mf.read_text())
+        self.labels: list[str] = self.manifest["labels"]
+        self.providers = pick_providers(providers)
+        self.threads = threads or os.cpu_count()
+        self._sessions = {}
+
+    def has(self, name: str) -> bool:
+        return self.manifest["models"].get(name, {}).get("format") == "onnx"
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            if not self.has(name):
+                onnx_models = [k for k, v in self.manifest["models"].items() if v.get("format") == "onnx"]
+                raise UserError(f"{self.path}: no ONNX model {name!r} in the manifest; it has {onnx_models}")
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._sessions[name] = ort.InferenceSession(str(self.path / self.manifest["models"][name]["file"]),
+                                                        opts, providers=self.providers)
+        return self._sessions[name]
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session(name).run(None, feeds)

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.to_onnx import export_all
+from python import judge as J
+from python.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def judge_weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    J.save(J.build("resnet18").eval(), root / "judge")
+    J.save(J.build("vgg").eval(), root / "judge2")
+    return root
+
+
+def test_judge_onnx_and_torchscript_match_torch(judge_weights, tmp_path):
+    m = export_all(judge_weights, tmp_path, formats=("onnx", "torchscript"))
+    assert {"judge", "judge2", "judge_ts", "judge2_ts"} <= set(m["models"])
+    assert all(e["verified_max_rel_err"] <= 1e-4 for e in m["models"].values())
+    assert m["labels"][0] == "gray cube" and len(m["labels"]) == 24
+    from runtime.judge import topk_hits
+    from runtime.models import ExportFolder
+
+    ex = ExportFolder(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(40, 3, 64, 64, generator=g) * 2 - 1
+    labels = np.zeros((40, 24), np.float32)
+    for i in range(40):
+        labels[i, torch.randperm(24, generator=g)[: 1 + i % 5]] = 1
+    for name, which in (("judge", "judge"), ("judge2", "judge2")):
+        net = J.load(judge_weights / which / "judge.safetensors")
+        logits = ex.run(name, {"images": images.numpy()})[1]
+        probs = ex.run(name, {"images": images.numpy()})[0]
+        assert np.abs(probs - J.predict(net, images).numpy()).max() < 1e-4
+        ours, k = topk_hits(logits, labels)
+        ref, k_ref = J.topk_hits(J.predict(net, images), torch.from_numpy(labels))
+        assert (ours == ref).all() and (k == k_ref).all()
+
+
+def test_runtime_does_not_import_torch(judge_weights, tmp_path):
+    export_all(judge_weights, tmp_path)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np\nfrom runtime.models import ExportFolder\nfrom runtime.judge import accuracy\n"
+            f"ex = ExportFolder({str(tmp_path)!r})\n"
+            "lab = np.zeros((2, 24), np.float32); lab[:, 0] = 1\n"
+            "print(accuracy(ex, np.zeros((2, 3, 64, 64), np.float32), lab))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 0.0 <= float(r.stdout) <= 1.0
+
+
+def test_export_errors(tmp_path, judge_weights):
+    from runtime.models import ExportFolder
+
+    with pytest.raises(UserError, match="no manifest.json"):
+        ExportFolder(tmp_path / "nowhere")
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a folder cannot be created under a file, even by root
+    with pytest.raises(UserError, match="not writable"):
+        export_all(judge_weights, blocker / "sub")
