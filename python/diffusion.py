@@ -1,0 +1,197 @@
+"""The diffusion maths, once: noise schedules, training targets, DDPM / DDIM / DPM-Solver++(2M) steps, guidance.
+
+Plain array arithmetic: every function takes numpy arrays or torch tensors alike (only +, -, * and
+Python floats touch the samples), so the torch trainer and the numpy/ONNX runtime run the very same
+code. The schedule itself is float64 numpy. Symbols follow the papers: alpha_bar (cumulative product
+of 1 - beta), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, v = sqrt(alpha_bar_t) eps -
+sqrt(1 - alpha_bar_t) x_0. Timestep spacing and update rules match diffusers' DDPMScheduler,
+DDIMScheduler ("leading" spacing) and DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint,
+"linspace" spacing, final sigma zero); tests check each step against them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PREDICTIONS = ("epsilon", "v_prediction")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def betas_for(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if kind == "cosine":  # Nichol & Dhariwal: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), beta capped at 0.999
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], np.float64)
+    raise ValueError(f"unknown noise schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = "cosine"
+    T: int = 1000
+    prediction: str = "epsilon"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        object.__setattr__(self, "betas", betas_for(self.kind, self.T, self.beta_start, self.beta_end))
+        object.__setattr__(self, "alpha_bar", np.cumprod(1.0 - self.betas))
+
+    def coeffs(self, t):
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for integer timesteps t (scalar or array)."""
+        ab = self.alpha_bar[np.asarray(t)]
+        return np.sqrt(ab), np.sqrt(1.0 - ab)
+
+    def snr(self, t):
+        ab = self.alpha_bar[np.asarray(t)]
+        return ab / (1.0 - ab)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "T": self.T, "prediction": self.prediction,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+def add_noise(x0, eps, a, s):
+    """Forward process: x_t = a x_0 + s eps, with a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t) (broadcastable)."""
+    return a * x0 + s * eps
+
+
+def target(x0, eps, a, s, prediction: str):
+    """What the network learns to output: eps, or v = a eps - s x_0."""
+    return eps if prediction == "epsilon" else a * eps - s * x0
+
+
+def x0_eps(x_t, out, a: float, s: float, prediction: str):
+    """Network output at (x_t, t) -> predicted (x_0, eps)."""
+    if prediction == "epsilon":
+        return (x_t - s * out) / a, out
+    x0 = a * x_t - s * out
+    return x0, s * x_t + a * out
+
+
+def guide(out_cond, out_uncond, scale: float):
+    """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 = plain conditional)."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+class DDPM:
+    """Ancestral sampling (Ho et al. Algorithm 2, posterior variance beta_tilde); `steps` < T skips evenly."""
+
+    stochastic = True
+
+    def __init__(self, schedule: Schedule, steps: int | None = None, clip: float | None = None):
+        self.sch, self.clip = schedule, clip
+        n = steps or schedule.T
+        self.ratio = schedule.T // n
+        self.timesteps = (np.arange(n) * self.ratio)[::-1].astype(np.int64)
+
+    def step(self, out, i: int, x_t, noise=None):
+        t = int(self.timesteps[i])
+        prev = t - self.ratio
+        ab_t = self.sch.alpha_bar[t]
+        ab_prev = self.sch.alpha_bar[prev] if prev >= 0 else 1.0
+        alpha_t = ab_t / ab_prev
+        beta_t = 1.0 - alpha_t
+        x0, _ = x0_eps(x_t, out, math.sqrt(ab_t), math.sqrt(1 - ab_t), self.sch.prediction)
+        if self.clip is not None:
+            x0 = x0.clip(-self.clip, self.clip)
+        mean = (math.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0 + (math.sqrt(alpha_t) * (1 - ab_prev) / (1 - ab_t)) * x_t
+        if t == 0 or noise is None:
+            return mean
+        var = max((1 - ab_prev) / (1 - ab_t) * beta_t, 1e-20)
+        return mean + math.sqrt(var) * noise
+
+
+class DDIM:
+    """Song et al.: x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z; eta scales sigma."""
+
+    def __init__(self, schedule: Schedule, steps: int = 50, eta: float = 0.0):
+        self.sch, self.eta = schedule, eta
+        self.stochastic = eta > 0
+        self.ratio = schedule.T // steps
+        self.timesteps = (np.arange(steps) * self.ratio)[::-1].astype(np.int64)
+
+    def step(self, out, i: int, x_t, noise=None):
+        t = int(self.timesteps[i])
+        prev = t - self.ratio
+        ab_t = self.sch.alpha_bar[t]
+        ab_prev = self.sch.alpha_bar[prev] if prev >= 0 else 1.0
+        x0, eps = x0_eps(x_t, out, math.sqrt(ab_t), math.sqrt(1 - ab_t), self.sch.prediction)
+        sigma = self.eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+        x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0 and noise is not None:
+            x_prev = x_prev + sigma * noise
+        return x_prev
+
+
+class DPMSolverPP:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep, data prediction, midpoint form.
+
+    In sigma = sqrt((1 - ab) / ab) form: alpha = 1/sqrt(1 + sigma^2), lambda = log(alpha / (alpha sigma)).
+    First order (DDIM-like) at the first step and at the last, which goes to sigma = 0."""
+
+    stochastic = False
+
+    def __init__(self, schedule: Schedule, steps: int = 20):
+        self.sch = schedule
+        T = schedule.T
+        self.timesteps = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        sig = np.sqrt((1 - schedule.alpha_bar) / schedule.alpha_bar)
+        self.sigmas = np.concatenate([sig[self.timesteps], [0.0]])
+        self.x0_prev = None
+
+    @staticmethod
+    def _alpha_sigma_lambda(sigma: float):
+        alpha = 1.0 / math.sqrt(sigma**2 + 1.0)
+        s = sigma * alpha
+        return alpha, s, (math.log(alpha) - math.log(s)) if s > 0 else math.inf
+
+    def step(self, out, i: int, x_t, noise=None):
+        a_s0, s_s0, lam_s0 = self._alpha_sigma_lambda(self.sigmas[i])
+        a_t, s_t, lam_t = self._alpha_sigma_lambda(self.sigmas[i + 1])
+        x0, _ = x0_eps(x_t, out, a_s0, s_s0, self.sch.prediction)
+        last = i == len(self.timesteps) - 1
+        if s_t == 0:  # h = inf: the update is x0 itself
+            x_next = x0
+        elif i == 0 or last or self.x0_prev is None:
+            h = lam_t - lam_s0
+            x_next = (s_t / s_s0) * x_t - (a_t * (math.exp(-h) - 1.0)) * x0
+        else:
+            _, _, lam_s1 = self._alpha_sigma_lambda(self.sigmas[i - 1])
+            h, h0 = lam_t - lam_s0, lam_s0 - lam_s1
+            r0 = h0 / h
+            d1 = (1.0 / r0) * (x0 - self.x0_prev)
+            x_next = (s_t / s_s0) * x_t - (a_t * (math.exp(-h) - 1.0)) * x0 - (0.5 * a_t * (math.exp(-h) - 1.0)) * d1
+        self.x0_prev = x0
+        return x_next
+
+
+SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "dpmpp": DPMSolverPP}
+
+
+def make_sampler(name: str, schedule: Schedule, steps: int, eta: float = 0.0):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= schedule.T:
+        raise ValueError(f"steps must be in 1..{schedule.T}, got {steps}")
+    if name == "ddim":
+        return DDIM(schedule, steps, eta)
+    return SAMPLERS[name](schedule, steps)
+
+
+def sample_loop(sampler, x_T, denoise, noise=None, on_step=None):
+    """Run a sampler from x_T. denoise(x, t) -> network output (guidance inside); noise(i) -> fresh noise
+    for stochastic samplers; on_step(i, x) sees every intermediate sample (the denoising-process grid)."""
+    x = x_T
+    for i, t in enumerate(sampler.timesteps):
+        x = sampler.step(denoise(x, int(t)), i, x, noise(i) if (noise and sampler.stochastic) else None)
+        if on_step:
+            on_step(i, x)
+    return x

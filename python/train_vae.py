@@ -1,0 +1,194 @@
+"""Train the VAE on the i-CLEVR training images, then cache the training set's latents.
+
+    python -m python.train_vae --data data/iclevr --run runs/vae            # the shipped recipe
+    python -m python.train_vae --preset tiny --data DIR --run DIR            # seconds, for tests
+
+Loss: mean squared error + beta * KL(q(z|x) || N(0, I)) per latent element; beta is small, so the
+posterior stays nearly deterministic (a sharp decoder) while the KL keeps the latent space smooth and
+bounded for diffusion and the GAN. After training: scale_factor = 1 / std of the training latents'
+means, stored in config.json; the latent cache <run>/latents.npz holds, for every training image,
+the posterior mean and std (float16, unscaled) and its multi-hot label, so the LDM and GAN never run
+the encoder (they sample z = mean + std * eps and multiply by scale_factor).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from python import vae as V
+from python.data import load_split, to_model_range, to_uint8
+from python.errors import UserError, cli
+from python.rundir import RunDir
+
+warnings.filterwarnings("ignore", module="compressai")
+
+PRESETS = {
+    "tiny": dict(steps=6, batch=8, eval_every=3, lr=1e-3, channels=[16, 8], eval_images=16),
+    "full": dict(steps=12000, batch=64, eval_every=1000, lr=2e-3, channels=[64, 48], eval_images=512),
+}
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def reconstruct(vae: V.VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images_u8), batch):
+        x = to_model_range(images_u8[i:i + batch])
+        out.append(vae.decode(vae.encode(x)[0]).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_dataset(vae: V.VAE, images_u8: np.ndarray, batch: int = 256):
+    means, stds = [], []
+    for i in range(0, len(images_u8), batch):
+        mean, logvar = vae.encode(to_model_range(images_u8[i:i + batch]))
+        means.append(mean)
+        stds.append((0.5 * logvar).exp())
+    return torch.cat(means), torch.cat(stds)
+
+
+def save_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor, n: int = 16) -> None:
+    """Originals (top row) over reconstructions (bottom row)."""
+    from PIL import Image
+
+    top = np.concatenate(list(to_uint8(originals[:n])), axis=1)
+    bottom = np.concatenate(list(to_uint8(recon[:n])), axis=1)
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(path)
+
+
+def evaluate(vae: V.VAE, images_u8: np.ndarray) -> dict:
+    vae.eval()
+    rec = reconstruct(vae, images_u8)
+    vae.train()
+    return {"psnr": float(psnr(to_model_range(images_u8), rec).mean())}
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
+    p.add_argument("--run", type=Path, default=Path("runs/vae"))
+    p.add_argument("--preset", choices=PRESETS, default="full")
+    p.add_argument("--arch", choices=("gdn", "kl"), default="gdn")
+    p.add_argument("--channels", type=int, nargs="+", help="gdn widths, latent side first (default 64 48)")
+    p.add_argument("--kl-channels", type=int, nargs="+", help="kl: diffusers block_out_channels")
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--downsample", type=int, default=4, choices=(2, 4, 8))
+    p.add_argument("--beta", type=float, default=1e-4, help="KL weight per latent element")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-images", type=int)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="skip building the latent cache")
+    a = p.parse_args(argv)
+    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+    vcfg = V.VAEConfig(arch=a.arch, latent_channels=a.latent_channels, downsample=a.downsample,
+                       channels=cfg["channels"], **({"kl_channels": a.kl_channels} if a.kl_channels else {}))
+    cfg["vae"] = asdict(vcfg)
+    run = RunDir(a.run, cfg, a.resume)
+
+    train = load_split(a.data)
+    held_root = Path(a.data)
+    held = load_split(held_root, "heldout_renders.json", images=held_root / "heldout_renders") \
+        if (held_root / "heldout_renders.json").exists() else train
+    eval_u8 = held.images[: cfg["eval_images"]]
+    images_t = torch.from_numpy(np.ascontiguousarray(train.images))
+
+    torch.manual_seed(a.seed)
+    vae = V.VAE(vcfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    gen = torch.Generator().manual_seed(a.seed)
+    step = 0
+    if a.resume and (ck := run.load()):
+        step, weights, state = ck
+        vae.load_state_dict(weights["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        run.log(f"resumed at step {step}")
+    run.log(f"VAE {vcfg.arch} {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, latent {vcfg.latent_shape}, "
+            f"{len(train)} training images")
+    from tqdm import tqdm
+
+    vae.train()
+    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
+    t_last, seen = time.time(), 0
+    while step < steps:
+        idx = torch.randint(0, len(images_t), (cfg["batch"],), generator=gen)
+        x = to_model_range(images_t[idx])
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            rec, mean, logvar = vae(x)
+        mse = F.mse_loss(rec.float(), x)
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
+        loss = mse + a.beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        seen += len(x)
+        bar.update(1)
+        if step % 20 == 0 or step == steps:
+            rate = seen / (time.time() - t_last)
+            bar.set_postfix(mse=f"{mse.item():.5f}", kl=f"{kl.item():.2f}", img_s=f"{rate:.0f}")
+            run.metrics(step=step, loss=loss.item(), mse=mse.item(), kl=kl.item(), lr=sched.get_last_lr()[0],
+                        images_per_sec=rate)
+            t_last, seen = time.time(), 0
+        if step % cfg["eval_every"] == 0 or step == steps:
+            res = evaluate(vae, eval_u8)
+            run.metrics(step=step, heldout=res)
+            bar.write(f"step {step}: held-out PSNR {res['psnr']:.2f} dB")
+            run.save(step, {"model": vae.state_dict()},
+                     {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()})
+            vae.eval()
+            save_grid(run.path / "samples" / f"recon-{step:08d}.png", to_model_range(eval_u8[:16]),
+                      reconstruct(vae, eval_u8[:16]))
+            vae.train()
+    bar.close()
+
+    vae.eval()
+    run.log("encoding the training set for the scale factor and the latent cache")
+    means, stds = encode_dataset(vae, train.images)
+    vae.cfg.scale_factor = float(1.0 / means.std())
+    V.save(vae, run.path / "final")
+    if not a.no_cache:
+        tmp = run.path / ".latents.tmp.npz"
+        np.savez(tmp, mean=means.half().numpy(), std=stds.half().numpy(), labels=train.labels,
+                 scale_factor=np.float32(vae.cfg.scale_factor))
+        os.replace(tmp, run.path / "latents.npz")
+    res = {**evaluate(vae, eval_u8), "scale_factor": vae.cfg.scale_factor, "train_seconds": round(run.elapsed(), 1),
+           "latent_mean_std": float(means.std()), "posterior_std_mean": float(stds.mean())}
+    (run.path / "final" / "train_result.json").write_text(json.dumps(res, indent=1))
+    run.log(f"final: {json.dumps(res)}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

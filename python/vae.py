@@ -1,0 +1,166 @@
+"""The autoencoder whose latent space the LDM and the GAN live in.
+
+Two architectures, chosen by measurement (see the README's VAE table):
+- "gdn": compressai-style analysis/synthesis transforms (strided convolutions with GDN / inverse GDN
+  nonlinearities, Balle et al.), a KL-regularised Gaussian posterior on top. Cheap to decode.
+- "kl": a small diffusers AutoencoderKL (ResNet blocks, group norm, mid-block attention).
+
+Both expose encode(x) -> (mean, logvar) and decode(z) -> x for x in [-1, 1] and z unscaled;
+`scale_factor` (1 / std of the training latents, computed after training) maps latents to unit
+variance for the generators: z_gen = scale_factor * z.
+A model is saved as a folder: config.json (architecture + scale_factor) and vae.safetensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from python.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "weights" / "vae"
+
+
+@dataclass
+class VAEConfig:
+    arch: str = "gdn"  # "gdn" | "kl"
+    latent_channels: int = 4
+    downsample: int = 4  # spatial factor: 64x64 -> 16x16
+    channels: list[int] = field(default_factory=lambda: [64, 48])  # gdn: widths from the latent side outwards
+    kl_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # kl: diffusers block_out_channels
+    scale_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.arch not in ("gdn", "kl"):
+            raise UserError(f"VAE arch {self.arch!r} unknown; valid: gdn, kl")
+        if self.downsample not in (2, 4, 8) or self.latent_channels < 1:
+            raise UserError(f"VAE downsample must be 2, 4 or 8 and latent_channels >= 1 "
+                            f"(got {self.downsample}, {self.latent_channels})")
+
+    @property
+    def stages(self) -> int:
+        return int(math.log2(self.downsample))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, 64 // self.downsample, 64 // self.downsample)
+
+
+class GDNAutoencoder(nn.Module):
+    """Analysis: [conv5x5/2 -> GDN -> conv3x3 -> GDN] per stage, then a 3x3 conv to (mean, logvar).
+    Synthesis mirrors it with inverse GDN and transposed convolutions."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        from compressai.layers import GDN
+
+        c = cfg.latent_channels
+        widths = [cfg.channels[min(i, len(cfg.channels) - 1)] for i in range(cfg.stages)]  # latent side first
+        enc, cin = [], 3
+        for w in reversed(widths):
+            enc += [nn.Conv2d(cin, w, 5, 2, 2), GDN(w), nn.Conv2d(w, w, 3, 1, 1), GDN(w)]
+            cin = w
+        enc.append(nn.Conv2d(cin, 2 * c, 3, 1, 1))
+        self.encoder = nn.Sequential(*enc)
+        dec = [nn.Conv2d(c, widths[0], 3, 1, 1), GDN(widths[0], inverse=True)]
+        for i, w in enumerate(widths):
+            out = widths[i + 1] if i + 1 < len(widths) else None
+            dec += [nn.ConvTranspose2d(w, out or 3, 5, 2, 2, output_padding=1)]
+            if out:
+                dec += [GDN(out, inverse=True), nn.Conv2d(out, out, 3, 1, 1), GDN(out, inverse=True)]
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class DiffusersKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        chans = tuple(cfg.kl_channels[: cfg.stages + 1])
+        self.ae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=chans,
+                                down_block_types=("DownEncoderBlock2D",) * len(chans),
+                                up_block_types=("UpDecoderBlock2D",) * len(chans), layers_per_block=1,
+                                latent_channels=cfg.latent_channels, norm_num_groups=16, sample_size=64)
+
+    def encode(self, x):
+        moments = self.ae.quant_conv(self.ae.encoder(x))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.ae.decoder(self.ae.post_quant_conv(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = GDNAutoencoder(cfg) if cfg.arch == "gdn" else DiffusersKL(cfg)
+
+    def encode(self, x):
+        return self.net.encode(x)
+
+    def decode(self, z):
+        return self.net.decode(z)
+
+    def forward(self, x, sample: bool = True):
+        mean, logvar = self.encode(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return self.decode(z), mean, logvar
+
+
+class Decoder(nn.Module):
+    """Generator-space latents (unit variance) -> images in [-1, 1]: what export and sampling use."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z / self.vae.cfg.scale_factor).clamp(-1, 1)
+
+
+def save(vae: VAE, folder: Path, half: bool = False) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in vae.state_dict().items()}
+    save_file(state, str(folder / "vae.safetensors"))
+    tmp = folder / ".config.tmp"
+    tmp.write_text(json.dumps(asdict(vae.cfg), indent=1))
+    os.replace(tmp, folder / "config.json")
+
+
+def load(folder: Path | None = None, device="cpu") -> VAE:
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder else SHIPPED
+    if not (folder / "config.json").exists() or not (folder / "vae.safetensors").exists():
+        raise UserError(f"{folder}: no VAE here (expected config.json and vae.safetensors; train one with "
+                        f"`python -m python.train_vae`)")
+    try:
+        cfg = VAEConfig(**json.loads((folder / "config.json").read_text()))
+    except TypeError as e:
+        raise UserError(f"{folder / 'config.json'}: not a VAE config ({e})") from None
+    vae = VAE(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "vae.safetensors")).items()}
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    return vae.to(device).eval()

@@ -1,0 +1,136 @@
+"""Each sampler step against diffusers' scheduler with the same model outputs, in float64."""
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from python.diffusion import (DDIM, DDPM, DPMSolverPP, Schedule, add_noise, guide, make_sampler, sample_loop, target,
+                              x0_eps)
+
+DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def _fake_model(sch):
+    """A deterministic stand-in for a trained denoiser: it predicts x_0 = 0.8 tanh(x_t) (bounded, smooth) and
+    outputs the matching epsilon or v, so samples stay O(1) as with a real network."""
+    def model(x, t):
+        a, s = (float(c) for c in sch.coeffs(t))
+        x0 = 0.8 * np.tanh(x)
+        eps = (x - a * x0) / s
+        return eps if sch.prediction == "epsilon" else a * eps - s * x0
+    return model
+
+
+def _float64(ref, sch):
+    """diffusers keeps alphas_cumprod (and DPM-Solver's sigmas) in float32; give it the exact float64 values so
+    the comparison measures the update rules, not float32 rounding near alpha_bar = 1."""
+    ref.betas = torch.from_numpy(sch.betas)
+    ref.alphas = 1.0 - ref.betas
+    ref.alphas_cumprod = torch.from_numpy(sch.alpha_bar)
+    return ref
+
+
+def _set_timesteps(ref, steps):
+    ref.set_timesteps(steps)
+    if isinstance(ref, DPMSolverMultistepScheduler):  # undo the float32 cast of set_timesteps
+        ac = ref.alphas_cumprod.numpy()[ref.timesteps.numpy()]
+        ref.sigmas = torch.from_numpy(np.concatenate([((1 - ac) / ac) ** 0.5, [0.0]]))
+    return ref
+
+
+def _compare(ours, theirs, noise_seed=0):
+    """Max abs difference over all steps; each step starts both from the same sample and model output."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    rng = np.random.default_rng(noise_seed)
+    x = rng.standard_normal((2, 4, 8, 8))
+    model = _fake_model(ours.sch)
+    assert np.array_equal(ours.timesteps, theirs.timesteps.numpy())
+    worst = 0.0
+    for i, t in enumerate(ours.timesteps):
+        out = model(x, t)
+        z = rng.standard_normal(x.shape)
+        kwargs = {}
+        if isinstance(ours, DDIM):
+            kwargs = {"eta": ours.eta, "variance_noise": torch.from_numpy(z)}
+        real = ddpm_module.randn_tensor
+        ddpm_module.randn_tensor = lambda *a, **k: torch.from_numpy(z)  # DDPMScheduler draws its own noise
+        try:
+            ref = theirs.step(torch.from_numpy(out), int(t), torch.from_numpy(x.copy()), **kwargs).prev_sample
+        finally:
+            ddpm_module.randn_tensor = real
+        x = ours.step(out, i, x, z)
+        worst = max(worst, float(np.abs(x - ref.numpy()).max()))
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_matches_diffusers(kind, prediction):
+    sch = Schedule(kind, prediction=prediction, beta_start=1e-4, beta_end=0.02)
+    ref = DDPMScheduler(num_train_timesteps=1000, trained_betas=sch.betas, prediction_type=prediction,
+                        clip_sample=False)
+    _float64(ref, sch)
+    for steps in (1000, 50):
+        _set_timesteps(ref, steps)
+        assert _compare(DDPM(sch, steps), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_matches_diffusers(kind, prediction, eta):
+    sch = Schedule(kind, prediction=prediction)
+    ref = DDIMScheduler(num_train_timesteps=1000, trained_betas=sch.betas, prediction_type=prediction,
+                        clip_sample=False, set_alpha_to_one=True)
+    _float64(ref, sch)
+    for steps in (10, 25, 50):
+        _set_timesteps(ref, steps)
+        assert _compare(DDIM(sch, steps, eta), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [5, 10, 20, 25])
+def test_dpmsolver_pp_2m_matches_diffusers(kind, prediction, steps):
+    sch = Schedule(kind, prediction=prediction)
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=sch.betas, prediction_type=prediction,
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
+    _set_timesteps(_float64(ref, sch), steps)
+    assert _compare(DPMSolverPP(sch, steps), ref) <= 1e-5
+
+
+def test_schedule_and_targets_are_consistent():
+    sch = Schedule("cosine", prediction="v_prediction")
+    rng = np.random.default_rng(1)
+    x0, eps = rng.standard_normal((2, 3, 4, 4))
+    for t in (0, 10, 500, 999):
+        a, s = (float(c) for c in sch.coeffs(t))
+        assert a * a + s * s == pytest.approx(1.0)
+        xt = add_noise(x0, eps, a, s)
+        for pred in ("epsilon", "v_prediction"):
+            rec_x0, rec_eps = x0_eps(xt, target(x0, eps, a, s, pred), a, s, pred)
+            assert np.allclose(rec_eps, eps) and np.allclose(rec_x0, x0, atol=1e-6 / max(a, 1e-3))
+    assert sch.alpha_bar[-1] < 1e-4 and np.all(np.diff(sch.alpha_bar) < 0)
+
+
+def test_same_maths_on_torch_and_numpy():
+    sch = Schedule("linear")
+    model = _fake_model(sch)
+    x = np.random.default_rng(2).standard_normal((1, 4, 4, 4))
+    for name in ("ddim", "dpmpp", "ddpm"):
+        a = sample_loop(make_sampler(name, sch, 10), x, model, noise=lambda i: np.full(x.shape, 0.1))
+        b = sample_loop(make_sampler(name, sch, 10), torch.from_numpy(x),
+                        lambda x, t: torch.from_numpy(model(x.numpy(), t)),
+                        noise=lambda i: torch.full(x.shape, 0.1, dtype=torch.float64))
+        assert np.abs(a - b.numpy()).max() < 1e-12
+
+
+def test_guidance_and_errors():
+    assert guide(np.array(3.0), np.array(1.0), 2.0) == 5.0 and guide(np.array(3.0), np.array(1.0), 1.0) == 3.0
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler", Schedule(), 10)
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        make_sampler("ddim", Schedule(), 0)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        Schedule(prediction="x0")
