@@ -93,7 +93,8 @@ class DiffusersKL(nn.Module):
         self.ae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=chans,
                                 down_block_types=("DownEncoderBlock2D",) * len(chans),
                                 up_block_types=("UpDecoderBlock2D",) * len(chans), layers_per_block=1,
-                                latent_channels=cfg.latent_channels, norm_num_groups=16, sample_size=64)
+                                latent_channels=cfg.latent_channels, norm_num_groups=min(16, math.gcd(*chans)),
+                                sample_size=64)
 
     def encode(self, x):
         moments = self.ae.quant_conv(self.ae.encoder(x))

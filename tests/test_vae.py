@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from python import vae as V
+from python.errors import UserError
+from python.train_vae import main as train_vae
+
+
+@pytest.mark.parametrize("arch", ["gdn", "kl"])
+@pytest.mark.parametrize("downsample", [2, 4, 8])
+def test_shapes_and_round_trip(arch, downsample, tmp_path):
+    cfg = V.VAEConfig(arch=arch, downsample=downsample, latent_channels=3, channels=[16, 8], kl_channels=[8, 16, 16, 16])
+    vae = V.VAE(cfg).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, logvar = vae.encode(x)
+    assert mean.shape == logvar.shape == (2, *cfg.latent_shape) == (2, 3, 64 // downsample, 64 // downsample)
+    assert vae.decode(mean).shape == x.shape
+    vae.cfg.scale_factor = 2.5
+    V.save(vae, tmp_path)
+    back = V.load(tmp_path)
+    assert back.cfg.scale_factor == 2.5 and torch.equal(back.decode(mean), vae.decode(mean))
+    dec = V.Decoder(back)
+    assert torch.allclose(dec(mean * 2.5), vae.decode(mean).clamp(-1, 1), atol=1e-4)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="no VAE here"):
+        V.load(tmp_path)
+    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "channels": [32, 8]}))
+    with pytest.raises(UserError, match="weights do not match config.json"):
+        V.load(tmp_path)
+    with pytest.raises(UserError, match="arch 'vq' unknown"):
+        V.VAEConfig(arch="vq")
+
+
+def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run)])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cache = np.load(run / "latents.npz")
+    mean = cache["mean"].astype(np.float32)
+    assert mean.shape == (36, 4, 16, 16) and cache["std"].shape == mean.shape and cache["labels"].shape == (36, 24)
+    # scale factor: 1 / std of the training latents, stored with the weights
+    assert res["scale_factor"] == pytest.approx(1 / mean.std(), rel=2e-3)
+    vae = V.load(run / "final")
+    assert vae.cfg.scale_factor == pytest.approx(res["scale_factor"])
+    # the cache holds what the encoder gives (no need to run it again)
+    from python.data import load_split, to_model_range
+
+    imgs = load_split(tiny_data, progress=False).images[:4]
+    with torch.no_grad():
+        assert np.allclose(vae.encode(to_model_range(imgs))[0].numpy(), mean[:4], atol=2e-2)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in lines) == 6
+
+    # resume: a run interrupted at step 3 continues from 3 and ends at the requested total
+    run2 = tmp_path / "run2"
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "3", "--no-cache"])
+    assert (run2 / "latest").read_text().strip() == "ckpt-00000003"
+    with pytest.raises(SystemExit):  # a run folder with a checkpoint is not silently overwritten
+        train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "6"])
+    assert "pass --resume" in capsys.readouterr().err
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "6", "--resume", "--no-cache"])
+    log = (run2 / "log.txt").read_text()
+    assert "resumed at step 3" in log and (run2 / "latest").read_text().strip() == "ckpt-00000006"
+    steps = [json.loads(line)["step"] for line in (run2 / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 3, 6, 6]  # (train, eval) at 3 before the interruption, then 6: nothing re-run
