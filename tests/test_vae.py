@@ -70,3 +70,17 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     assert "resumed at step 3" in log and (run2 / "latest").read_text().strip() == "ckpt-00000006"
     steps = [json.loads(line)["step"] for line in (run2 / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 3, 6, 6]  # (train, eval) at 3 before the interruption, then 6: nothing re-run
+
+
+def test_eval_vae_prints_one_json_line(tiny_data, tmp_path, capsys):
+    from python import judge as J
+    from python.eval_vae import main as eval_vae
+
+    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), tmp_path / "vae")
+    J.save(J.build("resnet18").eval(), tmp_path / "judge")
+    eval_vae(["--data", str(tiny_data), "--vae", str(tmp_path / "vae"), "--judge", str(tmp_path / "judge" / "checkpoint.pth")])
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert len(out) == 1 and res["images"] == 24
+    assert {"psnr", "acc_orig", "acc_recon", "decode_images_per_sec", "decoder_mflops"} <= set(res)
+    assert res["decode_images_per_sec"] > 0 and res["decoder_mflops"] > 0 and 0 <= res["acc_recon"] <= 1

@@ -1,0 +1,173 @@
+"""The conditional latent denoiser: a small diffusion transformer over latent patches.
+
+The latent grid (C x 16 x 16) is cut into p x p patches (tokens). Each block: adaptive layer norm
+modulated by the timestep (adaLN-zero, as in DiT), self-attention among patches, cross-attention from
+the patches to the label set, and an MLP.
+
+Conditioning that composes: the label set is a multi-hot vector over the 24 classes. With
+cond="tokens", each class has a learned token; a patch attends to the tokens of the objects present
+(an attention mask built from the multi-hot vector) plus a learned "null" token that is always
+present, so the empty set (classifier-free guidance's unconditional pass) is the null token alone.
+With cond="sum", the class embeddings of the present objects are summed into the time embedding.
+Both take the condition as the multi-hot vector itself, so ONNX export needs no token bookkeeping.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from python.errors import UserError
+from python.labels import NUM_CLASSES
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "weights" / "ldm"
+
+
+@dataclass
+class DenoiserConfig:
+    in_channels: int = 4
+    size: int = 16  # latent height = width
+    patch: int = 2
+    width: int = 192
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    cond: str = "tokens"  # "tokens" | "sum"
+    num_classes: int = NUM_CLASSES
+
+    def __post_init__(self):
+        if self.cond not in ("tokens", "sum"):
+            raise UserError(f"cond must be 'tokens' or 'sum', got {self.cond!r}")
+        if self.size % self.patch or self.width % self.heads:
+            raise UserError(f"size {self.size} must be divisible by patch {self.patch} and width {self.width} by "
+                            f"heads {self.heads}")
+
+    @property
+    def tokens(self) -> int:
+        return (self.size // self.patch) ** 2
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in the transformer / DDPM papers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        d, self.heads = cfg.width, cfg.heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.cross = cfg.cond == "tokens"
+        if self.cross:
+            self.norm_c = nn.LayerNorm(d, eps=1e-6)
+            self.q_c = nn.Linear(d, d)
+            self.kv_c = nn.Linear(d, 2 * d)
+            self.proj_c = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Linear(d, 6 * d)  # shift/scale/gate for attention and MLP, from the time embedding
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def _split(self, x):
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x, emb, ctx=None, ctx_mask=None):
+        b, n, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb)).chunk(6, dim=1)
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        x = x + g1[:, None] * self.proj(a.transpose(1, 2).reshape(b, n, d))
+        if self.cross:
+            k, v = self.kv_c(ctx).chunk(2, dim=-1)
+            a = F.scaled_dot_product_attention(self._split(self.q_c(self.norm_c(x))), self._split(k), self._split(v),
+                                               attn_mask=ctx_mask)
+            x = x + self.proj_c(a.transpose(1, 2).reshape(b, n, d))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class Denoiser(nn.Module):
+    """(x_t: N x C x H x W, t: N, cond: N x 24 multi-hot) -> network output (epsilon or v), N x C x H x W."""
+
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.width, cfg.patch
+        self.patchify = nn.Conv2d(cfg.in_channels, d, p, p)
+        self.pos = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.class_emb = nn.Parameter(torch.randn(cfg.num_classes + 1, d) * 0.02)  # last row: the null token
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, p * p * cfg.in_channels)
+        for m in (self.ada_out, self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, cond):
+        cfg = self.cfg
+        n = x.shape[0]
+        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
+        emb = self.t_mlp(timestep_embedding(t, cfg.width))
+        ctx = mask = None
+        if cfg.cond == "sum":
+            emb = emb + cond @ self.class_emb[:-1] + self.class_emb[-1]
+        else:
+            ctx = self.class_emb[None].expand(n, -1, -1)
+            present = torch.cat([cond > 0.5, torch.ones_like(cond[:, :1], dtype=torch.bool)], dim=1)
+            mask = present[:, None, None, :]  # (N, 1, 1, 25): attend to present objects and the null token
+        for blk in self.blocks:
+            h = blk(h, emb, ctx, mask)
+        sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)
+        h = self.out(modulate(self.norm_out(h), sh, sc))
+        g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
+        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)
+
+
+def save(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}, str(folder / "denoiser.safetensors"))
+    tmp = folder / ".config.tmp"
+    tmp.write_text(json.dumps({"denoiser": asdict(model.cfg), **(extra or {})}, indent=1))
+    os.replace(tmp, folder / "config.json")
+
+
+def load(folder: Path | None = None, device="cpu") -> tuple[Denoiser, dict]:
+    """(denoiser, config dict with the schedule and anything else saved beside it)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder else SHIPPED
+    if not (folder / "config.json").exists() or not (folder / "denoiser.safetensors").exists():
+        raise UserError(f"{folder}: no LDM here (expected config.json and denoiser.safetensors; train one with "
+                        f"`python -m python.train_ldm`)")
+    cfg = json.loads((folder / "config.json").read_text())
+    model = Denoiser(DenoiserConfig(**cfg["denoiser"]))
+    state = {k: v.float() for k, v in load_file(str(folder / "denoiser.safetensors")).items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg
