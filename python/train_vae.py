@@ -5,17 +5,16 @@
 
 Loss: mean squared error + beta * KL(q(z|x) || N(0, I)) per latent element; beta is small, so the
 posterior stays nearly deterministic (a sharp decoder) while the KL keeps the latent space smooth and
-bounded for diffusion and the GAN. After training: scale_factor = 1 / std of the training latents'
-means, stored in config.json; the latent cache <run>/latents.npz holds, for every training image,
-the posterior mean and std (float16, unscaled) and its multi-hot label, so the LDM and GAN never run
-the encoder (they sample z = mean + std * eps and multiply by scale_factor).
+bounded for diffusion and the GAN. After training, the training set (and its mirror images) is
+encoded once into the latent cache (python/latents.py: posterior mean and std, float16, unscaled,
+with labels), and scale_factor = 1 / std of the cached means is stored in config.json, so that the
+generators see unit-variance latents z = scale_factor * (mean + std * eps).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict
@@ -51,16 +50,6 @@ def reconstruct(vae: V.VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Te
         x = to_model_range(images_u8[i:i + batch])
         out.append(vae.decode(vae.encode(x)[0]).clamp(-1, 1))
     return torch.cat(out)
-
-
-@torch.no_grad()
-def encode_dataset(vae: V.VAE, images_u8: np.ndarray, batch: int = 256):
-    means, stds = [], []
-    for i in range(0, len(images_u8), batch):
-        mean, logvar = vae.encode(to_model_range(images_u8[i:i + batch]))
-        means.append(mean)
-        stds.append((0.5 * logvar).exp())
-    return torch.cat(means), torch.cat(stds)
 
 
 def save_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor, n: int = 16) -> None:
@@ -174,17 +163,16 @@ def main(argv=None):
     bar.close()
 
     vae.eval()
-    run.log("encoding the training set for the scale factor and the latent cache")
-    means, stds = encode_dataset(vae, train.images)
-    vae.cfg.scale_factor = float(1.0 / means.std())
     V.save(vae, run.path / "final")
-    if not a.no_cache:
-        tmp = run.path / ".latents.tmp.npz"
-        np.savez(tmp, mean=means.half().numpy(), std=stds.half().numpy(), labels=train.labels,
-                 scale_factor=np.float32(vae.cfg.scale_factor))
-        os.replace(tmp, run.path / "latents.npz")
-    res = {**evaluate(vae, eval_u8), "scale_factor": vae.cfg.scale_factor, "train_seconds": round(run.elapsed(), 1),
-           "latent_mean_std": float(means.std()), "posterior_std_mean": float(stds.mean())}
+    if a.no_cache:  # comparison runs: the scale factor from a subset, no cache
+        mean = vae.encode(to_model_range(train.images[:2048]))[0].detach()
+    else:  # the cache is keyed by the weights, not config.json, so setting the scale factor after keeps it valid
+        from python.latents import load_latents
+
+        mean = load_latents(a.data, run.path / "final").mean.float()
+    vae.cfg.scale_factor = float(1.0 / mean.std())
+    V.save(vae, run.path / "final")
+    res = {**evaluate(vae, eval_u8), "scale_factor": vae.cfg.scale_factor, "train_seconds": round(run.elapsed(), 1)}
     (run.path / "final" / "train_result.json").write_text(json.dumps(res, indent=1))
     run.log(f"final: {json.dumps(res)}")
     print(json.dumps(res))

@@ -42,19 +42,28 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run)])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    cache = np.load(run / "latents.npz")
-    mean = cache["mean"].astype(np.float32)
-    assert mean.shape == (36, 4, 16, 16) and cache["std"].shape == mean.shape and cache["labels"].shape == (36, 24)
+    from python.latents import load_latents
+
+    cache_files = lambda: sorted((tiny_data / ".cache").glob("latents-*.npz"))  # noqa: E731
+    assert len(cache_files()) == 1
+    built = cache_files()[0].stat().st_mtime_ns
+    lat = load_latents(tiny_data, run / "final")  # reused, not rebuilt
+    assert cache_files()[0].stat().st_mtime_ns == built
+    mean = lat.mean.float().numpy()
+    assert mean.shape == (72, 4, 16, 16) and lat.std.shape == mean.shape and lat.labels.shape == (72, 24)
+    assert torch.equal(lat.labels[:36], lat.labels[36:])  # originals, then their mirror images
     # scale factor: 1 / std of the training latents, stored with the weights
     assert res["scale_factor"] == pytest.approx(1 / mean.std(), rel=2e-3)
     vae = V.load(run / "final")
-    assert vae.cfg.scale_factor == pytest.approx(res["scale_factor"])
-    # the cache holds what the encoder gives (no need to run it again)
+    assert vae.cfg.scale_factor == pytest.approx(res["scale_factor"]) == lat.scale_factor
     from python.data import load_split, to_model_range
 
     imgs = load_split(tiny_data, progress=False).images[:4]
-    with torch.no_grad():
+    with torch.no_grad():  # the cache holds what the encoder gives
         assert np.allclose(vae.encode(to_model_range(imgs))[0].numpy(), mean[:4], atol=2e-2)
+        assert np.allclose(vae.encode(to_model_range(imgs).flip(3))[0].numpy(), mean[36:40], atol=2e-2)
+    z = lat.sample(torch.arange(4), torch.Generator().manual_seed(0))
+    assert z.shape == (4, 4, 16, 16)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in lines) == 6
 
