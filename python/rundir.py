@@ -25,7 +25,7 @@ class RunDir:
         self.t0 = time.time()
         if self.path.exists() and (self.path / "latest").exists() and not resume:
             raise UserError(f"{self.path}: run folder already holds a checkpoint; pass --resume to continue it "
-                            f"or choose another --run folder")
+                            f"or choose another --run-dir folder")
         try:
             (self.path / "samples").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -73,13 +73,18 @@ class RunDir:
         return ckpt
 
     def load(self):
-        """(step, {name: state_dict}, state) of the latest checkpoint, or None if there is none."""
-        if not (self.path / "latest").exists():
-            return None
-        ckpt = self.path / (self.path / "latest").read_text().strip()
-        weights = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        return state["step"], weights, state
+        return load_checkpoint(self.path)
 
     def elapsed(self) -> float:
         return time.time() - self.t0
+
+
+def load_checkpoint(run_path: Path):
+    """(step, {name: state_dict}, state) of a run folder's latest checkpoint, or None if there is none."""
+    run_path = Path(run_path)
+    if not (run_path / "latest").exists():
+        return None
+    ckpt = run_path / (run_path / "latest").read_text().strip()
+    weights = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    return state["step"], weights, state

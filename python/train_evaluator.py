@@ -1,7 +1,7 @@
 """Train a judge on fresh synthetic renders with 1-5 objects; save it in the official layout.
 
-    python -m python.train_evaluator --arch resnet18 --data-seed 1000 --run ~/runs/judge
-    python -m python.train_evaluator --arch vgg --data-seed 2000 --run ~/runs/judge2   # the second judge
+    python -m python.train_evaluator --arch resnet18 --data-seed 1000 --run-dir ~/runs/judge
+    python -m python.train_evaluator --arch vgg --data-seed 2000 --run-dir ~/runs/judge2   # the second judge
 
 Renders are cheap, so the judge trains on many of them (default 60,000, cached as one .npz keyed by
 seed and count) with horizontal flips and small shifts, both of which keep the label set. Held-out
@@ -81,14 +81,14 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, help="held-out renders to score (default all)")
     p.add_argument("--eval-data", type=Path, default=Path("data/iclevr"), help="dataset with heldout_renders.json")
     p.add_argument("--cache", type=Path, default=Path("data/judge_cache"), help="where training renders are cached")
-    p.add_argument("--run", type=Path, default=Path("runs/judge"))
+    p.add_argument("--run-dir", type=Path, default=Path("runs/judge"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     a = p.parse_args(argv)
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
-    run = RunDir(a.run, cfg, a.resume)
+    run = RunDir(a.run_dir, cfg, a.resume)
 
     held = load_split(a.eval_data, "heldout_renders.json", images=Path(a.eval_data) / "heldout_renders")
     n_eval = cfg["eval_images"] or len(held)

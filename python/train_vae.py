@@ -1,7 +1,7 @@
 """Train the VAE on the i-CLEVR training images, then cache the training set's latents.
 
-    python -m python.train_vae --data data/iclevr --run runs/vae            # the shipped recipe
-    python -m python.train_vae --preset tiny --data DIR --run DIR            # seconds, for tests
+    python -m python.train_vae --data data/iclevr --run-dir runs/vae            # the shipped recipe
+    python -m python.train_vae --preset tiny --data DIR --run-dir DIR            # seconds, for tests
 
 Loss: mean squared error + beta * KL(q(z|x) || N(0, I)) per latent element; beta is small, so the
 posterior stays nearly deterministic (a sharp decoder) while the KL keeps the latent space smooth and
@@ -72,7 +72,7 @@ def evaluate(vae: V.VAE, images_u8: np.ndarray) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("data/iclevr"))
-    p.add_argument("--run", type=Path, default=Path("runs/vae"))
+    p.add_argument("--run-dir", type=Path, default=Path("runs/vae"))
     p.add_argument("--preset", choices=PRESETS, default="full")
     p.add_argument("--arch", choices=("gdn", "kl"), default="gdn")
     p.add_argument("--channels", type=int, nargs="+", help="gdn widths, latent side first (default 64 48)")
@@ -95,7 +95,7 @@ def main(argv=None):
     vcfg = V.VAEConfig(arch=a.arch, latent_channels=a.latent_channels, downsample=a.downsample,
                        channels=cfg["channels"], **({"kl_channels": a.kl_channels} if a.kl_channels else {}))
     cfg["vae"] = asdict(vcfg)
-    run = RunDir(a.run, cfg, a.resume)
+    run = RunDir(a.run_dir, cfg, a.resume)
 
     train = load_split(a.data)
     held_root = Path(a.data)

@@ -69,7 +69,7 @@ def test_wrong_checkpoint_layout(tiny_data, tmp_path, capsys):
 def test_train_evaluator_tiny(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     train_evaluator(["--preset", "tiny", "--eval-data", str(tiny_data), "--cache", str(tmp_path / "cache"),
-                     "--run", str(run), "--no-bf16"])
+                     "--run-dir", str(run), "--no-bf16"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= res["accuracy"] <= 1 and set(res["by_objects"]) <= {"1", "2", "3", "4", "5"}
     ckpt = torch.load(run / "final" / "checkpoint.pth", weights_only=True)

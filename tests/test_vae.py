@@ -40,11 +40,12 @@ def test_load_errors(tmp_path):
 
 def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run)])
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run)])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    from python.latents import load_latents
+    from python.latents import load_latents, vae_digest
 
-    cache_files = lambda: sorted((tiny_data / ".cache").glob("latents-*.npz"))  # noqa: E731
+    digest = vae_digest(run / "final")
+    cache_files = lambda: sorted((tiny_data / ".cache").glob(f"latents-train-{digest}-*.npz"))  # noqa: E731
     assert len(cache_files()) == 1
     built = cache_files()[0].stat().st_mtime_ns
     lat = load_latents(tiny_data, run / "final")  # reused, not rebuilt
@@ -69,12 +70,12 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
 
     # resume: a run interrupted at step 3 continues from 3 and ends at the requested total
     run2 = tmp_path / "run2"
-    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "3", "--no-cache"])
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run2), "--steps", "3", "--no-cache"])
     assert (run2 / "latest").read_text().strip() == "ckpt-00000003"
     with pytest.raises(SystemExit):  # a run folder with a checkpoint is not silently overwritten
-        train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "6"])
+        train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run2), "--steps", "6"])
     assert "pass --resume" in capsys.readouterr().err
-    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run", str(run2), "--steps", "6", "--resume", "--no-cache"])
+    train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run2), "--steps", "6", "--resume", "--no-cache"])
     log = (run2 / "log.txt").read_text()
     assert "resumed at step 3" in log and (run2 / "latest").read_text().strip() == "ckpt-00000006"
     steps = [json.loads(line)["step"] for line in (run2 / "metrics.jsonl").read_text().splitlines()]

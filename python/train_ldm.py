@@ -1,0 +1,212 @@
+"""Train the conditional latent diffusion model on the VAE's latent cache.
+
+    python -m python.train_ldm --data data/iclevr --run-dir runs/ldm                       # shipped recipe
+    torchrun --nproc_per_node=2 -m python.train_ldm --data data/iclevr --run-dir runs/ldm  # DDP (gloo / nccl)
+    python -m python.train_ldm --preset tiny --data DIR --vae DIR --run-dir DIR             # seconds, for tests
+
+Each step: latents z ~ q(z|x) from the cache (x scale_factor), t ~ U{0..T-1}, x_t = a z + s eps; the
+denoiser predicts eps or v; the squared error is weighted by min-SNR-gamma (Hang et al. 2023) so
+that no noise level dominates. The condition is dropped (empty set) with probability p_uncond for
+classifier-free guidance. EMA weights are what is evaluated and saved. Every eval_every steps the
+EMA model samples a fixed condition set (DPM-Solver++, guidance), the VAE decodes, the judge scores;
+the accuracy goes to metrics.jsonl and a grid to samples/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from python import judge as J
+from python import ldm as L
+from python import vae as V
+from python.data import load_condition_file
+from python.diffusion import Schedule, add_noise, target
+from python.errors import UserError, cli
+from python.latents import load_latents, vae_digest
+from python.rundir import RunDir, load_checkpoint
+from python.sample import decode, grid, ldm_latents
+
+PRESETS = {
+    "tiny": dict(width=32, depth=2, heads=2, batch=8, steps=6, eval_every=3, eval_conditions=8, eval_steps=4,
+                 lr=1e-3, warmup=2),
+    "quick": dict(width=128, depth=4, heads=4, batch=64, steps=2000, eval_every=500, eval_conditions=64,
+                  eval_steps=20, lr=5e-4, warmup=100),
+    "full": dict(width=192, depth=8, heads=4, batch=128, steps=40000, eval_every=2000, eval_conditions=256,
+                 eval_steps=20, lr=4e-4, warmup=1000),
+}
+
+
+def loss_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weight for the eps (or v) objective; gamma <= 0 -> plain (weight 1)."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    snr = torch.from_numpy(schedule.snr(t.numpy())).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    lat = ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed)
+    images = decode(decoder, lat)
+    return J.score(judge, images, cond), images
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
+    p.add_argument("--vae", type=Path, help="VAE folder (default: shipped weights/vae)")
+    p.add_argument("--judge", type=Path, help="judge for periodic accuracy (default: shipped)")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/ldm"))
+    p.add_argument("--preset", choices=PRESETS, default="full")
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--cond", choices=("tokens", "sum"), default="tokens")
+    p.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
+    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
+    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
+    p.add_argument("--batch", type=int, help="global batch (split across DDP ranks)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
+    p.add_argument("--eval-steps", type=int)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
+    a = p.parse_args(argv)
+    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if a.device == "cuda" else a.device)
+    if cfg["batch"] % world:
+        raise UserError(f"--batch {cfg['batch']} must be divisible by the number of processes ({world})")
+
+    vae_folder = a.vae or V.SHIPPED
+    lat = load_latents(a.data, vae_folder)
+    schedule = Schedule(a.schedule, prediction=a.prediction)
+    dcfg = L.DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
+                            depth=cfg["depth"], heads=cfg["heads"], cond=a.cond)
+    cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
+    run = RunDir(a.run_dir, cfg, a.resume) if rank == 0 else None
+
+    torch.manual_seed(a.seed)
+    model = L.Denoiser(dcfg)
+    if a.init:
+        init, _ = L.load(a.init)
+        model.load_state_dict(init.state_dict())
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    steps, warmup = cfg["steps"], cfg["warmup"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    step = 0
+    if a.resume and (ck := load_checkpoint(a.run_dir)):  # every rank reads the same checkpoint
+        step, weights, state = ck
+        model.load_state_dict(weights["model"])
+        ema.load_state_dict(weights["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if run:
+            run.log(f"resumed at step {step}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    gen = torch.Generator().manual_seed(a.seed * 1000003 + rank * 7919 + step)
+
+    judge = J.load(a.judge) if rank == 0 else None
+    decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
+    eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
+    per_rank = cfg["batch"] // world
+    if run:
+        run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "
+                f"world {world}, device {device}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0)
+    t_last, seen = time.time(), 0
+    model.train()
+    while step < steps:
+        idx = torch.randint(0, len(lat), (per_rank,), generator=gen)
+        z0 = lat.sample(idx, gen)
+        cond = lat.labels[idx] * (torch.rand(per_rank, generator=gen) >= a.p_uncond).float()[:, None]
+        t = torch.randint(0, schedule.T, (per_rank,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        ca, cs = (torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(t.numpy()))
+        x_t = add_noise(z0, eps, ca, cs)
+        tgt = target(z0, eps, ca, cs, schedule.prediction)
+        w = loss_weight(schedule, t, a.min_snr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            out = net(x_t.to(device), t.to(device), cond.to(device))
+        per_sample = F.mse_loss(out.float(), tgt.to(device), reduction="none").mean((1, 2, 3))
+        loss = (per_sample * w.to(device)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        ema_update(ema, model, min(a.ema, (1 + step) / (10 + step)))
+        seen += per_rank * world
+        bar.update(1)
+        if run and (step % 20 == 0 or step == steps):
+            rate = seen / (time.time() - t_last)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
+                        images_per_sec=rate)
+            t_last, seen = time.time(), 0
+        if step % cfg["eval_every"] == 0 or step == steps:
+            if run:
+                ema_cpu = copy.deepcopy(ema).float().cpu().eval()
+                res, images = evaluate(ema_cpu, schedule, decoder, judge, eval_cond, cfg["eval_steps"], a.guidance)
+                res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"]}
+                run.metrics(step=step, heldout_subset=res, guidance=a.guidance, sampler_steps=cfg["eval_steps"])
+                bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
+                from PIL import Image
+
+                Image.fromarray(grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+                run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
+                         {"opt": opt.state_dict(), "sched": sched.state_dict()})
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if run:
+        extra = {"schedule": schedule.config(), "vae_sha": cfg["vae_sha"], "trained_steps": step,
+                 "train_seconds": round(run.elapsed(), 1)}
+        L.save(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
+        run.log(f"saved EMA weights to {run.path / 'final'}")
+        print(json.dumps({"final": str(run.path / "final"), "steps": step}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

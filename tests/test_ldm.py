@@ -1,0 +1,91 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from python import judge as J
+from python import ldm as L
+from python import vae as V
+from python.diffusion import Schedule
+from python.errors import UserError
+from python.sample import decode, grid, ldm_latents
+from python.train_ldm import loss_weight
+from python.train_ldm import main as train_ldm
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny untrained VAE and judge: enough to exercise the whole training loop."""
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
+    J.save(J.build("vgg").eval(), d / "judge")
+    return d
+
+
+def _args(tiny_data, parts, run, *extra):
+    return ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"),
+            "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run), *extra]
+
+
+@pytest.mark.parametrize("cond", ["tokens", "sum"])
+def test_denoiser_shapes_and_condition_matters(cond):
+    m = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, cond=cond))
+    for p in m.parameters():  # adaLN-zero starts at zero output; perturb so the condition can show
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 900])
+    a, b = torch.zeros(2, 24), torch.zeros(2, 24)
+    a[:, 1], b[:, 9] = 1, 1
+    assert m(x, t, a).shape == x.shape
+    assert not torch.allclose(m(x, t, a), m(x, t, b))  # different objects, different output
+    assert not torch.allclose(m(x, t, a), m(x, t, torch.zeros(2, 24)))  # the empty set is its own condition
+
+
+def test_min_snr_weights():
+    sch = Schedule("cosine", prediction="epsilon")
+    t = torch.tensor([0, 500, 999])
+    w = loss_weight(sch, t, 5.0)
+    snr = sch.snr(t.numpy())
+    assert np.allclose(w.numpy(), np.minimum(snr, 5) / snr, rtol=1e-5) and w[2] == pytest.approx(1.0)
+    assert torch.equal(loss_weight(sch, t, 0.0), torch.ones(3))
+
+
+def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_ldm(_args(tiny_data, parts, run, "--steps", "3", "--no-bf16"))
+    assert (run / "latest").read_text().strip() == "ckpt-00000003"
+    train_ldm(_args(tiny_data, parts, run, "--resume", "--no-bf16"))
+    assert "resumed at step 3" in (run / "log.txt").read_text()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "heldout_subset" in m]
+    assert [m["step"] for m in evals] == [3, 6] and 0 <= evals[-1]["heldout_subset"]["accuracy"] <= 1
+    assert (run / "samples" / "heldout-00000006.png").exists()
+    model, cfg = L.load(run / "final")
+    sch = Schedule(**cfg["schedule"])
+    cond = np.zeros((3, 24), np.float32)
+    cond[:, [9, 7, 22]] = 1  # red sphere, yellow cube, cyan cylinder
+    seen = []
+    lat = ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=1, on_step=lambda i, x, sl: seen.append(i))
+    assert lat.shape == (3, 4, 16, 16) and seen == list(range(5))
+    assert torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=1))  # deterministic for a seed
+    assert not torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=2))
+    images = decode(V.Decoder(V.load(parts / "vae")), lat)
+    assert images.shape == (3, 3, 64, 64) and images.abs().max() <= 1
+    assert grid(images, cols=8).shape == (2 + 66, 2 + 8 * 66, 3)
+    with pytest.raises(UserError, match="no LDM here"):
+        L.load(tmp_path)
+
+
+def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+           "python.train_ldm", *_args(tiny_data, parts, run, "--no-bf16")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["world"] == 2
+    assert (run / "final" / "denoiser.safetensors").exists()
