@@ -1,0 +1,138 @@
+"""The conditional latent GAN: a generator from (noise, label set) to a VAE latent grid, and a
+projection discriminator with an auxiliary multi-label classifier, both on latents.
+
+Generator: [noise, label embedding] -> 4x4 grid -> (upsample, conv, conditional norm) x log2(size/4)
+-> latent channels. Every block is modulated by the condition (FiLM from the concatenated noise and
+label embedding: per-channel scale and shift after a parameter-free batch norm), so the label set
+steers every resolution. The label embedding of a set is the sum of its classes' embeddings (a
+linear map of the multi-hot vector), so sets compose.
+
+Discriminator: strided convolutions with spectral norm -> feature vector h; output =
+linear(h) + <sum of the present classes' embeddings, h> / number of objects (projection
+discriminator, Miyato & Koyama 2018, extended to label sets), plus an auxiliary head that predicts
+the multi-hot labels (trained on real latents only, as in AC-GAN), whose judgement the generator
+also has to satisfy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from python.errors import UserError
+from python.labels import NUM_CLASSES
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "weights" / "gan"
+
+
+@dataclass
+class GANConfig:
+    latent_channels: int = 4
+    size: int = 16
+    z_dim: int = 128
+    emb_dim: int = 128
+    g_channels: tuple = (256, 128, 64)  # at 4x4, 8x8, 16x16
+    d_channels: tuple = (64, 128, 256)  # at 16x16, 8x8, 4x4
+    num_classes: int = NUM_CLASSES
+
+    def __post_init__(self):
+        self.g_channels, self.d_channels = tuple(self.g_channels), tuple(self.d_channels)
+        if 4 * 2 ** (len(self.g_channels) - 1) != self.size:
+            raise UserError(f"g_channels {self.g_channels} must have log2(size/4)+1 entries for size {self.size}")
+
+
+class CondBlock(nn.Module):
+    """upsample x2 -> conv3x3 -> BN(no affine) -> FiLM(cond) -> ReLU -> conv3x3 -> BN -> FiLM -> ReLU, + skip."""
+
+    def __init__(self, cin: int, cout: int, cdim: int, up: bool):
+        super().__init__()
+        self.up = up
+        self.c1, self.c2 = nn.Conv2d(cin, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.n1, self.n2 = nn.BatchNorm2d(cout, affine=False), nn.BatchNorm2d(cout, affine=False)
+        self.film = nn.Linear(cdim, 4 * cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, c):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        g1, b1, g2, b2 = self.film(c)[:, :, None, None].chunk(4, dim=1)
+        h = F.relu(self.n1(self.c1(x)) * (1 + g1) + b1)
+        h = F.relu(self.n2(self.c2(h)) * (1 + g2) + b2)
+        return h + self.skip(x)
+
+
+class Generator(nn.Module):
+    """(noise z: N x z_dim, cond: N x 24 multi-hot) -> latent (N, C, size, size) at generator scale."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.cfg = cfg
+        cdim = cfg.z_dim + cfg.emb_dim
+        self.embed = nn.Linear(cfg.num_classes, cfg.emb_dim, bias=False)  # = sum of class embeddings
+        self.fc = nn.Linear(cdim, 16 * cfg.g_channels[0])
+        chans = cfg.g_channels
+        self.blocks = nn.ModuleList(CondBlock(chans[max(i - 1, 0)], chans[i], cdim, up=i > 0) for i in range(len(chans)))
+        self.out = nn.Sequential(nn.BatchNorm2d(chans[-1]), nn.ReLU(), nn.Conv2d(chans[-1], cfg.latent_channels, 3, 1, 1))
+
+    def forward(self, z, cond):
+        c = torch.cat([z, self.embed(cond)], dim=1)
+        h = self.fc(c).view(len(z), self.cfg.g_channels[0], 4, 4)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.out(h)
+
+
+class Discriminator(nn.Module):
+    """latent -> (realness score N, auxiliary label logits N x 24)."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        layers, cin = [], cfg.latent_channels
+        for i, w in enumerate(cfg.d_channels):
+            stride = 1 if i == 0 else 2
+            layers += [spectral_norm(nn.Conv2d(cin, w, 3, stride, 1)), nn.LeakyReLU(0.2),
+                       spectral_norm(nn.Conv2d(w, w, 3, 1, 1)), nn.LeakyReLU(0.2)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.linear = spectral_norm(nn.Linear(cin, 1))
+        self.embed = spectral_norm(nn.Linear(cfg.num_classes, cin, bias=False))
+        self.aux = nn.Linear(cin, cfg.num_classes)
+
+    def forward(self, x, cond):
+        h = self.features(x).sum(dim=(2, 3))
+        proj = (self.embed(cond) * h).sum(1) / cond.sum(1).clamp_min(1)
+        return self.linear(h).squeeze(1) + proj, self.aux(h)
+
+
+def save(gen: Generator, folder: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}, str(folder / "generator.safetensors"))
+    tmp = folder / ".config.tmp"
+    tmp.write_text(json.dumps({"gan": asdict(gen.cfg), **(extra or {})}, indent=1))
+    os.replace(tmp, folder / "config.json")
+
+
+def load(folder: Path | None = None, device="cpu") -> tuple[Generator, dict]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder else SHIPPED
+    if not (folder / "config.json").exists() or not (folder / "generator.safetensors").exists():
+        raise UserError(f"{folder}: no GAN here (expected config.json and generator.safetensors; train one with "
+                        f"`python -m python.train_gan`)")
+    cfg = json.loads((folder / "config.json").read_text())
+    gen = Generator(GANConfig(**cfg["gan"]))
+    try:
+        gen.load_state_dict(load_file(str(folder / "generator.safetensors")))
+    except RuntimeError as e:
+        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    return gen.to(device).eval(), cfg
