@@ -100,15 +100,57 @@ def export_torchscript(module: nn.Module, inputs: dict[str, torch.Tensor], path:
             "bytes": path.stat().st_size}
 
 
-def judge_exports(weights: Path | None) -> dict[str, nn.Module]:
-    """{"judge": primary, "judge2": second} for the judges whose weights exist."""
+def _weights(weights: Path | None, name: str) -> Path:
+    return (Path(weights) if weights else REPO / "weights") / name
+
+
+def collect(weights: Path | None) -> dict:
+    """{name: (module, example inputs, check inputs, output names, manifest extras)} for every network whose
+    weights exist; a one-line notice for each that does not."""
+    from python import gan as G
+    from python import ldm as L
+    from python import vae as V
+    from python.latents import vae_digest
+
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    conds = torch.zeros(5, 24)
+    for i in range(5):
+        conds[i, torch.randperm(24, generator=gen)[: 1 + i % 3]] = 1
     found = {}
     for name, which in (("judge", "primary"), ("judge2", "second")):
-        path = (Path(weights) / J.SHIPPED[which].parent.name / "judge.safetensors") if weights else J.SHIPPED[which]
+        path = _weights(weights, J.SHIPPED[which].parent.name) / "judge.safetensors"
         if path.exists():
-            found[name] = JudgeForExport(J.load(path))
+            ex, chk = {"images": rand(2, 3, 64, 64)}, {"images": rand(5, 3, 64, 64).clamp(-1, 1)}
+            found[name] = (JudgeForExport(J.load(path)), ex, chk, ["probs", "logits"], {})
         else:
             print(f"{name}: no weights at {path}; skipped")
+    vae_dir = _weights(weights, "vae")
+    if not (vae_dir / "config.json").exists():
+        print(f"decoder, denoiser, generator: no VAE at {vae_dir}; skipped")
+        return found
+    vae = V.load(vae_dir)
+    shape = vae.cfg.latent_shape
+    found["decoder"] = (V.Decoder(vae), {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["images"],
+                        {"latent_shape": list(shape)})
+    digest = vae_digest(vae_dir)
+    for name, folder, loader in (("denoiser", "ldm", L.load), ("generator", "gan", G.load)):
+        d = _weights(weights, folder)
+        if not (d / "config.json").exists():
+            print(f"{name}: no weights at {d}; skipped")
+            continue
+        model, cfg = loader(d)
+        if cfg.get("vae_sha") not in (None, digest):
+            raise UserError(f"{d}: trained on VAE {cfg['vae_sha']} but {vae_dir} holds VAE {digest}; export them "
+                            f"from one weights folder")
+        if name == "denoiser":
+            t = torch.tensor([999, 10, 500, 0, 250])
+            found[name] = (model, {"x": rand(2, *shape), "t": t[:2], "cond": conds[:2]},
+                           {"x": rand(5, *shape), "t": t, "cond": conds}, ["out"], {"schedule": cfg["schedule"]})
+        else:
+            z = model.cfg.z_dim
+            found[name] = (model, {"z": rand(2, z), "cond": conds[:2]}, {"z": rand(5, z), "cond": conds}, ["latents"],
+                           {"z_dim": z})
     return found
 
 
@@ -121,20 +163,18 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",)) -> dict:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{out}: output folder is not writable ({e.strerror})") from None
-    gen = torch.Generator().manual_seed(0)
-    manifest = {"labels": list(CLASS_NAMES), "image_size": 64, "image_range": [-1, 1], "models": {},
-                "versions": {"torch": torch.__version__}}
+    if weights and not Path(weights).is_dir():
+        raise UserError(f"{weights}: weights folder not found")
     import onnx
     import onnxruntime
 
-    manifest["versions"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
-    for name, module in judge_exports(weights).items():
-        ex = {"images": torch.randn(2, 3, 64, 64, generator=gen)}
-        check = {"images": torch.randn(5, 3, 64, 64, generator=gen).clamp(-1, 1)}
+    manifest = {"labels": list(CLASS_NAMES), "image_size": 64, "image_range": [-1, 1], "models": {},
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+    for name, (module, ex, check, outputs, extra) in collect(weights).items():
         if "onnx" in formats:
-            manifest["models"][name] = export_onnx(module, ex, ["probs", "logits"], out / f"{name}.onnx", check)
+            manifest["models"][name] = {**export_onnx(module, ex, outputs, out / f"{name}.onnx", check), **extra}
         if "torchscript" in formats:
-            manifest["models"][f"{name}_ts"] = export_torchscript(module, ex, out / f"{name}.ts", check)
+            manifest["models"][f"{name}_ts"] = {**export_torchscript(module, ex, out / f"{name}.ts", check), **extra}
         print(f"{name}: exported ({', '.join(formats)})")
     tmp = out / ".manifest.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -149,8 +189,6 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
     a = p.parse_args(argv)
-    if a.weights and not a.weights.is_dir():
-        raise UserError(f"{a.weights}: weights folder not found")
     formats = ("onnx", "torchscript") if a.format == "both" else (a.format,)
     m = export_all(a.weights, a.out, formats)
     print(f"wrote {a.out / 'manifest.json'} ({len(m['models'])} models)")

@@ -143,3 +143,15 @@ def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarr
     objects_path = path.parent / "objects.json"
     objects = load_objects(objects_path) if objects_path.exists() else OBJECTS
     return load_conditions(path, objects)
+
+
+def image_grid(images: torch.Tensor | np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8)."""
+    imgs = to_uint8(images)
+    n, h, w, _ = imgs.shape
+    rows = (n + cols - 1) // cols
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return out

@@ -83,7 +83,7 @@ class Generator(nn.Module):
 
     def forward(self, z, cond):
         c = torch.cat([z, self.embed(cond)], dim=1)
-        h = self.fc(c).view(len(z), self.cfg.g_channels[0], 4, 4)
+        h = self.fc(c).view(-1, self.cfg.g_channels[0], 4, 4)
         for blk in self.blocks:
             h = blk(h, c)
         return self.out(h)

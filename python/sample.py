@@ -8,16 +8,7 @@ import numpy as np
 import torch
 
 from python.diffusion import Schedule, guide, make_sampler, sample_loop
-
-
-def initial_noise(seed: int, n: int, shape) -> np.ndarray:
-    """x_T for n samples: float32 standard normal from numpy's PCG64 (identical in torch and runtime)."""
-    return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
-
-
-def step_noise(seed: int, n: int, shape):
-    """noise(i) for stochastic samplers: its own stream per step, independent of x_T's."""
-    return lambda i: np.random.default_rng([seed, 1, i]).standard_normal((n, *shape), dtype=np.float32)
+from python.noise import initial_noise, step_noise
 
 
 def guided_denoiser(model, cond: torch.Tensor, scale: float, bf16: bool = False):
@@ -58,17 +49,3 @@ def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: 
 def decode(decoder, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Generator-scale latents -> images in [-1, 1] through the VAE decoder (python.vae.Decoder)."""
     return torch.cat([decoder(latents[i:i + batch]) for i in range(0, len(latents), batch)])
-
-
-def grid(images: torch.Tensor | np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8)."""
-    from python.data import to_uint8
-
-    imgs = to_uint8(images)
-    n, h, w, _ = imgs.shape
-    rows = (n + cols - 1) // cols
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return out

@@ -27,8 +27,10 @@ from python import vae as V
 from python.data import load_condition_file
 from python.errors import cli
 from python.latents import load_latents, vae_digest
+from python.noise import gan_noise
 from python.rundir import RunDir
-from python.sample import decode, grid
+from python.data import image_grid
+from python.sample import decode
 
 PRESETS = {
     "tiny": dict(g_channels=[16, 16, 16], d_channels=[16, 16, 16], batch=8, steps=6, eval_every=3,
@@ -38,11 +40,6 @@ PRESETS = {
     "full": dict(g_channels=[256, 128, 64], d_channels=[64, 128, 256], batch=128, steps=60000, eval_every=2000,
                  eval_conditions=512),
 }
-
-
-def gan_noise(seed: int, n: int, z_dim: int) -> np.ndarray:
-    """The generator's input noise, from numpy (so torch and the runtime draw the same)."""
-    return np.random.default_rng([seed, 2]).standard_normal((n, z_dim), dtype=np.float32)
 
 
 @torch.no_grad()
@@ -158,7 +155,7 @@ def main(argv=None):
             bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
             from PIL import Image
 
-            Image.fromarray(grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+            Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
             run.save(step, {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict()},
                      {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
     bar.close()

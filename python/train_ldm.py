@@ -35,7 +35,8 @@ from python.diffusion import Schedule, add_noise, target
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
 from python.rundir import RunDir, load_checkpoint
-from python.sample import decode, grid, ldm_latents
+from python.data import image_grid
+from python.sample import decode, ldm_latents
 
 PRESETS = {
     "tiny": dict(width=32, depth=2, heads=2, batch=8, steps=6, eval_every=3, eval_conditions=8, eval_steps=4,
@@ -192,7 +193,7 @@ def main(argv=None):
                 bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
                 from PIL import Image
 
-                Image.fromarray(grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+                Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
                 run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
                          {"opt": opt.state_dict(), "sched": sched.state_dict()})
             if world > 1:

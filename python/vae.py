@@ -123,15 +123,43 @@ class VAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
+class FrozenGDN(nn.Module):
+    """GDN / inverse GDN with its reparametrised beta and gamma evaluated once: plain ops that export to
+    ONNX and TorchScript (compressai's lower-bound reparametrisation is a custom autograd function)."""
+
+    def __init__(self, gdn: nn.Module):
+        super().__init__()
+        with torch.no_grad():
+            c = gdn.beta.numel()
+            self.register_buffer("beta", gdn.beta_reparam(gdn.beta).detach().clone())
+            self.register_buffer("gamma", gdn.gamma_reparam(gdn.gamma).detach().reshape(c, c, 1, 1).clone())
+        self.inverse = gdn.inverse
+
+    def forward(self, x):
+        norm = torch.nn.functional.conv2d(x * x, self.gamma, self.beta)
+        return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+
+
 class Decoder(nn.Module):
-    """Generator-space latents (unit variance) -> images in [-1, 1]: what export and sampling use."""
+    """Generator-space latents (unit variance) -> images in [-1, 1], for inference and export: the VAE's
+    decoder with GDN frozen, the 1/scale_factor folded in front, the output clamped."""
 
     def __init__(self, vae: VAE):
         super().__init__()
-        self.vae = vae
+        import copy
+
+        from compressai.layers import GDN
+
+        self.scale = float(vae.cfg.scale_factor)
+        self.net = copy.deepcopy(vae.net).eval()
+        for name, mod in list(self.net.named_modules()):
+            if isinstance(mod, GDN):
+                parent = self.net.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.net
+                setattr(parent, name.rsplit(".", 1)[-1], FrozenGDN(mod))
+        self.requires_grad_(False)
 
     def forward(self, z):
-        return self.vae.decode(z / self.vae.cfg.scale_factor).clamp(-1, 1)
+        return self.net.decode(z * (1.0 / self.scale)).clamp(-1, 1)
 
 
 def save(vae: VAE, folder: Path, half: bool = False) -> None:

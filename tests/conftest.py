@@ -14,3 +14,34 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("iclevr")
     make_dataset(root, scenes=12, seed=7, heldout_images=24, heldout_conditions=40, workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A weights folder laid out like weights/ (judge, judge2, vae, ldm, gan), untrained but perturbed so
+    outputs depend on every input: enough to test export and the runtime end to end."""
+    import torch
+
+    from python import gan as G
+    from python import judge as J
+    from python import ldm as L
+    from python import vae as V
+    from python.diffusion import Schedule
+    from python.latents import vae_digest
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    J.save(J.build("resnet18").eval(), root / "judge")
+    J.save(J.build("vgg").eval(), root / "judge2")
+    vae = V.VAE(V.VAEConfig(channels=[16, 8]))
+    vae.cfg.scale_factor = 1.7
+    V.save(vae, root / "vae")
+    den = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sch = Schedule("cosine", prediction="v_prediction")
+    L.save(den, root / "ldm", {"schedule": sch.config(), "vae_sha": vae_digest(root / "vae")})
+    gen = G.Generator(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))).eval()
+    G.save(gen, root / "gan", {"vae_sha": vae_digest(root / "vae")})
+    return root

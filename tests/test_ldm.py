@@ -12,7 +12,8 @@ from python import ldm as L
 from python import vae as V
 from python.diffusion import Schedule
 from python.errors import UserError
-from python.sample import decode, grid, ldm_latents
+from python.data import image_grid
+from python.sample import decode, ldm_latents
 from python.train_ldm import loss_weight
 from python.train_ldm import main as train_ldm
 
@@ -75,7 +76,7 @@ def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
     assert not torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=2))
     images = decode(V.Decoder(V.load(parts / "vae")), lat)
     assert images.shape == (3, 3, 64, 64) and images.abs().max() <= 1
-    assert grid(images, cols=8).shape == (2 + 66, 2 + 8 * 66, 3)
+    assert image_grid(images, cols=8).shape == (2 + 66, 2 + 8 * 66, 3)
     with pytest.raises(UserError, match="no LDM here"):
         L.load(tmp_path)
 

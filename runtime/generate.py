@@ -1,0 +1,144 @@
+"""Generate images from an export folder with ONNX Runtime: no torch.
+
+    python -m runtime.generate --labels "red sphere,yellow cube" -n 16 --model ldm --steps 20 --out grid.png
+    python -m runtime.generate --conditions data/iclevr/test.json --model gan --out out/test_gan/
+
+The LDM path runs the shared sampler maths (python/diffusion.py) with the exported denoiser; the
+conditional and unconditional passes of classifier-free guidance go through one denoiser call per
+step; large batches are cut into chunks of --batch; then the exported VAE decoder, then (when the
+export has one) the judge. Noise comes from python/noise.py, so a seed gives the same images here
+and in torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from python.diffusion import Schedule, guide, make_sampler, sample_loop
+from python.errors import UserError, cli
+from python.labels import load_conditions, parse_label_arg
+from python.noise import gan_noise, initial_noise, step_noise
+from runtime.models import ExportFolder
+
+
+class Pipeline:
+    """The generators of one export folder."""
+
+    def __init__(self, export: ExportFolder):
+        self.ex = export
+        m = export.manifest["models"]
+        self.latent_shape = tuple(m["decoder"]["latent_shape"]) if "decoder" in m else None
+        self.schedule = Schedule(**m["denoiser"]["schedule"]) if "denoiser" in m else None
+
+    def _need(self, name: str, what: str):
+        if not self.ex.has(name):
+            raise UserError(f"{self.ex.path}: the export has no {name} ({what} not trained or not exported yet)")
+
+    def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = 2.0,
+                    seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None) -> np.ndarray:
+        self._need("denoiser", "the LDM")
+        cond = np.asarray(cond, np.float32)
+        x_T = initial_noise(seed, len(cond), self.latent_shape)
+        noise = step_noise(seed, len(cond), self.latent_shape)
+        out = []
+        for s in range(0, len(cond), batch):
+            sl = slice(s, s + batch)
+            c = cond[sl]
+            feed_cond = np.concatenate([c, np.zeros_like(c)]) if guidance != 1.0 else c
+
+            def denoise(x, t, c=c, feed_cond=feed_cond):
+                xin = np.concatenate([x, x]) if guidance != 1.0 else x
+                o = self.ex.run("denoiser", {"x": xin.astype(np.float32), "t": np.full(len(xin), t, np.int64),
+                                             "cond": feed_cond})[0]
+                return guide(o[:len(c)], o[len(c):], guidance) if guidance != 1.0 else o
+
+            out.append(sample_loop(make_sampler(sampler, self.schedule, steps, eta), x_T[sl], denoise,
+                                   noise=lambda i, sl=sl: noise(i)[sl],
+                                   on_step=(lambda i, x, sl=sl: on_step(i, x, sl)) if on_step else None))
+        return np.concatenate(out).astype(np.float32)
+
+    def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024) -> np.ndarray:
+        self._need("generator", "the GAN")
+        cond = np.asarray(cond, np.float32)
+        z = gan_noise(seed, len(cond), self.ex.manifest["models"]["generator"]["z_dim"])
+        return np.concatenate([self.ex.run("generator", {"z": z[i:i + batch], "cond": cond[i:i + batch]})[0]
+                               for i in range(0, len(cond), batch)])
+
+    def decode(self, latents: np.ndarray, batch: int = 256) -> np.ndarray:
+        self._need("decoder", "the VAE")
+        return np.concatenate([self.ex.run("decoder", {"latents": latents[i:i + batch].astype(np.float32)})[0]
+                               for i in range(0, len(latents), batch)])
+
+    def generate(self, cond, model: str = "ldm", **kw) -> np.ndarray:
+        """Images (N, 3, 64, 64) in [-1, 1] for multi-hot conditions."""
+        if model not in ("ldm", "gan"):
+            raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
+        lat = self.ldm_latents(cond, **kw) if model == "ldm" else self.gan_latents(cond, kw.get("seed", 0))
+        return self.decode(lat)
+
+
+def save_images(images: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    from python.data import image_grid, to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(to_uint8(images)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    Image.fromarray(image_grid(images)).save(folder / "grid.png")
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", help='comma-separated objects, e.g. "red sphere,yellow cube"')
+    src.add_argument("--conditions", type=Path, help="test.json-style list of label lists")
+    p.add_argument("-n", type=int, default=8, help="images for --labels (default 8)")
+    p.add_argument("--model", default="ldm", help="ldm or gan")
+    p.add_argument("--sampler", default="dpmpp", help="dpmpp, ddim or ddpm")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
+    p.add_argument("--export", type=Path, help="export folder (default exports/default)")
+    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.steps < 1 or a.batch < 1:
+        raise UserError("-n, --steps and --batch must be >= 1")
+    pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads))
+    cond = load_conditions(a.conditions) if a.conditions else np.repeat(parse_label_arg(a.labels)[None], a.n, axis=0)
+    kw = {"seed": a.seed} if a.model == "gan" else dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance,
+                                                        eta=a.eta, seed=a.seed, batch=a.batch)
+    try:
+        images = pipe.generate(cond, a.model, **kw)
+    except ValueError as e:  # sampler name / steps out of range, from the shared maths
+        raise UserError(str(e)) from None
+    from PIL import Image
+
+    from python.data import image_grid
+
+    if a.conditions:
+        save_images(images, a.out)
+        res = {"images": len(images), "out": str(a.out)}
+        if pipe.ex.has("judge"):
+            from runtime.judge import accuracy
+
+            res["accuracy"] = accuracy(pipe.ex, images, cond)
+            if pipe.ex.has("judge2"):
+                res["second_judge"] = accuracy(pipe.ex, images, cond, "judge2")
+        print(json.dumps(res))
+    else:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images)).save(a.out)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.to_onnx import export_all
+from python import gan as G
+from python import ldm as L
+from python import vae as V
+from python.diffusion import Schedule
+from python.errors import UserError
+from python.labels import encode
+from python.sample import decode, ldm_latents
+from python.train_gan import gan_latents
+
+
+@pytest.fixture(scope="module")
+def export(tiny_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    m = export_all(tiny_weights, out, formats=("onnx", "torchscript"))
+    return out, m
+
+
+def test_manifest_lists_everything(export):
+    out, m = export
+    assert {"judge", "judge2", "decoder", "denoiser", "generator"} <= set(m["models"])
+    assert {"decoder_ts", "denoiser_ts", "generator_ts"} <= set(m["models"])
+    for name, entry in m["models"].items():
+        assert entry["verified_max_rel_err"] <= 1e-4 and len(entry["sha256"]) == 64, name
+        assert (out / entry["file"]).stat().st_size == entry["bytes"]
+    assert m["models"]["denoiser"]["schedule"]["prediction"] == "v_prediction"
+    assert m["models"]["decoder"]["latent_shape"] == [4, 16, 16] and m["models"]["generator"]["z_dim"] == 128
+
+
+def _conditions():
+    return np.stack([encode(s) for s in (["red sphere", "yellow cube", "cyan cylinder"], ["gray cube"],
+                                         ["blue sphere", "green cylinder"])])
+
+
+@pytest.mark.parametrize("sampler, steps, guidance", [("dpmpp", 8, 2.0), ("ddim", 6, 1.0), ("ddpm", 5, 3.0)])
+def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance):
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    out, _ = export
+    pipe = Pipeline(ExportFolder(out))
+    cond = _conditions()
+    ours = pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, seed=5, batch=2))  # chunked: 2 + 1
+    model, cfg = L.load(tiny_weights / "ldm")
+    ref = decode(V.Decoder(V.load(tiny_weights / "vae")),
+                 ldm_latents(model, Schedule(**cfg["schedule"]), cond, sampler, steps, guidance, seed=5))
+    assert ours.shape == (3, 3, 64, 64)
+    assert np.abs(ours - ref.numpy()).max() <= 1e-3
+
+
+def test_gan_parity_with_torch(export, tiny_weights):
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    out, _ = export
+    pipe = Pipeline(ExportFolder(out))
+    cond = _conditions()
+    gen, _ = G.load(tiny_weights / "gan")
+    ref = decode(V.Decoder(V.load(tiny_weights / "vae")), gan_latents(gen, cond, seed=3))
+    assert np.abs(pipe.generate(cond, "gan", seed=3) - ref.numpy()).max() <= 1e-3
+
+
+def test_torchscript_matches(export, tiny_weights):
+    out, _ = export
+    dec = torch.jit.load(str(out / "decoder.ts"))
+    z = torch.randn(3, 4, 16, 16)
+    assert torch.allclose(dec(z), V.Decoder(V.load(tiny_weights / "vae"))(z), atol=1e-5)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *args], capture_output=True, text=True)
+
+
+def test_cli_labels_and_conditions(export, tmp_path, tiny_data):
+    out, _ = export
+    r = _cli("--labels", "red sphere,yellow cube", "-n", "3", "--steps", "3", "--export", str(out),
+             "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (8 * 66 + 2, 68)
+    r = _cli("--conditions", str(tiny_data / "test.json"), "--model", "gan", "--export", str(out),
+             "--out", str(tmp_path / "test"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["images"] == 32 and 0 <= res["accuracy"] <= 1 and "second_judge" in res
+    assert (tmp_path / "test" / "31.png").exists() and (tmp_path / "test" / "grid.png").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--labels", "grey cube"], "unknown label 'grey cube'; valid names are"),
+    (["--labels", "red cube,red cube"], "repeated"),
+    (["--labels", "red cube", "--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--labels", "red cube", "--steps", "0"], "must be >= 1"),
+    (["--labels", "red cube", "--model", "vae"], "--model must be 'ldm' or 'gan'"),
+])
+def test_cli_errors(export, tmp_path, args, msg):
+    out, _ = export
+    r = _cli(*args, "--export", str(out), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_missing_generator_and_mismatched_vae(tiny_weights, tmp_path):
+    import shutil
+
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    w = tmp_path / "w"
+    shutil.copytree(tiny_weights, w, ignore=shutil.ignore_patterns("gan", "ldm"))
+    export_all(w, tmp_path / "e")
+    with pytest.raises(UserError, match="no denoiser"):
+        Pipeline(ExportFolder(tmp_path / "e")).ldm_latents(_conditions())
+    shutil.copytree(tiny_weights / "ldm", w / "ldm")
+    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), w / "vae")  # a different VAE than the LDM was trained on
+    with pytest.raises(UserError, match="trained on VAE"):
+        export_all(w, tmp_path / "e2")
