@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: venv demo test data lock clean-venv
+.PHONY: venv demo test data lock clean-venv cpp
 
 $(VENV)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -14,10 +14,15 @@ $(VENV)/.installed: requirements.lock
 
 venv: $(VENV)/.installed
 
+# The C++ sampler (runtime/cpp) against the torch wheel's libraries.
+cpp: venv
+	cmake -S . -B build -DTORCH_DIR=$$($(PY) -c "import torch, os; print(os.path.dirname(torch.__file__))") >/dev/null
+	cmake --build build -j2
+
 demo: venv
 	$(PY) -m python.demo
 
-test: venv
+test: venv cpp
 	$(PY) -m pytest -q tests
 
 # The full synthetic dataset (18,009 training images, ~5 min on 2 cores).

@@ -170,12 +170,21 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",)) -> dict:
 
     manifest = {"labels": list(CLASS_NAMES), "image_size": 64, "image_range": [-1, 1], "models": {},
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
-    for name, (module, ex, check, outputs, extra) in collect(weights).items():
+    nets = collect(weights)
+    for name, (module, ex, check, outputs, extra) in nets.items():
         if "onnx" in formats:
             manifest["models"][name] = {**export_onnx(module, ex, outputs, out / f"{name}.onnx", check), **extra}
         if "torchscript" in formats:
             manifest["models"][f"{name}_ts"] = {**export_torchscript(module, ex, out / f"{name}.ts", check), **extra}
         print(f"{name}: exported ({', '.join(formats)})")
+    (out / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    if "denoiser" in nets:  # the schedule as a table, for the C++ sampler
+        from python.diffusion import Schedule
+
+        s = Schedule(**nets["denoiser"][4]["schedule"])
+        c, h, w = nets["decoder"][4]["latent_shape"]
+        (out / "schedule.txt").write_text(f"{s.T} {c} {h} {w} {s.prediction}\n"
+                                          + "\n".join(f"{v:.17g}" for v in s.alpha_bar) + "\n")
     tmp = out / ".manifest.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")

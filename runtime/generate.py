@@ -38,10 +38,11 @@ class Pipeline:
             raise UserError(f"{self.ex.path}: the export has no {name} ({what} not trained or not exported yet)")
 
     def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = 2.0,
-                    seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None) -> np.ndarray:
+                    seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None) -> np.ndarray:
+        """Latents for multi-hot conditions; x_T (optional) replaces the seed's initial noise."""
         self._need("denoiser", "the LDM")
         cond = np.asarray(cond, np.float32)
-        x_T = initial_noise(seed, len(cond), self.latent_shape)
+        x_T = initial_noise(seed, len(cond), self.latent_shape) if x_T is None else np.asarray(x_T, np.float32)
         noise = step_noise(seed, len(cond), self.latent_shape)
         out = []
         for s in range(0, len(cond), batch):

@@ -1,0 +1,136 @@
+// DDIM sampling with classifier-free guidance over the TorchScript exports, then the VAE decoder.
+//
+//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 2] [--seed 0]
+//   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 2]
+//
+// The schedule (alpha_bar for t = 0..T-1) and the label list come from files the Python export writes
+// (schedule.txt, labels.txt): the maths that defines them lives once, in python/diffusion.py; this file only
+// runs the DDIM update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps with "leading" timesteps.
+// Writes 0.ppm ... N-1.ppm and images.f32 (N x 3 x 64 x 64, float32, [-1, 1]) for parity tests.
+#include <torch/script.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  std::cerr << "error: " << msg << "\n";
+  std::exit(2);
+}
+
+std::vector<std::string> read_lines(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) fail(path + ": not found (run `python export/to_onnx.py --format both`)");
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(f, line);)
+    if (!line.empty()) lines.push_back(line);
+  return lines;
+}
+
+torch::Tensor read_f32(const std::string& path, std::vector<int64_t> shape_tail) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) fail(path + ": not found");
+  int64_t bytes = f.tellg(), per = 4;
+  for (auto d : shape_tail) per *= d;
+  if (bytes % per) fail(path + ": size is not a multiple of one item");
+  std::vector<int64_t> shape{bytes / per};
+  shape.insert(shape.end(), shape_tail.begin(), shape_tail.end());
+  auto t = torch::empty(shape, torch::kFloat32);
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(t.data_ptr<float>()), bytes);
+  return t;
+}
+
+void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x H x W in [-1, 1]
+  auto u8 = ((img.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch::kUInt8).permute({1, 2, 0}).contiguous();
+  std::ofstream f(path, std::ios::binary);
+  f << "P6\n" << u8.size(1) << " " << u8.size(0) << "\n255\n";
+  f.write(reinterpret_cast<const char*>(u8.data_ptr<uint8_t>()), u8.numel());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--seed K]");
+  std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
+  int n = 8, steps = 20;
+  double w = 2.0;
+  uint64_t seed = 0;
+  for (int i = 3; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--labels") labels = v;
+    else if (k == "-n") n = std::stoi(v);
+    else if (k == "--steps") steps = std::stoi(v);
+    else if (k == "--guidance") w = std::stod(v);
+    else if (k == "--seed") seed = std::stoull(v);
+    else if (k == "--cond") cond_file = v;
+    else if (k == "--noise") noise_file = v;
+    else fail("unknown option " + k);
+  }
+  torch::NoGradGuard no_grad;
+  auto sched = read_lines(ex + "/schedule.txt");  // line 0: "T C H W prediction", then alpha_bar[0..T-1]
+  std::istringstream head(sched[0]);
+  int64_t T = 0, C = 0, H = 0, W = 0;
+  std::string prediction;
+  head >> T >> C >> H >> W >> prediction;
+  if (prediction != "epsilon" && prediction != "v_prediction") fail(ex + "/schedule.txt: bad header '" + sched[0] + "'");
+  if ((int64_t)sched.size() != T + 1) fail(ex + "/schedule.txt: expected " + std::to_string(T) + " alpha_bar values");
+  std::vector<double> ab(T);
+  for (int64_t t = 0; t < T; ++t) ab[t] = std::stod(sched[t + 1]);
+  if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
+
+  torch::Tensor cond, x;
+  if (!cond_file.empty()) {
+    cond = read_f32(cond_file, {24});
+    x = read_f32(noise_file, {C, H, W});
+    if (x.size(0) != cond.size(0)) fail("--noise and --cond hold different numbers of items");
+  } else {
+    auto names = read_lines(ex + "/labels.txt");
+    cond = torch::zeros({n, (int64_t)names.size()});
+    std::stringstream ss(labels);
+    for (std::string name; std::getline(ss, name, ',');) {
+      name.erase(0, name.find_first_not_of(' '));
+      name.erase(name.find_last_not_of(' ') + 1);
+      auto it = std::find(names.begin(), names.end(), name);
+      if (it == names.end()) fail("unknown label '" + name + "'; see " + ex + "/labels.txt for the valid names");
+      cond.index_put_({torch::indexing::Slice(), it - names.begin()}, 1.0);
+    }
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal;
+    x = torch::empty({n, C, H, W});
+    for (auto* p = x.data_ptr<float>(), *e = p + x.numel(); p != e; ++p) *p = normal(rng);
+  }
+  auto denoiser = torch::jit::load(ex + "/denoiser.ts");
+  auto decoder = torch::jit::load(ex + "/decoder.ts");
+  const bool v_pred = prediction == "v_prediction";
+
+  const int64_t N = x.size(0), ratio = T / steps;
+  auto both = torch::cat({cond, torch::zeros_like(cond)});
+  for (int i = 0; i < steps; ++i) {
+    const int64_t t = (steps - 1 - i) * ratio, prev = t - ratio;
+    const double a_t = ab[t], a_prev = prev >= 0 ? ab[prev] : 1.0;
+    auto tt = torch::full({2 * N}, t, torch::kInt64);
+    auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
+    auto out = o.slice(0, N) + w * (o.slice(0, 0, N) - o.slice(0, N));  // uncond + w (cond - uncond)
+    const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
+    torch::Tensor x0, eps;
+    if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
+    else { x0 = (x - ss_ * out) / sa; eps = out; }
+    x = std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
+  }
+  auto images = decoder.forward({x}).toTensor().contiguous();
+  std::ofstream raw(out + "/images.f32", std::ios::binary);
+  if (!raw) fail(out + ": cannot write there");
+  raw.write(reinterpret_cast<const char*>(images.data_ptr<float>()), images.numel() * 4);
+  for (int64_t i = 0; i < N; ++i) write_ppm(out + "/" + std::to_string(i) + ".ppm", images[i]);
+  std::cout << "wrote " << N << " images to " << out << "\n";
+  return 0;
+}
