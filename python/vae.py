@@ -52,14 +52,23 @@ class VAEConfig:
         return (self.latent_channels, 64 // self.downsample, 64 // self.downsample)
 
 
+def _gdn_class():
+    """compressai's GDN; importing compressai warns about torch.jit.script, which is not ours to fix."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from compressai.layers import GDN
+    return GDN
+
+
 class GDNAutoencoder(nn.Module):
     """Analysis: [conv5x5/2 -> GDN -> conv3x3 -> GDN] per stage, then a 3x3 conv to (mean, logvar).
     Synthesis mirrors it with inverse GDN and transposed convolutions."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        from compressai.layers import GDN
-
+        GDN = _gdn_class()
         c = cfg.latent_channels
         widths = [cfg.channels[min(i, len(cfg.channels) - 1)] for i in range(cfg.stages)]  # latent side first
         enc, cin = [], 3
@@ -148,8 +157,7 @@ class Decoder(nn.Module):
         super().__init__()
         import copy
 
-        from compressai.layers import GDN
-
+        GDN = _gdn_class()
         self.scale = float(vae.cfg.scale_factor)
         self.net = copy.deepcopy(vae.net).eval()
         for name, mod in list(self.net.named_modules()):
