@@ -145,7 +145,7 @@ def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarr
     return load_conditions(path, objects)
 
 
-def image_grid(images: torch.Tensor | np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
+def image_grid(images, cols: int = 8, pad: int = 2) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8)."""
     imgs = to_uint8(images)
     n, h, w, _ = imgs.shape

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from python import judge as J
 from python.data import load_split, to_model_range
-from python.errors import UserError, cli
+from python.errors import cli
 from python.rundir import RunDir
 
 PRESETS = {

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from python import vae as V
 from python.data import load_split, to_model_range, to_uint8
-from python.errors import UserError, cli
+from python.errors import cli
 from python.rundir import RunDir
 
 warnings.filterwarnings("ignore", module="compressai")

@@ -45,3 +45,18 @@ def tiny_weights(tmp_path_factory) -> Path:
     gen = G.Generator(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))).eval()
     G.save(gen, root / "gan", {"vae_sha": vae_digest(root / "vae")})
     return root
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory) -> Path:
+    """A tiny untrained VAE and judge: enough to exercise the LDM and GAN training loops."""
+    import torch
+
+    from python import judge as J
+    from python import vae as V
+
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
+    J.save(J.build("vgg").eval(), d / "judge")
+    return d

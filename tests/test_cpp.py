@@ -1,7 +1,6 @@
 """The C++ DDIM sampler (runtime/cpp, built by CMake against the torch wheel) against the Python runtime."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

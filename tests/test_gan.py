@@ -5,20 +5,9 @@ import pytest
 import torch
 
 from python import gan as G
-from python import judge as J
-from python import vae as V
 from python.errors import UserError
 from python.train_gan import gan_latents
 from python.train_gan import main as train_gan
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
-    J.save(J.build("vgg").eval(), d / "judge")
-    return d
 
 
 def test_shapes_projection_and_condition():

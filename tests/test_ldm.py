@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from python import judge as J
 from python import ldm as L
 from python import vae as V
 from python.diffusion import Schedule
@@ -16,16 +15,6 @@ from python.data import image_grid
 from python.sample import decode, ldm_latents
 from python.train_ldm import loss_weight
 from python.train_ldm import main as train_ldm
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """A tiny untrained VAE and judge: enough to exercise the whole training loop."""
-    d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
-    J.save(J.build("vgg").eval(), d / "judge")
-    return d
 
 
 def _args(tiny_data, parts, run, *extra):
