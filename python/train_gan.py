@@ -25,6 +25,7 @@ from python import gan as G
 from python import judge as J
 from python import vae as V
 from python.data import load_condition_file
+from python.ema import ema_update
 from python.errors import cli
 from python.latents import load_latents, vae_digest
 from python.noise import gan_noise
@@ -47,14 +48,6 @@ def gan_latents(gen: G.Generator, cond, seed: int = 0, batch: int = 1024) -> tor
     cond = torch.as_tensor(np.asarray(cond), dtype=torch.float32)
     z = torch.from_numpy(gan_noise(seed, len(cond), gen.cfg.z_dim))
     return torch.cat([gen(z[i:i + batch], cond[i:i + batch]) for i in range(0, len(cond), batch)])
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay: float):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
 
 
 @cli
@@ -139,7 +132,7 @@ def main(argv=None):
         loss_g.backward()
         opt_g.step()
         step += 1
-        ema_update(ema, gen, min(a.ema, (1 + step) / (10 + step)))
+        ema_update(ema, gen, step, a.ema)
         seen += bs
         bar.update(1)
         if step % 20 == 0 or step == cfg["steps"]:

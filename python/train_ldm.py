@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from python import judge as J
 from python import ldm as L
 from python import vae as V
-from python.data import load_condition_file
+from python.data import image_grid, load_condition_file
 from python.diffusion import Schedule, add_noise, target
+from python.ema import ema_update
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
 from python.rundir import RunDir, load_checkpoint
-from python.data import image_grid
 from python.sample import decode, ldm_latents
 
 PRESETS = {
@@ -54,12 +54,6 @@ def loss_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tens
     snr = torch.from_numpy(schedule.snr(t.numpy())).float()
     clipped = snr.clamp(max=gamma)
     return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay: float):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
 
 
 def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float, seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -174,7 +168,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         step += 1
-        ema_update(ema, model, min(a.ema, (1 + step) / (10 + step)))
+        ema_update(ema, model, step, a.ema)
         seen += per_rank * world
         bar.update(1)
         if run and (step % 20 == 0 or step == steps):

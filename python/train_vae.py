@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from python.data import load_split, to_model_range, to_uint8
 from python.errors import cli
 from python.rundir import RunDir
 
-warnings.filterwarnings("ignore", module="compressai")
 
 PRESETS = {
     "tiny": dict(steps=6, batch=8, eval_every=3, lr=1e-3, channels=[16, 8], eval_images=16),

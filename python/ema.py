@@ -1,0 +1,15 @@
+"""Exponential moving average of weights, shared by the LDM and GAN trainers."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, with decay warming up as (1 + step) / (10 + step) so early
+    averages are not dominated by the random initialisation; buffers (batch-norm statistics) are copied."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
