@@ -197,10 +197,19 @@ def main(argv=None):
     p.add_argument("--weights", type=Path, help="weights folder (default: the shipped weights/)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
+    p.add_argument("--triton", type=Path, metavar="DIR", help="also write a Triton Inference Server model repository")
+    p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
     a = p.parse_args(argv)
     formats = ("onnx", "torchscript") if a.format == "both" else (a.format,)
+    if a.triton and "onnx" not in formats:
+        raise UserError("--triton needs the ONNX models: use --format onnx or both")
     m = export_all(a.weights, a.out, formats)
     print(f"wrote {a.out / 'manifest.json'} ({len(m['models'])} models)")
+    if a.triton:
+        from export.triton import write_repository
+
+        names = write_repository(a.out, a.triton, gpu=not a.triton_cpu)
+        print(f"wrote Triton model repository {a.triton}: {', '.join(names)}")
 
 
 if __name__ == "__main__":

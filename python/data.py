@@ -146,9 +146,11 @@ def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarr
 
 
 def image_grid(images, cols: int = 8, pad: int = 2) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8)."""
+    """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8); fewer
+    images than `cols` make one row of that many, as torchvision's make_grid does."""
     imgs = to_uint8(images)
     n, h, w, _ = imgs.shape
+    cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
     out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i, im in enumerate(imgs):

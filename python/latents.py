@@ -51,8 +51,24 @@ def _encode(vae: V.VAE, images_u8: np.ndarray, batch: int = 256):
     return torch.cat([orig[0], flip[0]]), torch.cat([orig[1], flip[1]])
 
 
+ENCODER_KEYS = ("net.encoder.", "net.ae.encoder.", "net.ae.quant_conv.")
+
+
 def vae_digest(folder: Path) -> str:
-    return hashlib.sha1((Path(folder) / "vae.safetensors").read_bytes()).hexdigest()[:12]
+    """Checksum of the latent space: the encoder's weights and the scale factor, not the decoder's.
+
+    Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
+    for the same latents), and are refused against a VAE with another encoder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = V.load_config(folder)
+    h = hashlib.sha1(f"{cfg.arch}/{cfg.latent_channels}/{cfg.scale_factor:.6g}".encode())
+    state = load_file(str(folder / "vae.safetensors"))
+    for k in sorted(k for k in state if k.startswith(ENCODER_KEYS)):
+        h.update(k.encode())
+        h.update(state[k].half().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = "train.json") -> LatentSet:

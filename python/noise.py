@@ -18,3 +18,14 @@ def step_noise(seed: int, n: int, shape):
 def gan_noise(seed: int, n: int, z_dim: int) -> np.ndarray:
     """The GAN generator's input noise."""
     return np.random.default_rng([seed, 2]).standard_normal((n, z_dim), dtype=np.float32)
+
+
+def segments(draw, parts, *args) -> np.ndarray:
+    """Noise for requests batched together: draw(seed, n, *args) per (seed, n) part, concatenated, so each
+    request gets the noise it would get alone, whatever it is batched with."""
+    return np.concatenate([draw(seed, n, *args) for seed, n in parts])
+
+
+def step_noise_segments(parts, shape):
+    streams = [step_noise(seed, n, shape) for seed, n in parts]
+    return lambda i: np.concatenate([s(i) for s in streams])

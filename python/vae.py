@@ -183,18 +183,22 @@ def save(vae: VAE, folder: Path, half: bool = False) -> None:
     os.replace(tmp, folder / "config.json")
 
 
-def load(folder: Path | None = None, device="cpu") -> VAE:
-    from safetensors.torch import load_file
-
+def load_config(folder: Path | None = None) -> VAEConfig:
     folder = Path(folder) if folder else SHIPPED
     if not (folder / "config.json").exists() or not (folder / "vae.safetensors").exists():
         raise UserError(f"{folder}: no VAE here (expected config.json and vae.safetensors; train one with "
                         f"`python -m python.train_vae`)")
     try:
-        cfg = VAEConfig(**json.loads((folder / "config.json").read_text()))
+        return VAEConfig(**json.loads((folder / "config.json").read_text()))
     except TypeError as e:
         raise UserError(f"{folder / 'config.json'}: not a VAE config ({e})") from None
-    vae = VAE(cfg)
+
+
+def load(folder: Path | None = None, device="cpu") -> VAE:
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder else SHIPPED
+    vae = VAE(load_config(folder))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "vae.safetensors")).items()}
     try:
         vae.load_state_dict(state)

@@ -20,7 +20,7 @@ import numpy as np
 from python.diffusion import Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
 from python.labels import load_conditions, parse_label_arg
-from python.noise import gan_noise, initial_noise, step_noise
+from python.noise import gan_noise, initial_noise, segments, step_noise_segments
 from runtime.models import ExportFolder
 
 
@@ -38,12 +38,17 @@ class Pipeline:
             raise UserError(f"{self.ex.path}: the export has no {name} ({what} not trained or not exported yet)")
 
     def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = 2.0,
-                    seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None) -> np.ndarray:
-        """Latents for multi-hot conditions; x_T (optional) replaces the seed's initial noise."""
+                    seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None,
+                    seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Latents for multi-hot conditions. x_T (optional) replaces the seed's initial noise; seeds (optional,
+        [(seed, count), ...] covering the rows in order) gives each batched request its own noise."""
         self._need("denoiser", "the LDM")
         cond = np.asarray(cond, np.float32)
-        x_T = initial_noise(seed, len(cond), self.latent_shape) if x_T is None else np.asarray(x_T, np.float32)
-        noise = step_noise(seed, len(cond), self.latent_shape)
+        parts = seeds or [(seed, len(cond))]
+        if sum(n for _, n in parts) != len(cond):
+            raise UserError(f"seeds cover {sum(n for _, n in parts)} rows but there are {len(cond)} conditions")
+        x_T = segments(initial_noise, parts, self.latent_shape) if x_T is None else np.asarray(x_T, np.float32)
+        noise = step_noise_segments(parts, self.latent_shape)
         out = []
         for s in range(0, len(cond), batch):
             sl = slice(s, s + batch)
@@ -61,10 +66,14 @@ class Pipeline:
                                    on_step=(lambda i, x, sl=sl: on_step(i, x, sl)) if on_step else None))
         return np.concatenate(out).astype(np.float32)
 
-    def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024) -> np.ndarray:
+    def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024,
+                    seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
         self._need("generator", "the GAN")
         cond = np.asarray(cond, np.float32)
-        z = gan_noise(seed, len(cond), self.ex.manifest["models"]["generator"]["z_dim"])
+        parts = seeds or [(seed, len(cond))]
+        if sum(n for _, n in parts) != len(cond):
+            raise UserError(f"seeds cover {sum(n for _, n in parts)} rows but there are {len(cond)} conditions")
+        z = segments(gan_noise, parts, self.ex.manifest["models"]["generator"]["z_dim"])
         return np.concatenate([self.ex.run("generator", {"z": z[i:i + batch], "cond": cond[i:i + batch]})[0]
                                for i in range(0, len(cond), batch)])
 
@@ -77,7 +86,9 @@ class Pipeline:
         """Images (N, 3, 64, 64) in [-1, 1] for multi-hot conditions."""
         if model not in ("ldm", "gan"):
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        lat = self.ldm_latents(cond, **kw) if model == "ldm" else self.gan_latents(cond, kw.get("seed", 0))
+        if model == "gan":
+            kw = {k: v for k, v in kw.items() if k in ("seed", "seeds")}
+        lat = self.ldm_latents(cond, **kw) if model == "ldm" else self.gan_latents(cond, **kw)
         return self.decode(lat)
 
 

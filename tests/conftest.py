@@ -60,3 +60,13 @@ def parts(tmp_path_factory) -> Path:
     V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
     J.save(J.build("vgg").eval(), d / "judge")
     return d
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tiny_weights, tmp_path_factory) -> Path:
+    """tiny_weights exported to ONNX only: what the torch-free runtime and the server load."""
+    from export.to_onnx import export_all
+
+    out = tmp_path_factory.mktemp("onnx_export")
+    export_all(tiny_weights, out, formats=("onnx",))
+    return out

@@ -1,0 +1,235 @@
+"""An NVIDIA Triton Inference Server model repository from an export folder: the scale-out path.
+
+    python export/to_onnx.py --out exports/default --triton exports/triton
+    tritonserver --model-repository exports/triton        # on a machine with Triton (not run here)
+
+Layout (Triton's): one folder per model with config.pbtxt and a version folder 1/.
+- judge, judge2, decoder, denoiser, generator: the ONNX files (onnxruntime_onnx backend), dynamic batching on,
+  inputs and outputs read from the ONNX graphs.
+- ldm: a Python-backend model that runs the project's sampler maths (python/diffusion.py and python/noise.py,
+  copied beside model.py) and calls denoiser and decoder through Triton (BLS), so those two batch across
+  requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE; output IMAGES.
+- gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from python.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16"}
+MAX_BATCH = 256
+
+
+def _tensor(name: str, dtype: str, dims: list[int], reshape: list[int] | None = None) -> str:
+    extra = f", reshape: {{ shape: [ {', '.join(map(str, reshape))} ] }}" if reshape is not None else ""
+    return f'  {{ name: "{name}", data_type: {dtype}, dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+
+
+def io_of(onnx_path: Path) -> tuple[list, list]:
+    """[(name, triton type, dims without the batch axis)] for the graph's inputs and outputs."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def rows(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.dim_value else -1 for d in t.shape.dim][1:]
+            if t.elem_type not in ONNX_TYPES:
+                raise UserError(f"{onnx_path}: tensor {v.name} has ONNX type {t.elem_type}, not one Triton config "
+                                f"here maps ({sorted(ONNX_TYPES)})")
+            out.append((v.name, ONNX_TYPES[t.elem_type], dims))
+        return out
+
+    return rows(g.input), rows(g.output)
+
+
+def onnx_config(name: str, onnx_path: Path, gpu: bool = True) -> str:
+    inputs, outputs = io_of(onnx_path)
+
+    def block(rows):  # per-sample scalars (the denoiser's t) are [1] on the wire, reshaped to [] for the model
+        return ",\n".join(_tensor(n, t, d if d else [1], None if d else []) for n, t, d in rows)
+
+    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MAX_BATCH}\n'
+            f"input [\n{block(inputs)}\n]\noutput [\n{block(outputs)}\n]\n"
+            "dynamic_batching { preferred_batch_size: [ 64, 128, 256 ] max_queue_delay_microseconds: 10000 }\n"
+            f"instance_group [ {{ count: 1, kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n")
+
+
+LDM_CONFIG = """name: "ldm"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{ name: "COND", data_type: TYPE_FP32, dims: [ 24 ] }},
+  {{ name: "SEED", data_type: TYPE_INT64, dims: [ 1 ] }},
+  {{ name: "STEPS", data_type: TYPE_INT32, dims: [ 1 ], optional: true }},
+  {{ name: "GUIDANCE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }}
+]
+output [
+  {{ name: "IMAGES", data_type: TYPE_FP32, dims: [ 3, 64, 64 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 10000 }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters: {{ key: "sampler", value: {{ string_value: "dpmpp" }} }}
+parameters: {{ key: "default_steps", value: {{ string_value: "20" }} }}
+parameters: {{ key: "default_guidance", value: {{ string_value: "2.0" }} }}
+parameters: {{ key: "manifest", value: {{ string_value: {manifest} }} }}
+"""
+
+GAN_CONFIG = """name: "gan"
+platform: "ensemble"
+max_batch_size: {max_batch}
+input [
+  {{ name: "Z", data_type: TYPE_FP32, dims: [ {z_dim} ] }},
+  {{ name: "COND", data_type: TYPE_FP32, dims: [ 24 ] }}
+]
+output [
+  {{ name: "IMAGES", data_type: TYPE_FP32, dims: [ 3, 64, 64 ] }}
+]
+ensemble_scheduling {{
+  step [
+    {{ model_name: "generator", model_version: -1,
+      input_map {{ key: "z", value: "Z" }} input_map {{ key: "cond", value: "COND" }}
+      output_map {{ key: "latents", value: "LATENTS" }} }},
+    {{ model_name: "decoder", model_version: -1,
+      input_map {{ key: "latents", value: "LATENTS" }}
+      output_map {{ key: "images", value: "IMAGES" }} }}
+  ]
+}}
+"""
+
+LDM_MODEL = '''"""Triton Python backend: classifier-free-guided latent diffusion over the denoiser and decoder models.
+
+Written by export/triton.py. The sampler maths is the project's own (diffusion.py, noise.py beside this
+file); each step is one BLS call to "denoiser" with the conditional and unconditional halves together.
+Requests in one execute() call that share steps and guidance are sampled as one batch, each with its own
+seed's noise, so a request's images do not depend on its batch-mates.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from diffusion import Schedule, guide, make_sampler, sample_loop  # noqa: E402
+from noise import initial_noise, segments, step_noise_segments  # noqa: E402
+
+
+def _call(model, inputs, output):
+    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=[output],
+                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+    resp = req.exec()
+    if resp.has_error():
+        raise pb_utils.TritonModelException(resp.error().message())
+    return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        manifest = json.loads(params["manifest"])
+        self.schedule = Schedule(**manifest["schedule"])
+        self.shape = tuple(manifest["latent_shape"])
+        self.sampler = params["sampler"]
+        self.steps, self.guidance = int(params["default_steps"]), float(params["default_guidance"])
+
+    def _scalar(self, request, name, default, kind):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        if t is None:
+            return default
+        values = np.unique(t.as_numpy())
+        if len(values) != 1:
+            raise ValueError(f"{name} must be the same for every row of a request")
+        return kind(values[0])
+
+    def _sample(self, cond, parts, steps, guidance):
+        x_T = segments(initial_noise, parts, self.shape)
+        n = len(cond)
+
+        def denoise(x, t):
+            out = _call("denoiser", {"x": np.concatenate([x, x]).astype(np.float32),
+                                     "t": np.full((2 * n, 1), t, np.int64),
+                                     "cond": np.concatenate([cond, np.zeros_like(cond)])}, "out")
+            return guide(out[:n], out[n:], guidance)
+
+        lat = sample_loop(make_sampler(self.sampler, self.schedule, steps), x_T, denoise,
+                          noise=step_noise_segments(parts, self.shape))
+        return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
+
+    def execute(self, requests):
+        groups, responses = {}, [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                cond = pb_utils.get_input_tensor_by_name(r, "COND").as_numpy().astype(np.float32)
+                seed = self._scalar(r, "SEED", 0, int)
+                key = (self._scalar(r, "STEPS", self.steps, int), self._scalar(r, "GUIDANCE", self.guidance, float))
+                groups.setdefault(key, []).append((i, cond, seed))
+            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        for (steps, guidance), members in groups.items():
+            try:
+                images = self._sample(np.concatenate([c for _, c, _ in members]),
+                                      [(s, len(c)) for _, c, s in members], steps, guidance)
+            except Exception as e:  # noqa: BLE001
+                for i, _, _ in members:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                continue
+            start = 0
+            for i, c, _ in members:
+                out = pb_utils.Tensor("IMAGES", images[start:start + len(c)].astype(np.float32))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                start += len(c)
+        return responses
+'''
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
+    """Write the model repository for the models of an export folder; returns the model names written."""
+    export, out = Path(export), Path(out)
+    mf = export / "manifest.json"
+    if not mf.exists():
+        raise UserError(f"{export}: no manifest.json (export the models first with export/to_onnx.py)")
+    models = json.loads(mf.read_text())["models"]
+    onnx_models = [n for n in ("judge", "judge2", "decoder", "denoiser", "generator")
+                   if models.get(n, {}).get("format") == "onnx"]
+    if "decoder" not in onnx_models:
+        raise UserError(f"{export}: the export has no decoder; a Triton repository needs at least the VAE decoder")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in onnx_models:
+        src = export / models[name]["file"]
+        if _sha256(src) != models[name]["sha256"]:
+            raise UserError(f"{src}: checksum differs from manifest.json; re-export")
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / name / "1" / "model.onnx")
+        (out / name / "config.pbtxt").write_text(onnx_config(name, src, gpu))
+        written.append(name)
+    if "denoiser" in onnx_models:
+        d = out / "ldm" / "1"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("diffusion.py", "noise.py"):  # the one copy of the maths, shipped beside the backend
+            shutil.copyfile(REPO / "python" / f, d / f)
+        (d / "model.py").write_text(LDM_MODEL)
+        manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
+        (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(max_batch=MAX_BATCH,
+                                                                    manifest=json.dumps(json.dumps(manifest))))
+        written.append("ldm")
+    if "generator" in onnx_models:
+        (out / "gan" / "1").mkdir(parents=True, exist_ok=True)  # ensembles have an empty version folder
+        (out / "gan" / "config.pbtxt").write_text(GAN_CONFIG.format(max_batch=MAX_BATCH,
+                                                                    z_dim=models["generator"]["z_dim"]))
+        written.append("gan")
+    return written

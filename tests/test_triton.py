@@ -1,0 +1,139 @@
+"""The Triton repository cannot be served here (no Triton); its structure is checked against the ONNX graphs,
+and the Python-backend sampler is run against a stand-in for triton_python_backend_utils that answers its
+BLS calls with ONNX Runtime, then compared with the project's runtime."""
+import importlib.util
+import json
+import re
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.triton import io_of, write_repository
+from python.errors import UserError
+from python.labels import encode
+from runtime.generate import Pipeline
+from runtime.models import ExportFolder
+
+
+@pytest.fixture(scope="module")
+def repo(onnx_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton")
+    return out, write_repository(onnx_export, out)
+
+
+def test_layout_and_configs_match_the_onnx_graphs(repo, onnx_export):
+    out, names = repo
+    assert names == ["judge", "judge2", "decoder", "denoiser", "generator", "ldm", "gan"]
+    manifest = json.loads((onnx_export / "manifest.json").read_text())["models"]
+    for name in names:
+        cfg = (out / name / "config.pbtxt").read_text()
+        assert re.search(rf'^name: "{name}"$', cfg, re.M), name
+        assert "max_batch_size: 256" in cfg and (out / name / "1").is_dir()
+        if name in manifest:
+            model = out / name / "1" / "model.onnx"
+            assert model.read_bytes() == (onnx_export / manifest[name]["file"]).read_bytes()
+            assert 'platform: "onnxruntime_onnx"' in cfg and "dynamic_batching" in cfg
+            inputs, outputs = io_of(model)
+            for tname, ttype, dims in inputs + outputs:  # every graph tensor declared with its type
+                assert re.search(rf'name: "{tname}", data_type: {ttype}', cfg), (name, tname)
+    assert 'reshape: { shape: [  ] }' in (out / "denoiser" / "config.pbtxt").read_text()  # per-sample t
+    gan = (out / "gan" / "config.pbtxt").read_text()
+    assert 'platform: "ensemble"' in gan and gan.index('"generator"') < gan.index('"decoder"')
+    for f in ("model.py", "diffusion.py", "noise.py"):
+        compile((out / "ldm" / "1" / f).read_text(), f, "exec")
+
+
+def _fake_pb_utils(repo_dir):
+    """Enough of triton_python_backend_utils for model.py: tensors, responses, and BLS via ONNX Runtime."""
+    m = types.ModuleType("triton_python_backend_utils")
+    sessions = {}
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._a = name, np.asarray(array)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._a
+
+    class Response:
+        def __init__(self, output_tensors=None, error=None):
+            self.outputs, self._error = output_tensors or [], error
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class Request:
+        def __init__(self, model_name, requested_output_names, inputs):
+            self.model, self.names, self.inputs = model_name, requested_output_names, inputs
+
+        def exec(self):
+            if self.model not in sessions:
+                sessions[self.model] = ort.InferenceSession(str(repo_dir / self.model / "1" / "model.onnx"))
+            feeds = {t.name(): t.as_numpy() for t in self.inputs}
+            if self.model == "denoiser":  # what the config's reshape does to t
+                feeds["t"] = feeds["t"].reshape(-1)
+            outs = sessions[self.model].run(self.names, feeds)
+            return Response([Tensor(n, o) for n, o in zip(self.names, outs)])
+
+    class TritonError:
+        def __init__(self, msg):
+            self._msg = msg
+
+        def message(self):
+            return self._msg
+
+    m.Tensor, m.InferenceRequest, m.InferenceResponse, m.TritonError = Tensor, Request, Response, TritonError
+    m.TritonModelException = RuntimeError
+    m.get_input_tensor_by_name = lambda r, n: next((t for t in r.inputs if t.name() == n), None)
+    m.get_output_tensor_by_name = lambda r, n: next((t for t in r.outputs if t.name() == n), None)
+    return m
+
+
+def _pbtxt_parameters(text):
+    return {k: {"string_value": json.loads(f'"{v}"') if k == "manifest" else v}
+            for k, v in re.findall(r'key: "(\w+)", value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)}
+
+
+def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypatch):
+    out, _ = repo
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
+    monkeypatch.syspath_prepend(str(out / "ldm" / "1"))
+    spec = importlib.util.spec_from_file_location("triton_ldm_model", out / "ldm" / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    params = _pbtxt_parameters((out / "ldm" / "config.pbtxt").read_text())
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": params})})
+    pb = sys.modules["triton_python_backend_utils"]
+    a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
+    b = encode(["cyan cylinder"])[None].astype(np.float32)
+
+    def request(cond, seed, steps=None):
+        inputs = [pb.Tensor("COND", cond), pb.Tensor("SEED", np.full((len(cond), 1), seed, np.int64))]
+        if steps:
+            inputs.append(pb.Tensor("STEPS", np.full((len(cond), 1), steps, np.int32)))
+        return pb.InferenceRequest("ldm", [], inputs)
+
+    bad = request(b, 1)
+    bad.inputs[1] = pb.Tensor("SEED", np.array([[1], [2]]))  # seeds differing within a request
+    responses = model.execute([request(a, 3, 4), request(b, 8, 4), bad])
+    assert responses[2].has_error() and "SEED" in responses[2].error().message()
+    pipe = Pipeline(ExportFolder(onnx_export, threads=2))
+    for resp, cond, seed in ((responses[0], a, 3), (responses[1], b, 8)):
+        images = pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy()
+        np.testing.assert_allclose(images, pipe.generate(cond, steps=4, seed=seed), atol=1e-4)
+
+
+def test_refuses_an_export_without_a_decoder(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": {}}))
+    with pytest.raises(UserError, match="no decoder"):
+        write_repository(tmp_path, tmp_path / "repo")
