@@ -2,6 +2,8 @@
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 2] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 2]
+//   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
+//   already loaded), for bench/latency.py.
 //
 // The schedule (alpha_bar for t = 0..T-1) and the label list come from files the Python export writes
 // (schedule.txt, labels.txt): the maths that defines them lives once, in python/diffusion.py; this file only
@@ -10,6 +12,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -61,7 +64,7 @@ void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x
 int main(int argc, char** argv) {
   if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
-  int n = 8, steps = 20;
+  int n = 8, steps = 20, repeat = 1;
   double w = 2.0;
   uint64_t seed = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
+    else if (k == "--repeat") repeat = std::stoi(v);
     else fail("unknown option " + k);
   }
   torch::NoGradGuard no_grad;
@@ -86,6 +90,7 @@ int main(int argc, char** argv) {
   std::vector<double> ab(T);
   for (int64_t t = 0; t < T; ++t) ab[t] = std::stod(sched[t + 1]);
   if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
+  if (repeat < 1) fail("--repeat must be >= 1");
 
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
@@ -114,19 +119,33 @@ int main(int argc, char** argv) {
 
   const int64_t N = x.size(0), ratio = T / steps;
   auto both = torch::cat({cond, torch::zeros_like(cond)});
-  for (int i = 0; i < steps; ++i) {
-    const int64_t t = (steps - 1 - i) * ratio, prev = t - ratio;
-    const double a_t = ab[t], a_prev = prev >= 0 ? ab[prev] : 1.0;
-    auto tt = torch::full({2 * N}, t, torch::kInt64);
-    auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
-    auto out = o.slice(0, N) + w * (o.slice(0, 0, N) - o.slice(0, N));  // uncond + w (cond - uncond)
-    const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
-    torch::Tensor x0, eps;
-    if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
-    else { x0 = (x - ss_ * out) / sa; eps = out; }
-    x = std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
+  auto sample = [&](torch::Tensor x) {  // noise -> images: the timed part
+    for (int i = 0; i < steps; ++i) {
+      const int64_t t = (steps - 1 - i) * ratio, prev = t - ratio;
+      const double a_t = ab[t], a_prev = prev >= 0 ? ab[prev] : 1.0;
+      auto tt = torch::full({2 * N}, t, torch::kInt64);
+      auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
+      auto out = o.slice(0, N) + w * (o.slice(0, 0, N) - o.slice(0, N));  // uncond + w (cond - uncond)
+      const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
+      torch::Tensor x0, eps;
+      if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
+      else { x0 = (x - ss_ * out) / sa; eps = out; }
+      x = std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
+    }
+    return decoder.forward({x}).toTensor().contiguous();
+  };
+  torch::Tensor images;
+  std::vector<double> seconds;
+  for (int r = 0; r < repeat; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    images = sample(x);
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  auto images = decoder.forward({x}).toTensor().contiguous();
+  if (repeat > 1) {
+    std::cout << "{\"seconds\": [";
+    for (size_t i = 0; i < seconds.size(); ++i) std::cout << (i ? ", " : "") << seconds[i];
+    std::cout << "]}\n";
+  }
   std::ofstream raw(out + "/images.f32", std::ios::binary);
   if (!raw) fail(out + ": cannot write there");
   raw.write(reinterpret_cast<const char*>(images.data_ptr<float>()), images.numel() * 4);

@@ -1,0 +1,420 @@
+"""Images/sec and the accuracy they buy, every backend side by side in one run, against the course-style
+baseline and this machine's measured matmul peak.
+
+    python bench/latency.py [--quick] [--weights weights] [--data data/iclevr] [--json out.json] [--plot out.png]
+
+Throughput is end to end (noise -> decoded 64x64 images): the median of --runs timed runs after one warm-up,
+with min and max; batch 1 also gives latency p50/p95. Accuracy (primary judge, second judge beside it) is
+measured once per model and sampler setting, on test.json, new_test.json and heldout.json, with the ONNX
+models (backends are parity-tested against each other, so they buy the same accuracy). The baseline is a
+pixel-space diffusers UNet2DModel (64,128,256,512) at 64x64 with 1000 DDPM steps: one step is timed and
+multiplied by 1000 (weights untrained: only its cost matters). FLOPs per image are counted with torch's
+FLOP counter (matmuls and convolutions) and set against the peak measured here for the same precision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from python.errors import UserError, cli  # noqa: E402
+
+CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
+QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "cpp"], ldm_batches=[32],
+             gan_backends=["torch-fp32", "onnxruntime"], gan_batches=[256], latency_backends=["onnxruntime"],
+             files=("test.json", "new_test.json"), baseline_batch=4, runs=5, latency_runs=5)
+FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
+            ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp"], ldm_batches=[32, 256],
+            gan_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime"], gan_batches=[1, 32, 256],
+            latency_backends=["torch-fp32", "onnxruntime"], files=CONDITION_FILES, baseline_batch=16, runs=5,
+            latency_runs=20)
+
+
+def peak_matmul(dtype: str, n: int = 2048, reps: int = 10) -> float:
+    """Best-of FLOP/s of an n x n matmul in torch: the roof the models are held against."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def flops_per_item(module, *inputs) -> float:
+    """FLOPs (2 x multiply-adds of matmuls and convolutions) of one forward, per batch item."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:  # (under no_grad its module tracker trips on parameters)
+        module(*inputs)
+    return fc.get_total_flops() / len(inputs[0])
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (polls /proc; 0 where there is none)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def timed(fn, runs: int) -> list[float]:
+    fn()  # warm-up: first-call allocation, lazy session creation, oneDNN primitive caches
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class Models:
+    """The torch models of a weights folder and their exports (ONNX + TorchScript) in one place."""
+
+    def __init__(self, weights: Path, export: Path | None, threads: int):
+        import torch
+
+        from export.to_onnx import export_all
+        from python import gan as G
+        from python import ldm as L
+        from python import vae as V
+        from python.diffusion import Schedule
+        from runtime.generate import Pipeline
+        from runtime.models import ExportFolder
+
+        torch.set_num_threads(threads)
+        self.weights = weights
+        if export is None:
+            export = Path(tempfile.mkdtemp(prefix="bench-export-"))
+            print(f"exporting {weights} to {export} (ONNX + TorchScript)", flush=True)
+            export_all(weights, export, formats=("onnx", "torchscript"))
+        self.export = export
+        self.pipe = Pipeline(ExportFolder(export, threads=threads))
+        self.decoder = V.Decoder(V.load(weights / "vae")).eval()
+        self.ldm = self.gan = None
+        if (weights / "ldm" / "config.json").exists():
+            self.ldm, cfg = L.load(weights / "ldm")
+            self.schedule = Schedule(**cfg["schedule"])
+        if (weights / "gan" / "config.json").exists():
+            self.gan, _ = G.load(weights / "gan")
+        self.ts = {}
+        for name in ("denoiser", "decoder", "generator"):
+            if (export / f"{name}.ts").exists():
+                self.ts[name] = torch.jit.load(str(export / f"{name}.ts")).eval()
+        self.shape = tuple(self.pipe.latent_shape)
+
+
+def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray):
+    """fn() -> images for the LDM on one backend, from fixed noise."""
+    import torch
+
+    from python.diffusion import make_sampler, sample_loop
+    from python.noise import initial_noise
+    from python.sample import guided_denoiser
+
+    x_T = initial_noise(0, len(cond), m.shape)
+    if backend == "onnxruntime":
+        return lambda: m.pipe.decode(m.pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
+                                     batch=len(cond))
+    if backend == "cpp":
+        return None  # timed by the binary itself (cpp_times)
+    bf16 = backend == "torch-bf16"
+    model = m.ts["denoiser"] if backend == "torchscript" else m.ldm
+    decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
+    c, x = torch.from_numpy(cond), torch.from_numpy(x_T)
+
+    @torch.no_grad()
+    def run():
+        lat = sample_loop(make_sampler(sampler, m.schedule, steps), x, guided_denoiser(model, c, guidance, bf16))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return decoder(lat).float()
+
+    return run
+
+
+def gan_runner(m: Models, backend: str, cond: np.ndarray):
+    import torch
+
+    from python.noise import gan_noise
+
+    if backend == "onnxruntime":
+        return lambda: m.pipe.decode(m.pipe.gan_latents(cond, batch=len(cond)), batch=len(cond))
+    bf16 = backend == "torch-bf16"
+    gen = m.ts["generator"] if backend == "torchscript" else m.gan
+    decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
+    z = torch.from_numpy(gan_noise(0, len(cond), m.gan.cfg.z_dim))
+    c = torch.from_numpy(cond)
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return decoder(gen(z, c)).float()
+
+    return run
+
+
+def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int) -> list[float] | None:
+    binary = REPO / "build" / "ldm_sample"
+    if not binary.exists():
+        print(f"cpp: {binary} not built (make cpp); skipped")
+        return None
+    from python.noise import initial_noise
+
+    with tempfile.TemporaryDirectory() as d:
+        cond.astype(np.float32).tofile(f"{d}/cond.f32")
+        initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
+        r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
+                            "--steps", str(steps), "--guidance", str(guidance), "--repeat", str(runs + 1)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"cpp runtime failed: {r.stderr.strip()}")
+        return json.loads(r.stdout.splitlines()[0])["seconds"][1:]  # first run is the warm-up
+
+
+def conditions_for(batch: int) -> np.ndarray:
+    from python.labels import NUM_CLASSES
+
+    rng = np.random.default_rng(batch)
+    cond = np.zeros((batch, NUM_CLASSES), np.float32)
+    for row in cond:
+        row[rng.choice(NUM_CLASSES, rng.integers(1, 4), replace=False)] = 1
+    return cond
+
+
+def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> dict:
+    """{setting: {"primary": {file: acc}, "second": {file: acc}}} with the ONNX models."""
+    from python.labels import load_conditions
+    from runtime.judge import accuracy
+
+    out = {}
+    avail = [f for f in files if (data / f).exists()]
+    if len(avail) < len(files):
+        print(f"accuracy: no {sorted(set(files) - set(avail))} in {data} (run `make data`); left out")
+    for key in settings:
+        res = {"primary": {}, "second": {}}
+        for f in avail:
+            cond = load_conditions(data / f)
+            if key[0] == "ldm":
+                images = m.pipe.generate(cond, "ldm", sampler=key[1], steps=key[2], guidance=guidance, seed=0)
+            else:
+                images = m.pipe.generate(cond, "gan", seed=0)
+            for which, name in (("primary", "judge"), ("second", "judge2")):
+                if m.pipe.ex.has(name):
+                    res[which][f] = round(accuracy(m.pipe.ex, images, cond, name), 4)
+        out[key] = res
+        print(f"accuracy {key}: " + ", ".join(f"{f} {v:.3f}" for f, v in res["primary"].items()), flush=True)
+    return out
+
+
+def baseline(batch: int, runs: int) -> dict:
+    """The course-style pixel-space UNet: one step timed, x 1000 DDPM steps."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256, 512),
+                       layers_per_block=2, class_embed_type="identity").eval()
+    embed = torch.nn.Linear(24, 64 * 4)  # the multi-hot labels -> the time-embedding width
+    x, t, c = torch.randn(batch, 3, 64, 64), torch.full((batch,), 500), torch.from_numpy(conditions_for(batch))
+
+    def step():
+        with torch.no_grad():
+            return unet(x, t, class_labels=embed(c)).sample
+
+    flops = flops_per_item(lambda x_: unet(x_, t, class_labels=embed(c)).sample, x)
+    secs = timed(step, runs)
+    per_step = float(np.median(secs))
+    return {"params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2), "batch": batch,
+            "step_seconds": [round(s, 4) for s in secs], "flops_per_image": 1000 * flops,
+            "images_per_sec": batch / (1000 * per_step)}
+
+
+def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate) -> dict:
+    med = float(np.median(secs))
+    ips = batch / med
+    r = dict(model=model, backend=backend, sampler=sampler, steps=steps, batch=batch, images_per_sec=round(ips, 2),
+             images_per_sec_min=round(batch / max(secs), 2), images_per_sec_max=round(batch / min(secs), 2),
+             seconds=[round(s, 5) for s in secs], peak_rss_mb=round(rss / 2 ** 20, 1) if rss else None,
+             flops_per_image=flops, achieved_flops=flops * ips if flops else None,
+             fraction_of_peak=round(flops * ips / peak, 4) if flops else None,
+             speedup_vs_baseline=round(ips / baseline_rate, 1) if baseline_rate else None,
+             accuracy=acc["primary"] if acc else {}, accuracy_second_judge=acc["second"] if acc else {})
+    if batch == 1:
+        r["latency_ms_p50"] = round(1000 * float(np.percentile(secs, 50)), 2)
+        r["latency_ms_p95"] = round(1000 * float(np.percentile(secs, 95)), 2)
+    return r
+
+
+def plot(results: list[dict], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["images_per_sec"], r["accuracy"].get("heldout.json", r["accuracy"].get("test.json")),
+            f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''} b{r['batch']}")
+           for r in results if r["accuracy"]]
+    pts = [p for p in pts if p[1] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for x, y, label in pts:
+        ax.scatter(x, y, s=18)
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted(pts, key=lambda p: -p[0])
+    best, line = -1.0, []
+    for x, y, _ in front:  # Pareto front: nothing both faster and more accurate
+        if y > best:
+            best = y
+            line.append((x, y))
+    if line:
+        ax.plot(*zip(*line), "k--", lw=0.8, label="Pareto front")
+        ax.legend(loc="lower left")
+    ax.set_xscale("log")
+    ax.set_xlabel("images / sec (end to end, log scale)")
+    ax.set_ylabel("accuracy (primary judge; heldout.json, else test.json)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced matrix (under 2 minutes)")
+    p.add_argument("--weights", type=Path, default=REPO / "weights")
+    p.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
+                                               "the weights to a temporary folder first)")
+    p.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="folder with the condition files")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    a = p.parse_args(argv)
+    cfg = dict(QUICK if a.quick else FULL)
+    if a.runs:
+        if a.runs < 1:
+            raise UserError("--runs must be >= 1")
+        cfg["runs"] = cfg["latency_runs"] = a.runs
+    if not (a.weights / "vae" / "config.json").exists():
+        raise UserError(f"{a.weights}: no VAE weights (vae/config.json); nothing to benchmark")
+    import torch
+
+    m = Models(a.weights, a.export, a.threads)
+    gpu = torch.cuda.is_available()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
+               "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None}
+    peak = {"fp32": peak_matmul("fp32"), "bf16": peak_matmul("bf16")}
+    print(f"peak matmul (2048^3, {a.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    base = baseline(cfg["baseline_batch"], cfg["runs"])
+    print(f"baseline (pixel UNet {base['params_m']}M, 1000 DDPM steps, batch {base['batch']}): "
+          f"{base['images_per_sec']:.4f} images/s", flush=True)
+
+    settings = ([("ldm", s, n) for s, n in cfg["ldm"]] if m.ldm else []) + ([("gan", None, None)] if m.gan else [])
+    if not settings:
+        print(f"{a.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
+    acc = accuracy_table(m, a.data, cfg["files"], settings, a.guidance)
+    dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
+    results = []
+    if m.ldm:
+        den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
+        for sampler, steps in cfg["ldm"]:
+            flops = den_flops * steps * (2 if a.guidance != 1.0 else 1) + dec_flops
+            for backend in cfg["ldm_backends"]:
+                if backend == "cpp" and sampler != "ddim" and "ddim" in [s for s, _ in cfg["ldm"]]:
+                    continue
+                batches = sorted(set(cfg["ldm_batches"]) | ({1} if backend in cfg["latency_backends"] else set()))
+                for batch in batches:
+                    cond = conditions_for(batch)
+                    runs = cfg["latency_runs"] if batch == 1 else cfg["runs"]
+                    with PeakRSS() as mem:
+                        if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
+                            secs = cpp_times(m, steps, a.guidance, cond, runs)
+                            if secs is None:
+                                continue
+                        else:
+                            secs = timed(ldm_runner(m, backend, sampler, steps, a.guidance, cond), runs)
+                    smp = "ddim" if backend == "cpp" else sampler
+                    prec = "bf16" if backend == "torch-bf16" else "fp32"
+                    results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
+                                          mem.peak if backend != "cpp" else 0, acc.get(("ldm", smp, steps)),
+                                          base["images_per_sec"]))
+                    _print(results[-1])
+    if m.gan:
+        flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24)) + dec_flops
+        for backend in cfg["gan_backends"]:
+            batches = sorted(set(cfg["gan_batches"]) | ({1} if backend in cfg["latency_backends"] else set()))
+            for batch in batches:
+                cond = conditions_for(batch)
+                with PeakRSS() as mem:
+                    secs = timed(gan_runner(m, backend, cond), cfg["latency_runs"] if batch == 1 else cfg["runs"])
+                prec = "bf16" if backend == "torch-bf16" else "fp32"
+                results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
+                                      acc.get(("gan", None, None)), base["images_per_sec"]))
+                _print(results[-1])
+    results.append(dict(model="baseline", backend="torch-fp32", sampler="ddpm", steps=1000, batch=base["batch"],
+                        images_per_sec=base["images_per_sec"], flops_per_image=base["flops_per_image"],
+                        fraction_of_peak=round(base["flops_per_image"] * base["images_per_sec"] / peak["fp32"], 4),
+                        accuracy={}, note="one UNet step timed (median of runs) x 1000; untrained weights"))
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": a.quick, "machine": machine,
+           "peak_flops": peak, "guidance": a.guidance, "weights": str(a.weights), "baseline": base,
+           "decoder_flops_per_image": dec_flops, "results": results}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot(results, a.plot, f"{machine['processor']}, {a.threads} threads, {out['date']}")
+        print(f"wrote {a.plot}")
+    return out
+
+
+def _print(r: dict):
+    acc = r["accuracy"]
+    acc_s = " ".join(f"{k.split('.')[0]}={v:.3f}" for k, v in acc.items()) if acc else "-"
+    lat = f" p50 {r['latency_ms_p50']:.1f} ms p95 {r['latency_ms_p95']:.1f} ms" if "latency_ms_p50" in r else ""
+    print(f"{r['model']:4} {r['backend']:12} {(r['sampler'] or '-'):6} {str(r['steps'] or '-'):>4} b{r['batch']:<4}"
+          f"{r['images_per_sec']:9.1f} img/s [{r['images_per_sec_min']:.1f}-{r['images_per_sec_max']:.1f}] "
+          f"{100 * (r['fraction_of_peak'] or 0):5.1f}% peak  x{r['speedup_vs_baseline'] or 0:,.0f} baseline  "
+          f"acc {acc_s}{lat}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+
+
+def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
+    r = subprocess.run([sys.executable, "bench/latency.py", "--quick", "--weights", str(tiny_weights), "--data",
+                        str(tiny_data), "--runs", "2", "--threads", "2", "--json", str(out), "--plot", str(png)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["peak_flops"]["fp32"] > 1e9 and res["peak_flops"]["bf16"] > 1e9
+    got = {(x["model"], x["backend"], x["batch"]) for x in res["results"]}
+    assert {("ldm", "torch-fp32", 32), ("ldm", "onnxruntime", 32), ("ldm", "onnxruntime", 1), ("ldm", "cpp", 32),
+            ("gan", "onnxruntime", 256), ("baseline", "torch-fp32", 4)} <= got
+    for x in res["results"]:
+        assert x["images_per_sec"] > 0 and {"model", "backend", "sampler", "steps", "batch", "accuracy"} <= set(x)
+        if x["model"] != "baseline":
+            assert x["flops_per_image"] > 0 and 0 < x["fraction_of_peak"] < 2 and x["speedup_vs_baseline"] > 1
+    ort = next(x for x in res["results"] if x["model"] == "ldm" and x["backend"] == "onnxruntime" and x["batch"] == 32)
+    assert set(ort["accuracy"]) == {"test.json", "new_test.json"} and 0 <= ort["accuracy"]["test.json"] <= 1
+    assert set(ort["accuracy_second_judge"]) == {"test.json", "new_test.json"}
+    b1 = next(x for x in res["results"] if x["batch"] == 1)
+    assert b1["latency_ms_p50"] <= b1["latency_ms_p95"]
+    assert png.stat().st_size > 10_000 and "img/s" in r.stdout
