@@ -73,6 +73,18 @@ def logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         net.fc = nn.Sequential(fc, sig)
 
 
+@torch.no_grad()
+def features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The pooled features the judge's last layer reads (512 for resnet18, 256 for vgg): a space in which
+    distances between images measure what the judge sees (used for the diversity figure)."""
+    fc = net.fc
+    net.fc = nn.Identity()
+    try:
+        return torch.cat([net(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
+    finally:
+        net.fc = fc
+
+
 def _arch_of(state: dict) -> str:
     return "resnet18" if "conv1.weight" in state else "vgg"
 

@@ -1,0 +1,196 @@
+"""Score a trained generator (LDM or GAN): accuracy over seeds with both judges, diversity, and the grids.
+
+    python -m python.eval_gen --model ldm --data data/iclevr --seeds 0 1 2 --steps 10 25 50 --guidance 1 2 3 \\
+        --out out/eval_ldm --json out/eval_ldm.json
+    python -m python.eval_gen --model gan --data data/iclevr --seeds 0 1 2 --out out/eval_gan
+
+For every setting (sampler steps x guidance for the LDM; one for the GAN) and condition file, the images of
+each seed are scored by the primary judge (the headline) and the second judge (a gap over 0.03 means
+something is wrong); mean and std over seeds, and accuracy by number of objects. Diversity: the mean pairwise
+distance, in the second judge's feature space, among samples of one condition, divided by the same figure on
+fresh renders of those conditions (1.0 = as varied as real scenes; near 0 = collapsed). Writes the course's
+grids (8 per row) for test.json and new_test.json, and for the LDM the denoising-process image for
+["red sphere", "yellow cube", "cyan cylinder"].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from python import judge as J
+from python import vae as V
+from python.data import image_grid, load_condition_file, to64, to_model_range
+from python.diffusion import Schedule
+from python.errors import UserError, cli
+from python.labels import encode
+from python.sample import decode, ldm_latents
+
+DIVERSITY = 4  # random stream for the reference renders (make_data uses 0..3 for its own)
+PROCESS_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
+
+
+class Generator:
+    """latents(cond, seed) for either model, from a weights folder."""
+
+    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp"):
+        from python.latents import vae_digest
+
+        self.model, self.sampler = model, sampler
+        vae_dir = weights / "vae"
+        self.decoder = V.Decoder(V.load(vae_dir)).eval()
+        if model == "ldm":
+            from python import ldm as L
+
+            self.net, cfg = L.load(weights / "ldm")
+            self.schedule = Schedule(**cfg["schedule"])
+        elif model == "gan":
+            from python import gan as G
+
+            self.net, cfg = G.load(weights / "gan")
+        else:
+            raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
+        if cfg.get("vae_sha") not in (None, vae_digest(vae_dir)):
+            raise UserError(f"{weights / model}: trained on VAE {cfg['vae_sha']}, but {vae_dir} has another latent "
+                            f"space ({vae_digest(vae_dir)})")
+        self.net.eval()
+
+    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = 2.0, on_step=None):
+        with torch.no_grad():
+            if self.model == "gan":
+                from python.train_gan import gan_latents
+
+                lat = gan_latents(self.net, cond, seed)
+            else:
+                sampler = "ddpm" if steps == self.schedule.T else self.sampler
+                lat = ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step)
+            return decode(self.decoder, lat)
+
+
+def reference_renders(cond: np.ndarray, per: int, seed: int = 0) -> torch.Tensor:
+    """`per` fresh renders of each condition (rows of cond), as images in [-1, 1]."""
+    from PIL import Image
+
+    from python.make_data import RESOLUTION, scene_rng
+    from python.render import render, sample_scene
+
+    out = []
+    for i, c in enumerate(cond):
+        classes = [int(j) for j in np.flatnonzero(c)]
+        for k in range(per):
+            sc = sample_scene(scene_rng(seed, DIVERSITY, i * per + k), classes, *RESOLUTION)
+            out.append(to64(Image.fromarray(render(sc, *RESOLUTION))))
+    return to_model_range(np.stack(out))
+
+
+def spread(feats: torch.Tensor, groups: int) -> float:
+    """Mean pairwise L2 distance within each group of rows (groups of equal size), averaged over groups."""
+    f = feats.reshape(groups, -1, feats.shape[-1])
+    d = torch.cdist(f, f)
+    k = f.shape[1]
+    return float(d.sum((1, 2)).div(k * (k - 1)).mean())
+
+
+def diversity(gen: Generator, judge2, cond: np.ndarray, per: int, real_spread: float, **kw) -> dict:
+    rows = np.repeat(cond, per, axis=0)  # each condition `per` times: distinct noise per row
+    fake = spread(J.features(judge2, gen.images(rows, seed=0, **kw)), len(cond))
+    sig = lambda x: float(f"{x:.4g}")  # noqa: E731
+    return {"generated": sig(fake), "real": sig(real_spread), "ratio": sig(fake / real_spread)}
+
+
+def process_image(gen: Generator, steps: int, guidance: float, frames: int = 10) -> np.ndarray:
+    """The denoising process for PROCESS_LABELS: the latent decoded at `frames` evenly spaced steps, then the end."""
+    keep = set(np.linspace(0, steps - 2, frames).round().astype(int).tolist()) if steps > 1 else set()
+    snaps = []
+    final = gen.images(encode(PROCESS_LABELS)[None], seed=0, steps=steps, guidance=guidance,
+                       on_step=lambda i, x, sl: snaps.append(x.clone()) if i in keep else None)
+    frames_ = decode(gen.decoder, torch.cat(snaps)) if snaps else final[:0]
+    return image_grid(torch.cat([frames_, final]), cols=len(snaps) + 1)
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="ldm or gan")
+    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
+                   help="folder with vae/, ldm/ or gan/, judge/ and judge2/ (default: the shipped weights)")
+    p.add_argument("--data", type=Path, default=Path("data/iclevr"), help="folder with the condition files")
+    p.add_argument("--files", nargs="+", default=["test.json", "new_test.json", "heldout.json"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sampler", default="dpmpp", help="dpmpp or ddim (1000 steps always use ddpm)")
+    p.add_argument("--steps", type=int, nargs="+", default=[25])
+    p.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    p.add_argument("--limit", type=int, help="score only the first N conditions of each file")
+    p.add_argument("--diversity-conditions", type=int, default=16)
+    p.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
+    p.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    if a.model not in ("ldm", "gan"):
+        raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
+    if a.per_condition < 2 or a.diversity_conditions < 1:
+        raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
+    gen = Generator(a.model, a.weights, a.sampler)
+    judge = J.load(a.weights / "judge" / "judge.safetensors")
+    second = a.weights / "judge2" / "judge.safetensors"
+    judge2 = J.load(second) if second.exists() else None
+    if judge2 is None:
+        print(f"no second judge at {second}: second-judge accuracy and diversity left out")
+    files = {f: load_condition_file(a.data, f)[: a.limit] for f in a.files}
+    settings = [(s, g) for s in a.steps for g in a.guidance] if a.model == "ldm" else [(None, None)]
+
+    div_cond = files[a.files[0]][: a.diversity_conditions]
+    real_spread = None
+    if judge2 is not None:
+        real_spread = spread(J.features(judge2, reference_renders(div_cond, a.per_condition)), len(div_cond))
+    report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
+              "seeds": a.seeds, "limit": a.limit, "results": []}
+    for steps, guidance in settings:
+        kw = dict(steps=steps, guidance=guidance) if a.model == "ldm" else {}
+        t0 = time.time()
+        row = {"steps": steps, "guidance": guidance, "files": {}}
+        for name, cond in files.items():
+            per_seed, per_seed2, by_obj = [], [], {}
+            for seed in a.seeds:
+                images = gen.images(cond, seed, **kw)
+                res = J.score(judge, images, cond)
+                per_seed.append(res["accuracy"])
+                for k, v in res["by_objects"].items():
+                    by_obj.setdefault(k, []).append(v)
+                if judge2 is not None:
+                    per_seed2.append(J.score(judge2, images, cond)["accuracy"])
+                if a.out and seed == a.seeds[0] and name in ("test.json", "new_test.json"):
+                    from PIL import Image
+
+                    a.out.mkdir(parents=True, exist_ok=True)
+                    tag = f"{a.model}_{Path(name).stem}" + (f"_s{steps}_g{guidance:g}" if steps else "")
+                    Image.fromarray(image_grid(images)).save(a.out / f"{tag}.png")
+            row["files"][name] = {
+                "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),
+                "accuracy_std": round(float(np.std(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed],
+                "second_judge_mean": round(float(np.mean(per_seed2)), 4) if per_seed2 else None,
+                "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())}}
+        if judge2 is not None:
+            row["diversity"] = diversity(gen, judge2, div_cond, a.per_condition, real_spread, **kw)
+        row["seconds"] = round(time.time() - t0, 1)
+        report["results"].append(row)
+        print(f"{a.model} steps={steps} guidance={guidance}: " + "; ".join(
+            f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
+            for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
+    if a.out and a.model == "ldm":
+        from PIL import Image
+
+        steps, guidance = settings[0]
+        Image.fromarray(process_image(gen, min(steps, 50), guidance)).save(a.out / "ldm_denoising_process.png")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

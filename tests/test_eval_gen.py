@@ -1,0 +1,41 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from python.errors import UserError
+from python.eval_gen import main, spread
+
+
+def test_spread_is_mean_pairwise_distance_within_groups():
+    f = torch.tensor([[0.0, 0], [3, 4], [1, 1], [1, 1]])  # group 1: one pair 5 apart; group 2: identical
+    assert spread(f, 2) == pytest.approx(2.5)
+
+
+def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_path):
+    out, js = tmp_path / "out", tmp_path / "eval.json"
+    main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+          "new_test.json", "--seeds", "0", "1", "--steps", "3", "--guidance", "1", "2", "--limit", "6",
+          "--diversity-conditions", "2", "--per-condition", "3", "--out", str(out), "--json", str(js)])
+    rep = json.loads(js.read_text())
+    assert [(r["steps"], r["guidance"]) for r in rep["results"]] == [(3, 1.0), (3, 2.0)]
+    for r in rep["results"]:
+        t = r["files"]["test.json"]
+        assert t["n"] == 6 and len(t["per_seed"]) == 2 and 0 <= t["accuracy_mean"] <= 1
+        assert t["accuracy_std"] == pytest.approx(np.std(t["per_seed"]), abs=1e-4)
+        assert t["second_judge_mean"] is not None and set(t["by_objects"]) <= {"1", "2", "3"}
+        assert r["diversity"]["real"] > 0 and r["diversity"]["ratio"] == pytest.approx(
+            r["diversity"]["generated"] / r["diversity"]["real"], rel=1e-3)
+    assert Image.open(out / "ldm_test_s3_g1.png").size[0] == 6 * 66 + 2
+    process = Image.open(out / "ldm_denoising_process.png")
+    assert process.size[1] == 68 and process.size[0] > 2 * 66  # one row: intermediate frames + the result
+
+
+def test_eval_gan_and_bad_model(tiny_weights, tiny_data, tmp_path):
+    rep = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+                "--seeds", "0", "1", "2", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
+    assert len(rep["results"]) == 1 and len(rep["results"][0]["files"]["test.json"]["per_seed"]) == 3
+    with pytest.raises(SystemExit):
+        main(["--model", "vae", "--weights", str(tiny_weights), "--data", str(tiny_data)])
