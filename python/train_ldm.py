@@ -85,6 +85,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval (also at every evaluation)")
     p.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--guidance", type=float, default=2.0)
@@ -181,7 +182,11 @@ def main(argv=None):
             run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
                         images_per_sec=rate)
             t_last, seen = time.time(), 0
-        if step % cfg["eval_every"] == 0 or step == steps:
+        evaluating = step % cfg["eval_every"] == 0 or step == steps
+        if run and not evaluating and step % cfg["save_every"] == 0:
+            run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
+                     {"opt": opt.state_dict(), "sched": sched.state_dict()})
+        if evaluating:
             if run:
                 ema_cpu = copy.deepcopy(ema).float().cpu().eval()
                 res, images = evaluate(ema_cpu, schedule, decoder, judge, eval_cond, cfg["eval_steps"], a.guidance)

@@ -35,10 +35,14 @@ class VAEConfig:
     channels: list[int] = field(default_factory=lambda: [64, 48])  # gdn: widths from the latent side outwards
     kl_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # kl: diffusers block_out_channels
     scale_factor: float = 1.0
+    decoder_channels: list[int] | None = None  # gdn: synthesis widths when they differ from the analysis's
+    decoder_up: str = "transpose"  # gdn: "transpose" (5x5 stride-2 transposed conv) or "nearest" (+ 3x3 conv)
 
     def __post_init__(self):
         if self.arch not in ("gdn", "kl"):
             raise UserError(f"VAE arch {self.arch!r} unknown; valid: gdn, kl")
+        if self.decoder_up not in ("transpose", "nearest"):
+            raise UserError(f"VAE decoder_up {self.decoder_up!r} unknown; valid: transpose, nearest")
         if self.downsample not in (2, 4, 8) or self.latent_channels < 1:
             raise UserError(f"VAE downsample must be 2, 4 or 8 and latent_channels >= 1 "
                             f"(got {self.downsample}, {self.latent_channels})")
@@ -77,10 +81,15 @@ class GDNAutoencoder(nn.Module):
             cin = w
         enc.append(nn.Conv2d(cin, 2 * c, 3, 1, 1))
         self.encoder = nn.Sequential(*enc)
+        dw = cfg.decoder_channels or cfg.channels
+        widths = [dw[min(i, len(dw) - 1)] for i in range(cfg.stages)]
         dec = [nn.Conv2d(c, widths[0], 3, 1, 1), GDN(widths[0], inverse=True)]
         for i, w in enumerate(widths):
             out = widths[i + 1] if i + 1 < len(widths) else None
-            dec += [nn.ConvTranspose2d(w, out or 3, 5, 2, 2, output_padding=1)]
+            if cfg.decoder_up == "transpose":
+                dec += [nn.ConvTranspose2d(w, out or 3, 5, 2, 2, output_padding=1)]
+            else:  # resize-then-convolve: no checkerboard from uneven kernel overlap
+                dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, out or 3, 3, 1, 1)]
             if out:
                 dec += [GDN(out, inverse=True), nn.Conv2d(out, out, 3, 1, 1), GDN(out, inverse=True)]
         self.decoder = nn.Sequential(*dec)

@@ -94,3 +94,27 @@ def test_eval_vae_prints_one_json_line(tiny_data, tmp_path, capsys):
     assert len(out) == 1 and res["images"] == 24
     assert {"psnr", "acc_orig", "acc_recon", "decode_images_per_sec", "decoder_mflops"} <= set(res)
     assert res["decode_images_per_sec"] > 0 and res["decoder_mflops"] > 0 and 0 <= res["acc_recon"] <= 1
+
+
+def test_decoder_only_training_keeps_the_latent_space(tiny_data, parts, tmp_path):
+    import json
+
+    from python import train_decoder
+    from python.latents import vae_digest
+
+    run = tmp_path / "dec"
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run),
+            "--decoder-channels", "24", "12", "--decoder-up", "nearest", "--judge",
+            str(parts / "judge" / "judge.safetensors")]
+    train_decoder.main(args)
+    new, old = V.load(run / "final"), V.load(parts / "vae")
+    assert vae_digest(run / "final") == vae_digest(parts / "vae")  # same encoder, same scale: same latent space
+    assert new.cfg.decoder_channels == [24, 12] and new.cfg.scale_factor == old.cfg.scale_factor
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(new.encode(x)[0], old.encode(x)[0]) and new.decode(new.encode(x)[0]).shape == x.shape
+    res = json.loads((run / "final" / "train_result.json").read_text())
+    assert {"psnr", "acc_orig", "acc_recon", "ratio"} <= set(res)
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("heldout" in m for m in lines) and all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
+    with pytest.raises(SystemExit):  # --init needs matching widths
+        train_decoder.main(args[:-4] + ["--init", "--run-dir", str(tmp_path / "dec2")])
