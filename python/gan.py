@@ -111,12 +111,13 @@ class Discriminator(nn.Module):
         return self.linear(h).squeeze(1) + proj, self.aux(h)
 
 
-def save(gen: Generator, folder: Path, extra: dict | None = None) -> None:
+def save(gen: Generator, folder: Path, extra: dict | None = None, half: bool = False) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in gen.state_dict().items()}, str(folder / "generator.safetensors"))
+    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in gen.state_dict().items()}, str(folder / "generator.safetensors"))
     tmp = folder / ".config.tmp"
     tmp.write_text(json.dumps({"gan": asdict(gen.cfg), **(extra or {})}, indent=1))
     os.replace(tmp, folder / "config.json")
@@ -132,7 +133,8 @@ def load(folder: Path | None = None, device="cpu") -> tuple[Generator, dict]:
     cfg = json.loads((folder / "config.json").read_text())
     gen = Generator(GANConfig(**cfg["gan"]))
     try:
-        gen.load_state_dict(load_file(str(folder / "generator.safetensors")))
+        gen.load_state_dict({k: v.float() if v.is_floating_point() else v
+                             for k, v in load_file(str(folder / "generator.safetensors")).items()})
     except RuntimeError as e:
         raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
     return gen.to(device).eval(), cfg

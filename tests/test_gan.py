@@ -6,6 +6,7 @@ import torch
 
 from python import gan as G
 from python.errors import UserError
+from python.ship import main as ship
 from python.train_gan import gan_latents
 from python.train_gan import main as train_gan
 
@@ -41,3 +42,9 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     assert cfg["trained_steps"] == 6
     with pytest.raises(UserError, match="no GAN here"):
         G.load(tmp_path)
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    shipped, scfg = G.load(tmp_path / "shipped")
+    assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"]
+    torch.testing.assert_close(gan_latents(shipped, cond, seed=4), lat, atol=2e-2, rtol=2e-2)
+    with pytest.raises(SystemExit):
+        ship(["ldm", "--run", str(run), "--out", str(tmp_path / "wrong")])  # a GAN run is not an LDM

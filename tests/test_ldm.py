@@ -11,6 +11,7 @@ from python import ldm as L
 from python import vae as V
 from python.diffusion import Schedule
 from python.errors import UserError
+from python.ship import main as ship
 from python.data import image_grid
 from python.sample import decode, ldm_latents
 from python.train_ldm import loss_weight
@@ -65,9 +66,14 @@ def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
     assert not torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=2))
     images = decode(V.Decoder(V.load(parts / "vae")), lat)
     assert images.shape == (3, 3, 64, 64) and images.abs().max() <= 1
-    assert image_grid(images, cols=8).shape == (2 + 66, 2 + 8 * 66, 3)
+    assert image_grid(images, cols=8).shape == (2 + 66, 2 + 3 * 66, 3)  # fewer than 8: one row of 3
     with pytest.raises(UserError, match="no LDM here"):
         L.load(tmp_path)
+    ship(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    shipped, scfg = L.load(tmp_path / "shipped")
+    assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"] and scfg["schedule"] == cfg["schedule"]
+    for (k, a), b in zip(model.state_dict().items(), shipped.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)  # the EMA weights, through fp16
 
 
 def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):

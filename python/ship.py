@@ -1,0 +1,56 @@
+"""Turn a training run's latest checkpoint into a shippable weights folder: the EMA weights, fp16, with the config
+the loaders and the export need, and where they came from.
+
+    python -m python.ship ldm --run runs/ldm --out weights/ldm
+    python -m python.ship gan --run runs/gan --out weights/gan
+
+Works on a run that is still training (it reads the last complete checkpoint), so an interim model can be
+shipped and a later session can warm-start from it (`train_ldm --init weights/ldm`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from python.errors import UserError, cli
+from python.rundir import load_checkpoint
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=("ldm", "gan"))
+    p.add_argument("--run", type=Path, required=True, help="run folder (with config.json and a checkpoint)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
+    a = p.parse_args(argv)
+    if not (a.run / "config.json").exists():
+        raise UserError(f"{a.run}: not a run folder (no config.json)")
+    ck = load_checkpoint(a.run)
+    if ck is None:
+        raise UserError(f"{a.run}: no checkpoint yet")
+    step, weights, _ = ck
+    cfg = json.loads((a.run / "config.json").read_text())
+    provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(a.run.resolve())}
+    if a.kind == "ldm":
+        from python import ldm as L
+
+        if "denoiser" not in cfg:
+            raise UserError(f"{a.run}: not an LDM run (config.json has no 'denoiser')")
+        model = L.Denoiser(L.DenoiserConfig(**cfg["denoiser"]))
+        model.load_state_dict(weights["ema"])
+        L.save(model.eval(), a.out, {"schedule": cfg["schedule"], **provenance}, half=not a.fp32)
+    else:
+        from python import gan as G
+
+        if "gan" not in cfg:
+            raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
+        gen = G.Generator(G.GANConfig(**cfg["gan"]))
+        gen.load_state_dict(weights["ema"])
+        G.save(gen.eval(), a.out, provenance, half=not a.fp32)
+    print(json.dumps({"out": str(a.out), "step": step}))
+
+
+if __name__ == "__main__":
+    main()
