@@ -3,8 +3,8 @@
 LDM and GAN training read latents from here and never run the encoder. The cache stores the
 posterior mean and std (float16, unscaled) for each image and for its horizontal flip (a
 label-preserving augmentation that is exact only in pixel space, hence encoded rather than
-flipped in latent space), with the multi-hot labels. It is keyed by the VAE weights' checksum and
-the dataset's image cache, so a new VAE or changed data rebuilds it.
+flipped in latent space), with the multi-hot labels. It is keyed by the encoder's checksum and
+the dataset's image cache, so a new encoder or changed data rebuilds it (a new decoder does not).
 """
 from __future__ import annotations
 
@@ -55,15 +55,25 @@ ENCODER_KEYS = ("net.encoder.", "net.ae.encoder.", "net.ae.quant_conv.")
 
 
 def vae_digest(folder: Path) -> str:
-    """Checksum of the latent space: the encoder's weights and the scale factor, not the decoder's.
+    """Checksum of the latent space the generators see: the encoder's weights and the scale factor, not the
+    decoder's. Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
+    for the same latents), and are refused against a VAE with another encoder or scale."""
+    return _encoder_hash(Path(folder), with_scale=True)
 
-    Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
-    for the same latents), and are refused against a VAE with another encoder."""
+
+def encoder_digest(folder: Path) -> str:
+    """Checksum of the encoder alone: the key of the (unscaled) latent cache, which the scale factor,
+    computed from that cache, must not change."""
+    return _encoder_hash(Path(folder), with_scale=False)
+
+
+def _encoder_hash(folder: Path, with_scale: bool) -> str:
     from safetensors.torch import load_file
 
-    folder = Path(folder)
     cfg = V.load_config(folder)
-    h = hashlib.sha1(f"{cfg.arch}/{cfg.latent_channels}/{cfg.scale_factor:.6g}".encode())
+    h = hashlib.sha1(f"{cfg.arch}/{cfg.latent_channels}".encode())
+    if with_scale:
+        h.update(f"/{cfg.scale_factor:.6g}".encode())
     state = load_file(str(folder / "vae.safetensors"))
     for k in sorted(k for k in state if k.startswith(ENCODER_KEYS)):
         h.update(k.encode())
@@ -77,7 +87,7 @@ def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = 
     vae = V.load(vae_folder)
     split = load_split(data, labels_file)
     key = hashlib.sha1(("".join(split.names) + str(split.images.shape)).encode()).hexdigest()[:12]
-    path = _cache_dir(Path(data)) / f"latents-{Path(labels_file).stem}-{vae_digest(vae_folder)}-{key}.npz"
+    path = _cache_dir(Path(data)) / f"latents-{Path(labels_file).stem}-{encoder_digest(vae_folder)}-{key}.npz"
     if not path.exists():
         print(f"encoding {len(split)} images (and their mirror images) into the latent cache {path}", flush=True)
         mean, std = _encode(vae, split.images)

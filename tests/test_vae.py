@@ -42,9 +42,9 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run)])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    from python.latents import load_latents, vae_digest
+    from python.latents import encoder_digest, load_latents
 
-    digest = vae_digest(run / "final")
+    digest = encoder_digest(run / "final")
     cache_files = lambda: sorted((tiny_data / ".cache").glob(f"latents-train-{digest}-*.npz"))  # noqa: E731
     assert len(cache_files()) == 1
     built = cache_files()[0].stat().st_mtime_ns
