@@ -3,7 +3,7 @@ projection discriminator with an auxiliary multi-label classifier, both on laten
 
 Generator: [noise, label embedding] -> 4x4 grid -> (upsample, conv, conditional norm) x log2(size/4)
 -> latent channels. Every block is modulated by the condition (FiLM from the concatenated noise and
-label embedding: per-channel scale and shift after a parameter-free batch norm), so the label set
+label embedding: per-channel scale and shift after a parameter-free group norm), so the label set
 steers every resolution. The label embedding of a set is the sum of its classes' embeddings (a
 linear map of the multi-hot vector), so sets compose.
 
@@ -48,14 +48,22 @@ class GANConfig:
             raise UserError(f"g_channels {self.g_channels} must have log2(size/4)+1 entries for size {self.size}")
 
 
+def _norm(c: int) -> nn.Module:
+    """Group norm without affine parameters (FiLM supplies them). Not batch norm: an EMA of the weights does
+    not match batch norm's running statistics (measured: EMA generator in eval mode at 0.12 accuracy where
+    the raw generator was at 0.23, its latents' std 0.66 instead of 1.0), and batch statistics would make an
+    image depend on its batch-mates."""
+    return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c, affine=False)
+
+
 class CondBlock(nn.Module):
-    """upsample x2 -> conv3x3 -> BN(no affine) -> FiLM(cond) -> ReLU -> conv3x3 -> BN -> FiLM -> ReLU, + skip."""
+    """upsample x2 -> conv3x3 -> GN(no affine) -> FiLM(cond) -> ReLU -> conv3x3 -> GN -> FiLM -> ReLU, + skip."""
 
     def __init__(self, cin: int, cout: int, cdim: int, up: bool):
         super().__init__()
         self.up = up
         self.c1, self.c2 = nn.Conv2d(cin, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
-        self.n1, self.n2 = nn.BatchNorm2d(cout, affine=False), nn.BatchNorm2d(cout, affine=False)
+        self.n1, self.n2 = _norm(cout), _norm(cout)
         self.film = nn.Linear(cdim, 4 * cout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -79,7 +87,7 @@ class Generator(nn.Module):
         self.fc = nn.Linear(cdim, 16 * cfg.g_channels[0])
         chans = cfg.g_channels
         self.blocks = nn.ModuleList(CondBlock(chans[max(i - 1, 0)], chans[i], cdim, up=i > 0) for i in range(len(chans)))
-        self.out = nn.Sequential(nn.BatchNorm2d(chans[-1]), nn.ReLU(), nn.Conv2d(chans[-1], cfg.latent_channels, 3, 1, 1))
+        self.out = nn.Sequential(_norm(chans[-1]), nn.ReLU(), nn.Conv2d(chans[-1], cfg.latent_channels, 3, 1, 1))
 
     def forward(self, z, cond):
         c = torch.cat([z, self.embed(cond)], dim=1)
