@@ -1,8 +1,10 @@
 """Export the trained networks to ONNX (and TorchScript) with a manifest the runtime reads.
 
-    python export/to_onnx.py [--weights DIR] [--out DIR] [--format onnx|torchscript|both]
+    python export/to_onnx.py [--weights DIR] [--out DIR] [--format onnx|torchscript|both] [--fp16] [--triton DIR]
 
-Every export is checked (onnx.checker) and verified against torch on random inputs; the manifest
+Every export is checked (onnx.checker) and verified against torch on random inputs; `--fp16` adds a float16
+copy of each ONNX model (float32 inputs and outputs kept, verified to FP16_TOL); where TensorRT imports (a GPU
+machine), fp16 engines are built from the ONNX files with profiles for batch 1..256. The manifest
 (manifest.json) lists each model's file, inputs, outputs, checksum and verification figure, plus
 the label list, so the runtime needs nothing else. Networks whose weights do not exist yet are
 skipped with a one-line notice.
@@ -83,6 +85,87 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: lis
             "outputs": outputs, "verified_max_rel_err": err, "sha256": sha256(path), "bytes": path.stat().st_size}
 
 
+FP16_TOL = 2e-2  # relative to the output scale: float16 keeps ~3 significant digits, and errors add up over layers
+
+
+def _toposort(graph) -> None:
+    """Reorder graph.node so that every node comes after the nodes producing its inputs (ONNX requires it)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            (ordered if all(i in ready for i in n.input) else rest).append(n)
+            if ordered and ordered[-1] is n:
+                ready.update(n.output)
+        if len(rest) == len(pending):
+            raise RuntimeError("ONNX graph has a cycle or an input nothing produces")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def export_onnx_fp16(src: Path, path: Path, check_inputs: dict[str, torch.Tensor], module: nn.Module) -> dict:
+    """A float16 copy of an ONNX model (inputs and outputs stay float32), verified against torch."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(model.graph)  # the converter appends its input casts after the nodes that read them
+    onnx.save(model, str(path))
+    onnx.checker.check_model(onnx.load(str(path)))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {k: v.numpy() for k, v in check_inputs.items()})
+    with torch.no_grad():
+        ref = module.eval()(*check_inputs.values())
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    err = max(float(np.abs(g - r.numpy()).max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
+    if err > FP16_TOL:
+        raise RuntimeError(f"{path.name}: fp16 ONNX output differs from torch by {err:.2e} (relative), above {FP16_TOL}")
+    return {"file": path.name, "format": "onnx-fp16", "opset": OPSET, "verified_max_rel_err": err,
+            "tolerance": FP16_TOL, "sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def build_tensorrt(out: Path, manifest: dict, max_batch: int = 256) -> None:
+    """fp16 TensorRT engines from the ONNX files, one optimisation profile (batch 1 / 64 / max_batch; the
+    denoiser's batch is doubled by guidance). Only where TensorRT imports; otherwise one line and nothing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        print("tensorrt: not installed (no GPU here): engines skipped; ONNX Runtime's TensorRT and CUDA providers "
+              "are used instead where they exist")
+        return
+    logger = trt.Logger(trt.Logger.WARNING)
+    for name in [n for n, m in manifest["models"].items() if m.get("format") == "onnx"]:
+        entry = manifest["models"][name]
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse((out / entry["file"]).read_bytes()):
+            raise RuntimeError(f"tensorrt could not parse {entry['file']}: {parser.get_error(0)}")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        top = 2 * max_batch if name == "denoiser" else max_batch
+        for i in range(network.num_inputs):
+            inp = network.get_input(i)
+            tail = tuple(inp.shape)[1:]
+            profile.set_shape(inp.name, (1, *tail), (min(64, top), *tail), (top, *tail))
+        config.add_optimization_profile(profile)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise RuntimeError(f"tensorrt failed to build an engine for {entry['file']}")
+        path = out / f"{name}.engine"
+        path.write_bytes(bytes(engine))
+        manifest["models"][f"{name}_trt"] = {"file": path.name, "format": "tensorrt", "precision": "fp16",
+                                             "max_batch": top, "tensorrt": trt.__version__, "sha256": sha256(path),
+                                             "bytes": path.stat().st_size}
+        print(f"{name}: TensorRT engine built (fp16, batch 1..{top})")
+
+
 def export_torchscript(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
                        check_inputs: dict[str, torch.Tensor]) -> dict:
     """Traced and frozen TorchScript, verified like the ONNX export."""
@@ -154,7 +237,7 @@ def collect(weights: Path | None) -> dict:
     return found
 
 
-def export_all(weights: Path | None, out: Path, formats=("onnx",)) -> dict:
+def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = False) -> dict:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +257,9 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",)) -> dict:
     for name, (module, ex, check, outputs, extra) in nets.items():
         if "onnx" in formats:
             manifest["models"][name] = {**export_onnx(module, ex, outputs, out / f"{name}.onnx", check), **extra}
+            if fp16:
+                manifest["models"][f"{name}_fp16"] = {
+                    **export_onnx_fp16(out / f"{name}.onnx", out / f"{name}.fp16.onnx", check, module), **extra}
         if "torchscript" in formats:
             manifest["models"][f"{name}_ts"] = {**export_torchscript(module, ex, out / f"{name}.ts", check), **extra}
         print(f"{name}: exported ({', '.join(formats)})")
@@ -185,6 +271,8 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",)) -> dict:
         c, h, w = nets["decoder"][4]["latent_shape"]
         (out / "schedule.txt").write_text(f"{s.T} {c} {h} {w} {s.prediction}\n"
                                           + "\n".join(f"{v:.17g}" for v in s.alpha_bar) + "\n")
+    if "onnx" in formats:
+        build_tensorrt(out, manifest)
     tmp = out / ".manifest.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
@@ -197,13 +285,14 @@ def main(argv=None):
     p.add_argument("--weights", type=Path, help="weights folder (default: the shipped weights/)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
+    p.add_argument("--fp16", action="store_true", help="also write float16 ONNX copies (for GPU providers)")
     p.add_argument("--triton", type=Path, metavar="DIR", help="also write a Triton Inference Server model repository")
     p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
     a = p.parse_args(argv)
     formats = ("onnx", "torchscript") if a.format == "both" else (a.format,)
     if a.triton and "onnx" not in formats:
         raise UserError("--triton needs the ONNX models: use --format onnx or both")
-    m = export_all(a.weights, a.out, formats)
+    m = export_all(a.weights, a.out, formats, fp16=a.fp16)
     print(f"wrote {a.out / 'manifest.json'} ({len(m['models'])} models)")
     if a.triton:
         from export.triton import write_repository

@@ -120,11 +120,13 @@ def main(argv=None):
     p.add_argument("--export", type=Path, help="export folder (default exports/default)")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     p.add_argument("--threads", type=int)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
     p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     a = p.parse_args(argv)
     if a.n < 1 or a.steps < 1 or a.batch < 1:
         raise UserError("-n, --steps and --batch must be >= 1")
-    pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads))
+    pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads, a.precision))
     cond = load_conditions(a.conditions) if a.conditions else np.repeat(parse_label_arg(a.labels)[None], a.n, axis=0)
     kw = {"seed": a.seed} if a.model == "gan" else dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance,
                                                         eta=a.eta, seed=a.seed, batch=a.batch)

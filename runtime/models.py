@@ -29,7 +29,11 @@ def pick_providers(requested: list[str] | None = None) -> list[str]:
 class ExportFolder:
     """Reads manifest.json; opens each model's session lazily."""
 
-    def __init__(self, path: Path | None = None, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: Path | None = None, providers: list[str] | None = None, threads: int | None = None,
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "fp16"):
+            raise UserError(f"precision must be fp32 or fp16, got {precision!r}")
+        self.precision = precision
         self.path = Path(path) if path else DEFAULT_EXPORT
         mf = self.path / "manifest.json"
         if not mf.exists():
@@ -51,11 +55,13 @@ class ExportFolder:
                 raise UserError(f"{self.path}: no ONNX model {name!r} in the manifest; it has {onnx_models}")
             import onnxruntime as ort
 
+            entry = self.manifest["models"][name]
+            if self.precision == "fp16":  # the float16 copy where the export has one (export --fp16)
+                entry = self.manifest["models"].get(f"{name}_fp16", entry)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._sessions[name] = ort.InferenceSession(str(self.path / self.manifest["models"][name]["file"]),
-                                                        opts, providers=self.providers)
+            self._sessions[name] = ort.InferenceSession(str(self.path / entry["file"]), opts, providers=self.providers)
         return self._sessions[name]
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

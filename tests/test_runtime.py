@@ -123,3 +123,21 @@ def test_missing_generator_and_mismatched_vae(tiny_weights, tmp_path):
     V.save(V.VAE(V.VAEConfig(channels=[16, 8])), w / "vae")  # a different VAE than the LDM was trained on
     with pytest.raises(UserError, match="trained on VAE"):
         export_all(w, tmp_path / "e2")
+
+
+def test_fp16_export_and_runtime(tiny_weights, tmp_path):
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    m = export_all(tiny_weights, tmp_path, formats=("onnx",), fp16=True)
+    for name in ("judge", "decoder", "denoiser", "generator"):
+        e = m["models"][f"{name}_fp16"]
+        assert e["format"] == "onnx-fp16" and e["verified_max_rel_err"] <= e["tolerance"]
+        assert e["bytes"] < m["models"][name]["bytes"]
+    assert m["models"]["judge_fp16"]["bytes"] < 0.55 * m["models"]["judge"]["bytes"]  # weights dominate: half
+    cond = _conditions()
+    full = Pipeline(ExportFolder(tmp_path)).generate(cond, "ldm", steps=4, seed=3)
+    half = Pipeline(ExportFolder(tmp_path, precision="fp16")).generate(cond, "ldm", steps=4, seed=3)
+    assert 0 < np.abs(full - half).max() < 5e-2  # a different model, and close to the float32 one
+    with pytest.raises(UserError, match="precision"):
+        ExportFolder(tmp_path, precision="int8")
