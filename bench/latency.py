@@ -325,6 +325,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README)")
     a = p.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL)
     if a.runs:
@@ -400,10 +401,33 @@ def main(argv=None):
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")
+    if a.markdown:
+        a.markdown.parent.mkdir(parents=True, exist_ok=True)
+        a.markdown.write_text(markdown(out))
+        print(f"wrote {a.markdown}")
     if a.plot:
         plot(results, a.plot, f"{machine['processor']}, {a.threads} threads, {out['date']}")
         print(f"wrote {a.plot}")
     return out
+
+
+def markdown(out: dict) -> str:
+    """The results as a README table."""
+    rows = ["| model | backend | sampler | steps | batch | images/s (min-max) | % of peak | x baseline | accuracy test / new_test / heldout (2nd judge) | p50 / p95 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in out["results"]:
+        acc = " / ".join(f"{r['accuracy'][f]:.3f}" if f in r["accuracy"] else "-" for f in CONDITION_FILES)
+        acc2 = r.get("accuracy_second_judge") or {}
+        if acc2:
+            acc += " (" + " / ".join(f"{acc2[f]:.3f}" if f in acc2 else "-" for f in CONDITION_FILES) + ")"
+        rate = f"{r['images_per_sec']:.4g}" + (f" ({r['images_per_sec_min']:.4g}-{r['images_per_sec_max']:.4g})"
+                                               if "images_per_sec_min" in r else "")
+        lat = f"{r['latency_ms_p50']} / {r['latency_ms_p95']}" if "latency_ms_p50" in r else ""
+        frac = f"{100 * r['fraction_of_peak']:.1f}" if r.get("fraction_of_peak") is not None else ""
+        speed = f"{r['speedup_vs_baseline']:,.0f}" if r.get("speedup_vs_baseline") else ""
+        rows.append(f"| {r['model']} | {r['backend']} | {r['sampler'] or ''} | {r['steps'] or ''} | {r['batch']} | "
+                    f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | {lat} |")
+    return "\n".join(rows) + "\n"
 
 
 def _print(r: dict):

@@ -295,7 +295,7 @@ def main(argv=None):
     m = export_all(a.weights, a.out, formats, fp16=a.fp16)
     print(f"wrote {a.out / 'manifest.json'} ({len(m['models'])} models)")
     if a.triton:
-        from export.triton import write_repository
+        from export.triton_repo import write_repository
 
         names = write_repository(a.out, a.triton, gpu=not a.triton_cpu)
         print(f"wrote Triton model repository {a.triton}: {', '.join(names)}")

@@ -6,7 +6,8 @@ import sys
 def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
     r = subprocess.run([sys.executable, "bench/latency.py", "--quick", "--weights", str(tiny_weights), "--data",
-                        str(tiny_data), "--runs", "2", "--threads", "2", "--json", str(out), "--plot", str(png)],
+                        str(tiny_data), "--runs", "2", "--threads", "2", "--json", str(out), "--plot", str(png),
+                        "--markdown", str(tmp_path / "t.md")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -24,3 +25,5 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     b1 = next(x for x in res["results"] if x["batch"] == 1)
     assert b1["latency_ms_p50"] <= b1["latency_ms_p95"]
     assert png.stat().st_size > 10_000 and "img/s" in r.stdout
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert len(table) == 2 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")

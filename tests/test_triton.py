@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.triton import io_of, write_repository
+from export.triton_repo import io_of, write_repository
 from python.errors import UserError
 from python.labels import encode
 from runtime.generate import Pipeline

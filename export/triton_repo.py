@@ -106,7 +106,7 @@ ensemble_scheduling {{
 
 LDM_MODEL = '''"""Triton Python backend: classifier-free-guided latent diffusion over the denoiser and decoder models.
 
-Written by export/triton.py. The sampler maths is the project's own (diffusion.py, noise.py beside this
+Written by export/triton_repo.py. The sampler maths is the project's own (diffusion.py, noise.py beside this
 file); each step is one BLS call to "denoiser" with the conditional and unconditional halves together.
 Requests in one execute() call that share steps and guidance are sampled as one batch, each with its own
 seed's noise, so a request's images do not depend on its batch-mates.
