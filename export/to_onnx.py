@@ -58,6 +58,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def max_rel_err(got, ref) -> float:
+    """Largest abs difference between exported outputs and torch's, relative to each output's scale (>= 1)."""
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    return max(float(np.abs(np.asarray(g) - r.numpy()).max() / max(1.0, float(r.abs().max())))
+               for g, r in zip(got, ref))
+
+
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path,
                 check_inputs: dict[str, torch.Tensor]) -> dict:
     """torch -> ONNX with a dynamic batch axis; checked and verified against torch. Returns the manifest entry."""
@@ -75,8 +83,7 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: lis
     got = sess.run(None, {k: v.numpy() for k, v in check_inputs.items()})
     with torch.no_grad():
         ref = module(*check_inputs.values())
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    err = max(float(np.abs(g - r.numpy()).max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
+    err = max_rel_err(got, ref)
     if err > 1e-4:
         raise RuntimeError(f"{path.name}: ONNX output differs from torch by {err:.2e} (relative), above 1e-4")
     return {"file": path.name, "format": "onnx", "opset": OPSET,
@@ -121,8 +128,7 @@ def export_onnx_fp16(src: Path, path: Path, check_inputs: dict[str, torch.Tensor
         None, {k: v.numpy() for k, v in check_inputs.items()})
     with torch.no_grad():
         ref = module.eval()(*check_inputs.values())
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    err = max(float(np.abs(g - r.numpy()).max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
+    err = max_rel_err(got, ref)
     if err > FP16_TOL:
         raise RuntimeError(f"{path.name}: fp16 ONNX output differs from torch by {err:.2e} (relative), above {FP16_TOL}")
     return {"file": path.name, "format": "onnx-fp16", "opset": OPSET, "verified_max_rel_err": err,
@@ -175,8 +181,7 @@ def export_torchscript(module: nn.Module, inputs: dict[str, torch.Tensor], path:
         ts = torch.jit.freeze(torch.jit.trace(module, tuple(inputs.values())))
         ts.save(str(path))
         got, ref = torch.jit.load(str(path))(*check_inputs.values()), module(*check_inputs.values())
-    got, ref = (got, ref) if isinstance(ref, tuple) else ((got,), (ref,))
-    err = max(float((g - r).abs().max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
+    err = max_rel_err(tuple(g.numpy() for g in got) if isinstance(got, tuple) else got.numpy(), ref)
     if err > 1e-4:
         raise RuntimeError(f"{path.name}: TorchScript output differs from torch by {err:.2e} (relative)")
     return {"file": path.name, "format": "torchscript", "verified_max_rel_err": err, "sha256": sha256(path),
@@ -193,7 +198,7 @@ def collect(weights: Path | None) -> dict:
     from python import gan as G
     from python import ldm as L
     from python import vae as V
-    from python.latents import vae_digest
+    from python.latents import require_latent_space
 
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -216,16 +221,13 @@ def collect(weights: Path | None) -> dict:
     shape = vae.cfg.latent_shape
     found["decoder"] = (V.Decoder(vae), {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["images"],
                         {"latent_shape": list(shape)})
-    digest = vae_digest(vae_dir)
     for name, folder, loader in (("denoiser", "ldm", L.load), ("generator", "gan", G.load)):
         d = _weights(weights, folder)
         if not (d / "config.json").exists():
             print(f"{name}: no weights at {d}; skipped")
             continue
         model, cfg = loader(d)
-        if cfg.get("vae_sha") not in (None, digest):
-            raise UserError(f"{d}: trained on VAE {cfg['vae_sha']} but {vae_dir} holds VAE {digest}; export them "
-                            f"from one weights folder")
+        require_latent_space(d, cfg, vae_dir)
         if name == "denoiser":
             t = torch.tensor([999, 10, 500, 0, 250])
             found[name] = (model, {"x": rand(2, *shape), "t": t[:2], "cond": conds[:2]},

@@ -38,7 +38,7 @@ class Generator:
     """latents(cond, seed) for either model, from a weights folder."""
 
     def __init__(self, model: str, weights: Path, sampler: str = "dpmpp"):
-        from python.latents import vae_digest
+        from python.latents import require_latent_space
 
         self.model, self.sampler = model, sampler
         vae_dir = weights / "vae"
@@ -54,9 +54,7 @@ class Generator:
             self.net, cfg = G.load(weights / "gan")
         else:
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        if cfg.get("vae_sha") not in (None, vae_digest(vae_dir)):
-            raise UserError(f"{weights / model}: trained on VAE {cfg['vae_sha']}, but {vae_dir} has another latent "
-                            f"space ({vae_digest(vae_dir)})")
+        require_latent_space(weights / model, cfg, vae_dir)
         self.net.eval()
 
     def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = 2.0, on_step=None):

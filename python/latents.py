@@ -18,6 +18,7 @@ import torch
 
 from python import vae as V
 from python.data import _cache_dir, load_split, to_model_range
+from python.errors import UserError
 
 
 @dataclass
@@ -59,6 +60,14 @@ def vae_digest(folder: Path) -> str:
     decoder's. Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
     for the same latents), and are refused against a VAE with another encoder or scale."""
     return _encoder_hash(Path(folder), with_scale=True)
+
+
+def require_latent_space(generator_dir: Path, cfg: dict, vae_dir: Path) -> None:
+    """UserError unless a generator's saved config (its 'vae_sha') matches the latent space of vae_dir."""
+    digest = vae_digest(vae_dir)
+    if cfg.get("vae_sha") not in (None, digest):
+        raise UserError(f"{generator_dir}: trained on VAE {cfg['vae_sha']} but {vae_dir} holds VAE {digest} (another "
+                        f"latent space); use the VAE it was trained with, from one weights folder")
 
 
 def encoder_digest(folder: Path) -> str:

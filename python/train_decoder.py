@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from python.data import load_split, to_model_range
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
 from python.rundir import RunDir
-from python.train_vae import psnr, reconstruct, save_grid
+from python.train_vae import heldout_or_train, psnr, reconstruct, save_grid, warmup_cosine
 
 PRESETS = {
     "tiny": dict(steps=6, batch=8, eval_every=3, lr=1e-3, eval_images=16),
@@ -99,9 +98,7 @@ def main(argv=None):
     train = load_split(a.data)
     images_t = torch.from_numpy(np.ascontiguousarray(train.images))
     n = len(train)
-    root = Path(a.data)
-    held = load_split(root, "heldout_renders.json", images=root / "heldout_renders") \
-        if (root / "heldout_renders.json").exists() else train
+    held = heldout_or_train(a.data, train)
     eval_u8, eval_labels = held.images[: cfg["eval_images"]], held.labels[: cfg["eval_images"]]
     judge_path = a.judge or J.SHIPPED["primary"]
     judge = J.load(judge_path) if Path(judge_path).exists() else None
@@ -109,9 +106,8 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     params = list(vae.net.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    steps = cfg["steps"]
+    sched = warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(a.seed)
     step = 0
     if a.resume and (ck := run.load()):

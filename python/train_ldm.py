@@ -150,6 +150,10 @@ def main(argv=None):
                 f"world {world}, device {device}")
     from tqdm import tqdm
 
+    def save(step):
+        run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
+                 {"opt": opt.state_dict(), "sched": sched.state_dict()})
+
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0)
     t_last, seen = time.time(), 0
     model.train()
@@ -184,8 +188,7 @@ def main(argv=None):
             t_last, seen = time.time(), 0
         evaluating = step % cfg["eval_every"] == 0 or step == steps
         if run and not evaluating and step % cfg["save_every"] == 0:
-            run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
-                     {"opt": opt.state_dict(), "sched": sched.state_dict()})
+            save(step)
         if evaluating:
             if run:
                 ema_cpu = copy.deepcopy(ema).float().cpu().eval()
@@ -196,8 +199,7 @@ def main(argv=None):
                 from PIL import Image
 
                 Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
-                run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
-                         {"opt": opt.state_dict(), "sched": sched.state_dict()})
+                save(step)
             if world > 1:
                 dist.barrier()
     bar.close()

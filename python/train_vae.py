@@ -50,6 +50,21 @@ def reconstruct(vae: V.VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Te
     return torch.cat(out)
 
 
+def warmup_cosine(opt, steps: int, floor: float = 0.05):
+    """Linear warm-up over the first 2% of steps, then cosine decay to `floor` x the base learning rate."""
+    warmup = max(1, steps // 50)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def heldout_or_train(data: Path, train):
+    """The labelled held-out renders of a dataset folder for evaluation, or the training split if it has none."""
+    root = Path(data)
+    if (root / "heldout_renders.json").exists():
+        return load_split(root, "heldout_renders.json", images=root / "heldout_renders")
+    return train
+
+
 def save_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor, n: int = 16) -> None:
     """Originals (top row) over reconstructions (bottom row)."""
     from PIL import Image
@@ -96,18 +111,14 @@ def main(argv=None):
     run = RunDir(a.run_dir, cfg, a.resume)
 
     train = load_split(a.data)
-    held_root = Path(a.data)
-    held = load_split(held_root, "heldout_renders.json", images=held_root / "heldout_renders") \
-        if (held_root / "heldout_renders.json").exists() else train
-    eval_u8 = held.images[: cfg["eval_images"]]
+    eval_u8 = heldout_or_train(a.data, train).images[: cfg["eval_images"]]
     images_t = torch.from_numpy(np.ascontiguousarray(train.images))
 
     torch.manual_seed(a.seed)
     vae = V.VAE(vcfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    steps = cfg["steps"]
+    sched = warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(a.seed)
     step = 0
     if a.resume and (ck := run.load()):
