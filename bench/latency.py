@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from python.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 from python.errors import UserError, cli  # noqa: E402
 
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
@@ -262,6 +263,40 @@ def baseline(batch: int, runs: int) -> dict:
             "images_per_sec": batch / (1000 * per_step)}
 
 
+def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int) -> dict:
+    """Where one ONNX Runtime LDM batch spends its time: the denoiser calls (one call of 2 x batch per step with
+    guidance), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
+    from python.noise import initial_noise
+
+    cond = conditions_for(batch)
+    rows = 2 * batch if guidance != 1.0 else batch
+    x_T = initial_noise(0, batch, m.shape)
+    feeds = {"x": np.repeat(x_T, rows // batch, axis=0), "t": np.full(rows, 500, np.int64),
+             "cond": np.concatenate([cond] * (rows // batch))}
+    den = float(np.median(timed(lambda: m.pipe.ex.run("denoiser", feeds), runs)))
+    dec = float(np.median(timed(lambda: m.pipe.decode(x_T, batch=batch), runs)))
+    total = float(np.median(timed(ldm_runner(m, "onnxruntime", sampler, steps, guidance, cond), runs)))
+    out = {"sampler": sampler, "steps": steps, "batch": batch, "total_s": round(total, 4),
+           "denoiser_s": round(den * steps, 4), "decoder_s": round(dec, 4),
+           "other_s": round(total - den * steps - dec, 4)}
+    out["shares"] = {k: round(out[f"{k}_s"] / total, 3) for k in ("denoiser", "decoder", "other")}
+    return out
+
+
+def op_profile(module, *inputs, top: int = 8) -> list[dict]:
+    """The torch operators that take the most self CPU time in one forward pass: [{op, share}], largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        module(*inputs)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            module(*inputs)
+    ev = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ev) or 1.0
+    return [{"op": k, "share": round(t / total, 3)} for k, t in sorted(ev, key=lambda e: -e[1])[:top]]
+
+
 def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate) -> dict:
     med = float(np.median(secs))
     ips = batch / med
@@ -320,7 +355,7 @@ def main(argv=None):
     p.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
                                                "the weights to a temporary folder first)")
     p.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="folder with the condition files")
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", type=Path)
@@ -394,9 +429,23 @@ def main(argv=None):
                         images_per_sec=base["images_per_sec"], flops_per_image=base["flops_per_image"],
                         fraction_of_peak=round(base["flops_per_image"] * base["images_per_sec"] / peak["fp32"], 4),
                         accuracy={}, note="one UNet step timed (median of runs) x 1000; untrained weights"))
+    profile = {}
+    if m.ldm:  # where the time goes, at the first LDM setting and the largest batch
+        (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
+        profile["ldm_onnxruntime"] = breakdown(m, sampler, steps, a.guidance, batch, cfg["runs"])
+        rows = 2 * batch if a.guidance != 1.0 else batch
+        profile["denoiser_ops_torch"] = op_profile(m.ldm, torch.randn(rows, *m.shape), torch.full((rows,), 500),
+                                                   torch.from_numpy(np.concatenate([conditions_for(batch)] * (rows // batch))))
+        sh = profile["ldm_onnxruntime"]["shares"]
+        print(f"LDM time (onnxruntime, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
+              f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
+    profile["decoder_ops_torch"] = op_profile(m.decoder, torch.randn(256, *m.shape))
+    for name in ("denoiser_ops_torch", "decoder_ops_torch"):
+        if name in profile:
+            print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": a.quick, "machine": machine,
            "peak_flops": peak, "guidance": a.guidance, "weights": str(a.weights), "baseline": base,
-           "decoder_flops_per_image": dec_flops, "results": results}
+           "decoder_flops_per_image": dec_flops, "results": results, "profile": profile}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))

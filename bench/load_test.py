@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from python.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 from python.errors import UserError, cli  # noqa: E402
 from python.labels import OBJECTS, load_conditions  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--window-ms", type=float, default=10.0)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per run; later requests are skipped")
     p.add_argument("--check", type=int, default=8, help="responses per run compared with a direct generation")

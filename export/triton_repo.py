@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from python.diffusion import DEFAULT_GUIDANCE
 from python.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ dynamic_batching {{ max_queue_delay_microseconds: 10000 }}
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 parameters: {{ key: "sampler", value: {{ string_value: "dpmpp" }} }}
 parameters: {{ key: "default_steps", value: {{ string_value: "20" }} }}
-parameters: {{ key: "default_guidance", value: {{ string_value: "2.0" }} }}
+parameters: {{ key: "default_guidance", value: {{ string_value: "{guidance}" }} }}
 parameters: {{ key: "manifest", value: {{ string_value: {manifest} }} }}
 """
 
@@ -224,7 +225,7 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
             shutil.copyfile(REPO / "python" / f, d / f)
         (d / "model.py").write_text(LDM_MODEL)
         manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
-        (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(max_batch=MAX_BATCH,
+        (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE,
                                                                     manifest=json.dumps(json.dumps(manifest))))
         written.append("ldm")
     if "generator" in onnx_models:

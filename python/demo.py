@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from python.diffusion import DEFAULT_GUIDANCE
 from python.errors import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +91,7 @@ def main(argv=None):
 
         gen = Generator(name, REPO / "weights")
         cond = load_condition_file(a.data, "test.json")
-        images = gen.images(cond, seed=0, steps=25, guidance=2.0) if name == "ldm" else gen.images(cond, seed=0)
+        images = gen.images(cond, seed=0, steps=25, guidance=DEFAULT_GUIDANCE) if name == "ldm" else gen.images(cond, seed=0)
         summary[f"{name}_test_accuracy"] = J.score(J.load(), images, cond)["accuracy"]
         Image.fromarray(image_grid(images)).save(a.out / f"{name}_test.png")
         print(f"test.json ({len(cond)} conditions{', DPM-Solver++ 25 steps, guidance 2' if name == 'ldm' else ''}): "

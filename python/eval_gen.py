@@ -25,7 +25,7 @@ import torch
 from python import judge as J
 from python import vae as V
 from python.data import image_grid, load_condition_file, to64, to_model_range
-from python.diffusion import Schedule
+from python.diffusion import DEFAULT_GUIDANCE, Schedule
 from python.errors import UserError, cli
 from python.labels import encode
 from python.sample import decode, ldm_latents
@@ -57,7 +57,7 @@ class Generator:
         require_latent_space(weights / model, cfg, vae_dir)
         self.net.eval()
 
-    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = 2.0, on_step=None):
+    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None):
         with torch.no_grad():
             if self.model == "gan":
                 from python.train_gan import gan_latents
@@ -121,7 +121,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sampler", default="dpmpp", help="dpmpp or ddim (1000 steps always use ddpm)")
     p.add_argument("--steps", type=int, nargs="+", default=[25])
-    p.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
     p.add_argument("--limit", type=int, help="score only the first N conditions of each file")
     p.add_argument("--diversity-conditions", type=int, default=16)
     p.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from python.diffusion import Schedule, guide, make_sampler, sample_loop
+from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.noise import initial_noise, step_noise
 
 
@@ -28,7 +28,7 @@ def guided_denoiser(model, cond: torch.Tensor, scale: float, bf16: bool = False)
 
 
 @torch.no_grad()
-def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: int = 20, guidance: float = 2.0,
+def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                 seed: int = 0, eta: float = 0.0, on_step=None, batch: int = 256, bf16: bool = False) -> torch.Tensor:
     """Latents (generator scale) for multi-hot conditions (N, 24), in chunks of `batch`."""
     cond = torch.as_tensor(np.asarray(cond), dtype=torch.float32)

@@ -1,5 +1,5 @@
 """Turn a training run's latest checkpoint into a shippable weights folder: the EMA weights, fp16, with the config
-the loaders and the export need, and where they came from.
+the loaders and the export need, and where they came from (`--raw`: the trained weights instead of the EMA).
 
     python -m python.ship ldm --run runs/ldm --out weights/ldm
     python -m python.ship gan --run runs/gan --out weights/gan
@@ -24,6 +24,8 @@ def main(argv=None):
     p.add_argument("--run", type=Path, required=True, help="run folder (with config.json and a checkpoint)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
+    p.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA (when the "
+                                                      "run's metrics show the raw ones scoring higher)")
     a = p.parse_args(argv)
     if not (a.run / "config.json").exists():
         raise UserError(f"{a.run}: not a run folder (no config.json)")
@@ -32,14 +34,15 @@ def main(argv=None):
         raise UserError(f"{a.run}: no checkpoint yet")
     step, weights, _ = ck
     cfg = json.loads((a.run / "config.json").read_text())
-    provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(a.run.resolve())}
+    provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(a.run.resolve()),
+                  "weights": "raw" if a.raw else "ema"}
     if a.kind == "ldm":
         from python import ldm as L
 
         if "denoiser" not in cfg:
             raise UserError(f"{a.run}: not an LDM run (config.json has no 'denoiser')")
         model = L.Denoiser(L.DenoiserConfig(**cfg["denoiser"]))
-        model.load_state_dict(weights["ema"])
+        model.load_state_dict(weights["model" if a.raw else "ema"])
         L.save(model.eval(), a.out, {"schedule": cfg["schedule"], **provenance}, half=not a.fp32)
     else:
         from python import gan as G
@@ -47,7 +50,7 @@ def main(argv=None):
         if "gan" not in cfg:
             raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
         gen = G.Generator(G.GANConfig(**cfg["gan"]))
-        gen.load_state_dict(weights["ema"])
+        gen.load_state_dict(weights["generator" if a.raw else "ema"])
         G.save(gen.eval(), a.out, provenance, half=not a.fp32)
     print(json.dumps({"out": str(a.out), "step": step}))
 

@@ -30,7 +30,7 @@ from python import judge as J
 from python import ldm as L
 from python import vae as V
 from python.data import image_grid, load_condition_file
-from python.diffusion import Schedule, add_noise, target
+from python.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target
 from python.ema import ema_update
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval (also at every evaluation)")
     p.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
     p.add_argument("--eval-steps", type=int)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA; off on CPU, where it measured 2.3x slower for this "
                         "model: attention and small matmuls pay the casts)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.diffusion import Schedule, guide, make_sampler, sample_loop
+from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
 from python.labels import load_conditions, parse_label_arg
 from python.noise import gan_noise, initial_noise, segments, step_noise_segments
@@ -37,7 +37,7 @@ class Pipeline:
         if not self.ex.has(name):
             raise UserError(f"{self.ex.path}: the export has no {name} ({what} not trained or not exported yet)")
 
-    def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = 2.0,
+    def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                     seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None,
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Latents for multi-hot conditions. x_T (optional) replaces the seed's initial noise; seeds (optional,
@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--model", default="ldm", help="ldm or gan")
     p.add_argument("--sampler", default="dpmpp", help="dpmpp, ddim or ddpm")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")

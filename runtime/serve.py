@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.diffusion import SAMPLERS
+from python.diffusion import DEFAULT_GUIDANCE, SAMPLERS
 from python.errors import UserError, cli
 from python.labels import OBJECTS
 from runtime.generate import Pipeline
@@ -87,7 +87,7 @@ def parse_request(body, limits: Limits) -> dict:
     r = dict(labels=labels,
              n=_get(body, "n", int, 1), model=_get(body, "model", str, "ldm"),
              sampler=_get(body, "sampler", str, "dpmpp"), steps=_get(body, "steps", int, 20),
-             guidance=float(_get(body, "guidance", (int, float), 2.0)), eta=float(_get(body, "eta", (int, float), 0.0)),
+             guidance=float(_get(body, "guidance", (int, float), DEFAULT_GUIDANCE)), eta=float(_get(body, "eta", (int, float), 0.0)),
              seed=_get(body, "seed", int, 0), format=_get(body, "format", (str, type(None)), None),
              scores=_get(body, "scores", bool, False))
     if not 1 <= r["n"] <= limits.max_n:

@@ -27,3 +27,10 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     assert png.stat().st_size > 10_000 and "img/s" in r.stdout
     table = (tmp_path / "t.md").read_text().splitlines()
     assert len(table) == 2 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")
+    prof = res["profile"]["ldm_onnxruntime"]
+    assert prof["batch"] == 32 and prof["denoiser_s"] > 0 and prof["decoder_s"] > 0
+    assert abs(sum(prof["shares"].values()) - 1) < 0.01 and prof["shares"]["denoiser"] > 0
+    for name in ("denoiser_ops_torch", "decoder_ops_torch"):
+        ops = res["profile"][name]
+        assert ops and all(0 <= o["share"] <= 1 for o in ops) and ops[0]["share"] >= ops[-1]["share"]
+    assert "aten::" in " ".join(o["op"] for o in res["profile"]["denoiser_ops_torch"])

@@ -23,6 +23,16 @@ def test_shapes_projection_and_condition():
     assert score.shape == (3,) and aux.shape == (3, 24)
     with pytest.raises(UserError, match="g_channels"):
         G.GANConfig(g_channels=(16, 16))
+    assert G.LatentClassifier(cfg)(x).shape == (3, 24)
+
+
+def test_classifier_holdout_rows_are_originals_and_their_mirrors():
+    from python.train_gan import heldout_rows
+
+    rows = heldout_rows(40000, held=1000)
+    assert len(rows) == 2000 and set(rows[:1000].tolist()) == set(range(19000, 20000))
+    assert torch.equal(rows[1000:], rows[:1000] + 20000)
+    assert len(heldout_rows(20, held=1000)) == 2  # small caches keep at most a tenth out
 
 
 def test_train_resume_and_generate(tiny_data, parts, tmp_path):
@@ -31,9 +41,13 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
             "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run)]
     train_gan([*args, "--steps", "3"])
     train_gan([*args, "--resume"])
-    assert "resumed at step 3" in (run / "log.txt").read_text()
-    evals = [json.loads(m) for m in (run / "metrics.jsonl").read_text().splitlines() if "heldout_subset" in m]
-    assert [e["step"] for e in evals] == [3, 6]
+    log = (run / "log.txt").read_text()
+    assert "resumed at step 3" in log and "latent classifier loaded" in log  # phase 0 ran once, reused on resume
+    metrics = [json.loads(m) for m in (run / "metrics.jsonl").read_text().splitlines()]
+    cls = [m["classifier"] for m in metrics if "classifier" in m]
+    assert len(cls) == 1 and cls[0]["steps"] == 4 and 0 <= cls[0]["accuracy"] <= 1
+    evals = [m for m in metrics if "heldout_subset" in m]
+    assert [e["step"] for e in evals] == [3, 6] and all("heldout_subset_raw" in e for e in evals)
     gen, cfg = G.load(run / "final")
     cond = np.zeros((5, 24), np.float32)
     cond[:, 3] = 1
@@ -46,5 +60,9 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     shipped, scfg = G.load(tmp_path / "shipped")
     assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"]
     torch.testing.assert_close(gan_latents(shipped, cond, seed=4), lat, atol=2e-2, rtol=2e-2)
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "raw"), "--raw"])
+    raw, rcfg = G.load(tmp_path / "raw")
+    assert rcfg["weights"] == "raw" and scfg["weights"] == "ema"
+    assert not torch.allclose(gan_latents(raw, cond, seed=4), lat, atol=1e-3)  # the live weights, not the EMA
     with pytest.raises(SystemExit):
         ship(["ldm", "--run", str(run), "--out", str(tmp_path / "wrong")])  # a GAN run is not an LDM
