@@ -109,14 +109,24 @@ class Discriminator(nn.Module):
                        spectral_norm(nn.Conv2d(w, w, 3, 1, 1)), nn.LeakyReLU(0.2)]
             cin = w
         self.features = nn.Sequential(*layers)
-        self.linear = spectral_norm(nn.Linear(cin, 1))
+        self.linear = spectral_norm(nn.Linear(cin + 1, 1))  # + the minibatch-std feature
         self.embed = spectral_norm(nn.Linear(cfg.num_classes, cin, bias=False))
         self.aux = nn.Linear(cin, cfg.num_classes)
 
+    @staticmethod
+    def minibatch_std(f: torch.Tensor, group: int = 4) -> torch.Tensor:
+        """Per sample: the mean standard deviation of the features across its group of `group` batch-mates
+        (Karras et al. 2018): a collapsed generator's samples look alike, and this feature lets D see it."""
+        n = f.shape[0]
+        g = next(k for k in range(min(group, n), 0, -1) if n % k == 0)
+        s = f.view(g, n // g, -1).std(dim=0, unbiased=False).mean(dim=1) if g > 1 else f.new_zeros(n)
+        return s.repeat(g)[:, None]
+
     def forward(self, x, cond):
-        h = self.features(x).sum(dim=(2, 3))
+        f = self.features(x)
+        h = f.sum(dim=(2, 3))
         proj = (self.embed(cond) * h).sum(1) / cond.sum(1).clamp_min(1)
-        return self.linear(h).squeeze(1) + proj, self.aux(h)
+        return self.linear(torch.cat([h, self.minibatch_std(f)], 1)).squeeze(1) + proj, self.aux(h)
 
 
 class LatentClassifier(nn.Module):

@@ -66,3 +66,11 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     assert not torch.allclose(gan_latents(raw, cond, seed=4), lat, atol=1e-3)  # the live weights, not the EMA
     with pytest.raises(SystemExit):
         ship(["ldm", "--run", str(run), "--out", str(tmp_path / "wrong")])  # a GAN run is not an LDM
+
+
+def test_minibatch_std_sees_collapse():
+    same = torch.randn(1, 16, 4, 4).expand(8, -1, -1, -1)
+    assert torch.equal(G.Discriminator.minibatch_std(same), torch.zeros(8, 1))
+    varied = G.Discriminator.minibatch_std(torch.randn(8, 16, 4, 4))
+    assert varied.shape == (8, 1) and (varied > 0.5).all()
+    assert G.Discriminator.minibatch_std(torch.randn(3, 16, 4, 4)).shape == (3, 1)  # odd batches group by 3
