@@ -43,6 +43,32 @@ FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
             latency_runs=20)
 
 
+BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp")
+
+
+def restrict(cfg: dict, a) -> dict:
+    """The matrix narrowed by the command line (the full matrix takes about an hour and a half on 2 cores)."""
+    if a.samplers or a.steps:
+        cfg["ldm"] = [(s, n) for s, n in cfg["ldm"] if (not a.samplers or s in a.samplers)]
+        if a.steps:
+            cfg["ldm"] = sorted({(s, n) for s, _ in cfg["ldm"] for n in a.steps})
+        if not cfg["ldm"]:
+            raise UserError("--samplers/--steps leave no LDM setting to measure")
+    if a.backends:
+        cfg["ldm_backends"] = list(a.backends)
+        cfg["gan_backends"] = [b for b in a.backends if b != "cpp"]  # the C++ path is the LDM's
+        cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b in a.backends]
+    if a.batches:
+        if min(a.batches) < 1:
+            raise UserError("--batches must be >= 1")
+        cfg["ldm_batches"] = cfg["gan_batches"] = sorted(set(a.batches))
+    if a.files:
+        cfg["files"] = tuple(a.files)
+    if a.no_latency:
+        cfg["latency_backends"] = []
+    return cfg
+
+
 def peak_matmul(dtype: str, n: int = 2048, reps: int = 10) -> float:
     """Best-of FLOP/s of an n x n matmul in torch: the roof the models are held against."""
     import torch
@@ -361,8 +387,14 @@ def main(argv=None):
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README)")
+    p.add_argument("--samplers", nargs="+", choices=("ddim", "dpmpp"), help="restrict the LDM samplers")
+    p.add_argument("--steps", type=int, nargs="+", help="restrict the LDM step counts")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, help="restrict the backends")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
+    p.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
     a = p.parse_args(argv)
-    cfg = dict(QUICK if a.quick else FULL)
+    cfg = restrict(dict(QUICK if a.quick else FULL), a)
     if a.runs:
         if a.runs < 1:
             raise UserError("--runs must be >= 1")

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_path):
@@ -34,3 +35,27 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
         ops = res["profile"][name]
         assert ops and all(0 <= o["share"] <= 1 for o in ops) and ops[0]["share"] >= ops[-1]["share"]
     assert "aten::" in " ".join(o["op"] for o in res["profile"]["denoiser_ops_torch"])
+
+
+def test_matrix_restriction_and_its_errors():
+    import argparse
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from latency import FULL, restrict
+
+    from python.errors import UserError
+
+    def args(**kw):
+        base = dict(samplers=None, steps=None, backends=None, batches=None, files=None, no_latency=False)
+        return argparse.Namespace(**{**base, **kw})
+
+    cfg = restrict(dict(FULL), args(samplers=["dpmpp"], steps=[10, 25], backends=["onnxruntime", "cpp"],
+                                    batches=[256], files=["heldout.json"], no_latency=True))
+    assert cfg["ldm"] == [("dpmpp", 10), ("dpmpp", 25)] and cfg["ldm_backends"] == ["onnxruntime", "cpp"]
+    assert cfg["gan_backends"] == ["onnxruntime"] and cfg["latency_backends"] == []
+    assert cfg["ldm_batches"] == cfg["gan_batches"] == [256] and cfg["files"] == ("heldout.json",)
+    assert restrict(dict(FULL), args())["ldm"] == FULL["ldm"]  # nothing asked, nothing changed
+    with pytest.raises(UserError, match="--batches"):
+        restrict(dict(FULL), args(batches=[0]))
