@@ -7,7 +7,8 @@
 For every setting (sampler steps x guidance for the LDM; one for the GAN) and condition file, the images of
 each seed are scored by the primary judge (the headline) and the second judge (a gap over 0.03 means
 something is wrong); mean and std over seeds, and accuracy by number of objects. Diversity: the mean pairwise
-distance, in the second judge's feature space, among samples of one condition, divided by the same figure on
+distance, in the second judge's feature space (the primary's where there is no second judge; the output says
+which), among samples of one condition, divided by the same figure on
 fresh renders of those conditions (1.0 = as varied as real scenes; near 0 = collapsed). Writes the course's
 grids (8 per row) for test.json and new_test.json, and for the LDM the denoising-process image for
 ["red sphere", "yellow cube", "cyan cylinder"].
@@ -93,9 +94,9 @@ def spread(feats: torch.Tensor, groups: int) -> float:
     return float(d.sum((1, 2)).div(k * (k - 1)).mean())
 
 
-def diversity(gen: Generator, judge2, cond: np.ndarray, per: int, real_spread: float, **kw) -> dict:
+def diversity(gen: Generator, feature_judge, cond: np.ndarray, per: int, real_spread: float, **kw) -> dict:
     rows = np.repeat(cond, per, axis=0)  # each condition `per` times: distinct noise per row
-    fake = spread(J.features(judge2, gen.images(rows, seed=0, **kw)), len(cond))
+    fake = spread(J.features(feature_judge, gen.images(rows, seed=0, **kw)), len(cond))
     sig = lambda x: float(f"{x:.4g}")  # noqa: E731
     return {"generated": sig(fake), "real": sig(real_spread), "ratio": sig(fake / real_spread)}
 
@@ -136,15 +137,15 @@ def main(argv=None):
     judge = J.load(a.weights / "judge" / "judge.safetensors")
     second = a.weights / "judge2" / "judge.safetensors"
     judge2 = J.load(second) if second.exists() else None
+    feature_judge = judge2 if judge2 is not None else judge
     if judge2 is None:
-        print(f"no second judge at {second}: second-judge accuracy and diversity left out")
+        print(f"no second judge at {second}: second-judge accuracy left out; diversity measured in the primary "
+              f"judge's feature space instead (labelled so in the output)")
     files = {f: load_condition_file(a.data, f)[: a.limit] for f in a.files}
     settings = [(s, g) for s in a.steps for g in a.guidance] if a.model == "ldm" else [(None, None)]
 
     div_cond = files[a.files[0]][: a.diversity_conditions]
-    real_spread = None
-    if judge2 is not None:
-        real_spread = spread(J.features(judge2, reference_renders(div_cond, a.per_condition)), len(div_cond))
+    real_spread = spread(J.features(feature_judge, reference_renders(div_cond, a.per_condition)), len(div_cond))
     report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
               "seeds": a.seeds, "limit": a.limit, "results": []}
     for steps, guidance in settings:
@@ -172,8 +173,8 @@ def main(argv=None):
                 "accuracy_std": round(float(np.std(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed],
                 "second_judge_mean": round(float(np.mean(per_seed2)), 4) if per_seed2 else None,
                 "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())}}
-        if judge2 is not None:
-            row["diversity"] = diversity(gen, judge2, div_cond, a.per_condition, real_spread, **kw)
+        row["diversity"] = diversity(gen, feature_judge, div_cond, a.per_condition, real_spread, **kw)
+        row["diversity"]["features"] = "second judge" if judge2 is not None else "primary judge"
         row["seconds"] = round(time.time() - t0, 1)
         report["results"].append(row)
         print(f"{a.model} steps={steps} guidance={guidance}: " + "; ".join(

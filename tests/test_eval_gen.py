@@ -28,6 +28,7 @@ def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_p
         assert t["second_judge_mean"] is not None and set(t["by_objects"]) <= {"1", "2", "3"}
         assert r["diversity"]["real"] > 0 and r["diversity"]["ratio"] == pytest.approx(
             r["diversity"]["generated"] / r["diversity"]["real"], rel=1e-3)
+        assert r["diversity"]["features"] == "second judge"
     assert Image.open(out / "ldm_test_s3_g1.png").size[0] == 6 * 66 + 2
     process = Image.open(out / "ldm_denoising_process.png")
     assert process.size[1] == 68 and process.size[0] > 2 * 66  # one row: intermediate frames + the result
@@ -39,3 +40,16 @@ def test_eval_gan_and_bad_model(tiny_weights, tiny_data, tmp_path):
     assert len(rep["results"]) == 1 and len(rep["results"][0]["files"]["test.json"]["per_seed"]) == 3
     with pytest.raises(SystemExit):
         main(["--model", "vae", "--weights", str(tiny_weights), "--data", str(tiny_data)])
+
+
+def test_without_a_second_judge_diversity_uses_the_primary_and_says_so(tiny_weights, tiny_data, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for d in tiny_weights.iterdir():
+        if d.name != "judge2":
+            (weights / d.name).symlink_to(d)
+    rep = main(["--model", "gan", "--weights", str(weights), "--data", str(tiny_data), "--files", "test.json",
+                "--seeds", "0", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
+    r = rep["results"][0]
+    assert r["files"]["test.json"]["second_judge_mean"] is None
+    assert r["diversity"]["features"] == "primary judge" and r["diversity"]["real"] > 0
