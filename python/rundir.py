@@ -32,7 +32,8 @@ class RunDir:
             raise UserError(f"{self.path}: cannot create the run folder ({e.strerror})") from None
         if resume and (self.path / "config.json").exists():
             old = json.loads((self.path / "config.json").read_text())
-            changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v and k not in ("resume",)}
+            new = json.loads(json.dumps(config, default=str))  # as it will be stored: tuples become lists
+            changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in ("resume",)}
             if changed:
                 self.log(f"resuming with changed settings: {changed}")
         self._write_json("config.json", config)

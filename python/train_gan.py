@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--eval-conditions", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the generator")
     a = p.parse_args(argv)
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
@@ -148,7 +149,12 @@ def main(argv=None):
         ema.load_state_dict(weights["ema"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        run.log(f"resumed at step {step}")
+        for opt, lr in ((opt_g, a.lr_g), (opt_d, a.lr_d)):  # the command line's rates win (e.g. a lower one to settle)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        if a.reset_ema:
+            ema.load_state_dict(gen.state_dict())
+        run.log(f"resumed at step {step}" + (" (EMA restarted from the generator)" if a.reset_ema else ""))
     cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run) if cfg["cls_steps"] > 0 else None
     gen_rng = torch.Generator().manual_seed(a.seed * 1000003 + step)
     judge, decoder = J.load(a.judge), V.Decoder(V.load(vae_folder)).eval()

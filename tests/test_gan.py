@@ -40,9 +40,15 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"),
             "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run)]
     train_gan([*args, "--steps", "3"])
-    train_gan([*args, "--resume"])
+    train_gan([*args, "--resume", "--lr-g", "1e-4", "--reset-ema"])
     log = (run / "log.txt").read_text()
-    assert "resumed at step 3" in log and "latent classifier loaded" in log  # phase 0 ran once, reused on resume
+    assert "resumed at step 3 (EMA restarted" in log and "latent classifier loaded" in log  # phase 0 ran once
+    assert "'lr_g': (0.0002, 0.0001)" in log  # the changed setting is logged (and applied to the optimiser)
+    assert "'gan'" not in log  # tuples in the config are not mistaken for changes
+    from python.rundir import load_checkpoint
+
+    state = load_checkpoint(run)[2]
+    assert state["opt_g"]["param_groups"][0]["lr"] == 1e-4 and state["opt_d"]["param_groups"][0]["lr"] == 2e-4
     metrics = [json.loads(m) for m in (run / "metrics.jsonl").read_text().splitlines()]
     cls = [m["classifier"] for m in metrics if "classifier" in m]
     assert len(cls) == 1 and cls[0]["steps"] == 4 and 0 <= cls[0]["accuracy"] <= 1
