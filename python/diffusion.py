@@ -18,7 +18,7 @@ import numpy as np
 PREDICTIONS = ("epsilon", "v_prediction")
 # Classifier-free guidance scale used wherever none is given (trainer's evaluation, eval_gen, runtime, server, bench,
 # C++ and Triton defaults). Chosen by measurement on the shipped LDM: see weights/ldm/MODEL_CARD.md.
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 4.0
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 

@@ -5,7 +5,7 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 2.0, "eta": 0.0, "seed": 0, "format": "png"|"json", "scores": false}; all but labels are
+"guidance": 4.0, "eta": 0.0, "seed": 0, "format": "png"|"json", "scores": false}; all but labels are
 optional. It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
 base64 PNGs, with the judge's per-image scores when "scores" is true. GET /health, GET /metrics
 (Prometheus text format).

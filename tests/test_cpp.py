@@ -57,3 +57,13 @@ def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
     assert (tmp_path / "1.ppm").exists()
     r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "grey cube"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown label 'grey cube'" in r.stderr
+
+
+def test_cpp_default_guidance_is_the_python_default():
+    import re
+    from pathlib import Path
+
+    from python.diffusion import DEFAULT_GUIDANCE
+
+    src = (Path(__file__).resolve().parent.parent / "runtime" / "cpp" / "ldm_sample.cpp").read_text()
+    assert float(re.search(r"double w = ([0-9.]+);", src).group(1)) == DEFAULT_GUIDANCE

@@ -1,7 +1,7 @@
 // DDIM sampling with classifier-free guidance over the TorchScript exports, then the VAE decoder.
 //
-//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 2] [--seed 0]
-//   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 2]
+//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 4] [--seed 0]
+//   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 4]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
   int n = 8, steps = 20, repeat = 1;
-  double w = 2.0;
+  double w = 4.0;  // = python.diffusion.DEFAULT_GUIDANCE
   uint64_t seed = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
