@@ -289,16 +289,21 @@ def baseline(batch: int, runs: int) -> dict:
             "images_per_sec": batch / (1000 * per_step)}
 
 
-def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int) -> dict:
-    """Where one ONNX Runtime LDM batch spends its time: the denoiser calls (one call of 2 x batch per step with
-    guidance), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
+def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarray]:
+    """One denoiser call's inputs for a sampler batch: 2 x batch rows with guidance (conditional and
+    unconditional passes in one call), batch rows without."""
     from python.noise import initial_noise
 
-    cond = conditions_for(batch)
-    rows = 2 * batch if guidance != 1.0 else batch
-    x_T = initial_noise(0, batch, m.shape)
-    feeds = {"x": np.repeat(x_T, rows // batch, axis=0), "t": np.full(rows, 500, np.int64),
-             "cond": np.concatenate([cond] * (rows // batch))}
+    passes = 2 if guidance != 1.0 else 1
+    return {"x": np.concatenate([initial_noise(0, batch, m.shape)] * passes),
+            "t": np.full(passes * batch, 500, np.int64), "cond": np.concatenate([conditions_for(batch)] * passes)}
+
+
+def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int) -> dict:
+    """Where one ONNX Runtime LDM batch spends its time: the denoiser calls (one call per step, see
+    denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
+    feeds = denoiser_feeds(m, batch, guidance)
+    cond, x_T = feeds["cond"][:batch], feeds["x"][:batch]
     den = float(np.median(timed(lambda: m.pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: m.pipe.decode(x_T, batch=batch), runs)))
     total = float(np.median(timed(ldm_runner(m, "onnxruntime", sampler, steps, guidance, cond), runs)))
@@ -465,9 +470,8 @@ def main(argv=None):
     if m.ldm:  # where the time goes, at the first LDM setting and the largest batch
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
         profile["ldm_onnxruntime"] = breakdown(m, sampler, steps, a.guidance, batch, cfg["runs"])
-        rows = 2 * batch if a.guidance != 1.0 else batch
-        profile["denoiser_ops_torch"] = op_profile(m.ldm, torch.randn(rows, *m.shape), torch.full((rows,), 500),
-                                                   torch.from_numpy(np.concatenate([conditions_for(batch)] * (rows // batch))))
+        feeds = denoiser_feeds(m, batch, a.guidance)
+        profile["denoiser_ops_torch"] = op_profile(m.ldm, *(torch.from_numpy(feeds[k]) for k in ("x", "t", "cond")))
         sh = profile["ldm_onnxruntime"]["shares"]
         print(f"LDM time (onnxruntime, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
               f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
