@@ -7,7 +7,12 @@ Hinge loss with a projection discriminator on latents, an auxiliary multi-label 
 latents), lazy R1 on real latents, EMA of the generator. The generator's class loss comes from a separate
 latent classifier trained first on real latents only (phase 0, --cls-steps; saved in the run folder and reused
 on resume) and then frozen; --cls-steps 0 uses D's auxiliary head instead (measured too weak: see
-gan.LatentClassifier). The judge never enters the loss: it only scores the raw and EMA generators' samples
+gan.LatentClassifier). Two guards against a generator that satisfies the classifier with latents the decoder
+does not draw as objects: --cls-noise smooths the classifier (trained on, and applied to, latents plus Gaussian
+noise of a random level up to the given std: its decision must rest on what survives noise, not on fine
+patterns), and --cls-fake keeps training it during the GAN on real latents (their labels) and generated ones
+(no label present, with this weight), so that whatever the generator fakes stops counting as an object
+(the multi-label-classifier-as-discriminator idea of Omni-GAN, Zhou et al. 2021). The judge never enters the loss: it only scores the raw and EMA generators' samples
 every eval_every steps (metrics.jsonl, samples/).
 """
 from __future__ import annotations
@@ -29,7 +34,7 @@ from python import judge as J
 from python import vae as V
 from python.data import load_condition_file
 from python.ema import ema_update
-from python.errors import cli
+from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
 from python.noise import gan_noise
 from python.rundir import RunDir
@@ -61,7 +66,16 @@ def heldout_rows(n: int, held: int = 1000) -> torch.Tensor:
     return torch.cat([torch.arange(half - held, half), torch.arange(n - held, n)])
 
 
-def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, run: RunDir) -> G.LatentClassifier:
+def add_noise(x: torch.Tensor, max_std: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """x + s * eps with s ~ U[0, max_std] per sample (the classifier's smoothing); x itself if max_std is 0."""
+    if max_std <= 0:
+        return x
+    s = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * max_std
+    return x + s * torch.randn(x.shape, generator=gen)
+
+
+def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, run: RunDir,
+                     noise: float = 0.0) -> G.LatentClassifier:
     """Phase 0: the latent classifier on real latents (posterior samples), AdamW with a cosine schedule; its
     top-k accuracy on held-out latents goes to metrics.jsonl. Saved to the run folder atomically; reused if there."""
     from safetensors.torch import load_file, save_file
@@ -84,7 +98,7 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
     cls.train()
     for step in tqdm(range(steps), desc="latent classifier", unit="step", dynamic_ncols=True):
         idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng)]
-        loss = F.binary_cross_entropy_with_logits(cls(lat.sample(idx, rng)), lat.labels[idx])
+        loss = F.binary_cross_entropy_with_logits(cls(add_noise(lat.sample(idx, rng), noise, rng)), lat.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,6 +132,11 @@ def main(argv=None):
     p.add_argument("--aux", type=float, default=1.0, help="weight of D's auxiliary label loss on real latents")
     p.add_argument("--cls-steps", type=int, help="latent classifier training steps (0: G uses D's aux head)")
     p.add_argument("--cls-weight", type=float, default=1.0, help="weight of the generator's class loss")
+    p.add_argument("--cls-noise", type=float, default=0.0,
+                   help="max std of the Gaussian noise the classifier is trained on and applied with (0: none)")
+    p.add_argument("--cls-fake", type=float, default=0.0,
+                   help="keep training the classifier during the GAN, generated latents as 'no object' with this weight (0: frozen)")
+    p.add_argument("--keep", type=int, default=1, help="checkpoints kept in the run folder (one per eval)")
     p.add_argument("--r1", type=float, default=0.05, help="R1 gamma on real latents (0 disables)")
     p.add_argument("--r1-every", type=int, default=8)
     p.add_argument("--ema", type=float, default=0.999)
@@ -155,7 +174,18 @@ def main(argv=None):
         if a.reset_ema:
             ema.load_state_dict(gen.state_dict())
         run.log(f"resumed at step {step}" + (" (EMA restarted from the generator)" if a.reset_ema else ""))
-    cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run) if cfg["cls_steps"] > 0 else None
+    if a.cls_fake > 0 and not cfg["cls_steps"]:
+        raise UserError("--cls-fake needs the latent classifier (--cls-steps > 0)")
+    cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run, a.cls_noise) if cfg["cls_steps"] > 0 else None
+    opt_c = None
+    if a.cls_fake > 0:
+        cls.requires_grad_(True)
+        opt_c = torch.optim.Adam(cls.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
+        if step and "classifier" in weights:  # resuming: the classifier as it had been trained online
+            cls.load_state_dict(weights["classifier"])
+            opt_c.load_state_dict(state["opt_c"])
+            for group in opt_c.param_groups:
+                group["lr"] = a.lr_d
     gen_rng = torch.Generator().manual_seed(a.seed * 1000003 + step)
     judge, decoder = J.load(a.judge), V.Decoder(V.load(vae_folder)).eval()
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]]
@@ -184,10 +214,20 @@ def main(argv=None):
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
+        if opt_c is not None:  # the classifier: real latents carry their labels, generated ones none
+            cls.train()
+            logits = cls(add_noise(torch.cat([real.detach(), fake]), a.cls_noise, gen_rng))
+            bce = F.binary_cross_entropy_with_logits(logits, torch.cat([cond, torch.zeros_like(cond)]),
+                                                     reduction="none").mean(1)
+            loss_c = bce[:bs].mean() + a.cls_fake * bce[bs:].mean()
+            opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            opt_c.step()
+            cls.eval()
         # generator: fool the projection head, satisfy the auxiliary classifier
         fake = gen(z, cond)
         d_fake, aux_fake = disc(fake, cond)
-        class_logits = cls(fake) if cls is not None else aux_fake
+        class_logits = cls(add_noise(fake, a.cls_noise, gen_rng)) if cls is not None else aux_fake
         loss_g = -d_fake.mean() + a.cls_weight * F.binary_cross_entropy_with_logits(class_logits, cond)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -199,8 +239,9 @@ def main(argv=None):
         if step % 20 == 0 or step == cfg["steps"]:
             rate = seen / (time.time() - t_last)
             bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}", img_s=f"{rate:.0f}")
+            extra = {"loss_cls": loss_c.item()} if opt_c is not None else {}
             run.metrics(step=step, loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=d_real.mean().item(),
-                        d_fake=d_fake.mean().item(), images_per_sec=rate)
+                        d_fake=d_fake.mean().item(), images_per_sec=rate, **extra)
             t_last, seen = time.time(), 0
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             raw = J.score(judge, decode(decoder, gan_latents(gen.eval(), eval_cond)), eval_cond)
@@ -214,8 +255,11 @@ def main(argv=None):
             from PIL import Image
 
             Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
-            run.save(step, {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict()},
-                     {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
+            weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict()}
+            state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
+            if opt_c is not None:
+                weights["classifier"], state["opt_c"] = cls.state_dict(), opt_c.state_dict()
+            run.save(step, weights, state, keep=a.keep)
     bar.close()
     G.save(ema, run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
                                      "train_seconds": round(run.elapsed(), 1)})

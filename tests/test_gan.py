@@ -80,3 +80,39 @@ def test_minibatch_std_sees_collapse():
     varied = G.Discriminator.minibatch_std(torch.randn(8, 16, 4, 4))
     assert varied.shape == (8, 1) and (varied > 0.5).all()
     assert G.Discriminator.minibatch_std(torch.randn(3, 16, 4, 4)).shape == (3, 1)  # odd batches group by 3
+
+
+def test_add_noise_levels():
+    from python.train_gan import add_noise
+
+    x = torch.zeros(4000, 2, 4, 4)
+    assert add_noise(x, 0.0) is x
+    y = add_noise(x, 1.0, torch.Generator().manual_seed(0))
+    per_sample = y.flatten(1).std(1)
+    assert per_sample.max() <= 1.3 and per_sample.min() < 0.1  # a random level in [0, max] per sample
+    assert abs(per_sample.mean().item() - 0.5) < 0.05
+
+
+def test_online_classifier_is_checkpointed_and_resumed(tiny_data, parts, tmp_path, capsys):
+    from python.rundir import load_checkpoint
+
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--eval-every", "2",
+            "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run), "--cls-noise", "0.5",
+            "--cls-fake", "1", "--keep", "2"]
+    train_gan([*args, "--steps", "4"])
+    assert len(list(run.glob("ckpt-*"))) == 2
+    step, weights, state = load_checkpoint(run)
+    phase0 = G.LatentClassifier(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16)))
+    from safetensors.torch import load_file
+
+    phase0.load_state_dict(load_file(str(run / "classifier.safetensors")))
+    assert step == 4 and "opt_c" in state
+    assert not torch.equal(weights["classifier"]["head.weight"], phase0.state_dict()["head.weight"])  # trained on
+    train_gan([*args, "--steps", "6", "--resume"])
+    metrics = [json.loads(m) for m in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_cls" in m for m in metrics)
+    assert load_checkpoint(run)[0] == 6
+    with pytest.raises(SystemExit):
+        train_gan([*args[:-6], "--run-dir", str(tmp_path / "r2"), "--cls-steps", "0", "--cls-fake", "1"])
+    assert "--cls-fake needs the latent classifier (--cls-steps > 0)" in capsys.readouterr().err
