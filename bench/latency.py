@@ -350,23 +350,32 @@ def plot(results: list[dict], path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r["images_per_sec"], r["accuracy"].get("heldout.json", r["accuracy"].get("test.json")),
-            f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''} b{r['batch']}")
+    pts = [(r["images_per_sec"], r["accuracy"].get("heldout.json", r["accuracy"].get("test.json")), r)
            for r in results if r["accuracy"]]
     pts = [p for p in pts if p[1] is not None]
+    backends = sorted({r["backend"] for _, _, r in pts})
+    colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+    markers = {"ldm": "o", "gan": "s"}
     fig, ax = plt.subplots(figsize=(8, 5))
-    for x, y, label in pts:
-        ax.scatter(x, y, s=18)
-        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for x, y, r in pts:  # colour: backend; marker: model; size: batch
+        ax.scatter(x, y, s=14 + 4 * np.log2(r["batch"]), color=colours[r["backend"]],
+                   marker=markers.get(r["model"], "^"), alpha=0.85)
     front = sorted(pts, key=lambda p: -p[0])
     best, line = -1.0, []
-    for x, y, _ in front:  # Pareto front: nothing both faster and more accurate
+    for x, y, r in front:  # Pareto front: nothing both faster and more accurate
         if y > best:
             best = y
             line.append((x, y))
+            label = f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''} b{r['batch']}"
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     if line:
-        ax.plot(*zip(*line), "k--", lw=0.8, label="Pareto front")
-        ax.legend(loc="lower left")
+        ax.plot(*zip(*line), "k--", lw=0.8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colours[b], label=b) for b in backends]
+    handles += [Line2D([], [], ls="", marker=m, color="grey", label=k) for k, m in markers.items()]
+    handles.append(Line2D([], [], ls="--", color="k", lw=0.8, label="Pareto front (labelled)"))
+    ax.legend(handles=handles, loc="lower left", fontsize=7, title="marker size: batch", title_fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("images / sec (end to end, log scale)")
     ax.set_ylabel("accuracy (primary judge; heldout.json, else test.json)")
@@ -398,7 +407,22 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
     p.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="measure nothing: redraw --plot and rewrite --markdown from an earlier run's JSON")
     a = p.parse_args(argv)
+    if a.replot:
+        try:
+            out = json.loads(a.replot.read_text())
+            results, machine, date = out["results"], out["machine"], out["date"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--replot {a.replot}: not a bench/latency.py JSON ({e})") from None
+        if a.markdown:
+            a.markdown.write_text(markdown(out))
+            print(f"wrote {a.markdown}")
+        if a.plot:
+            plot(results, a.plot, f"{machine['processor']}, {machine['threads']} threads, {date}")
+            print(f"wrote {a.plot}")
+        return out
     cfg = restrict(dict(QUICK if a.quick else FULL), a)
     if a.runs:
         if a.runs < 1:

@@ -35,6 +35,16 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
         ops = res["profile"][name]
         assert ops and all(0 <= o["share"] <= 1 for o in ops) and ops[0]["share"] >= ops[-1]["share"]
     assert "aten::" in " ".join(o["op"] for o in res["profile"]["denoiser_ops_torch"])
+    # --replot redraws the plot and the table from the JSON alone, measuring nothing
+    r = subprocess.run([sys.executable, "bench/latency.py", "--replot", str(out), "--plot", str(tmp_path / "re.png"),
+                        "--markdown", str(tmp_path / "re.md")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "re.md").read_text() == (tmp_path / "t.md").read_text()
+    assert (tmp_path / "re.png").stat().st_size > 10_000 and "peak matmul" not in r.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    r = subprocess.run([sys.executable, "bench/latency.py", "--replot", str(tmp_path / "bad.json"), "--plot",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a bench/latency.py JSON" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_matrix_restriction_and_its_errors():
