@@ -413,15 +413,10 @@ def main(argv=None):
     if a.replot:
         try:
             out = json.loads(a.replot.read_text())
-            results, machine, date = out["results"], out["machine"], out["date"]
+            out["results"], out["machine"]["processor"], out["machine"]["threads"], out["date"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"--replot {a.replot}: not a bench/latency.py JSON ({e})") from None
-        if a.markdown:
-            a.markdown.write_text(markdown(out))
-            print(f"wrote {a.markdown}")
-        if a.plot:
-            plot(results, a.plot, f"{machine['processor']}, {machine['threads']} threads, {date}")
-            print(f"wrote {a.plot}")
+        write_reports(out, a.markdown, a.plot)
         return out
     cfg = restrict(dict(QUICK if a.quick else FULL), a)
     if a.runs:
@@ -510,14 +505,20 @@ def main(argv=None):
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")
-    if a.markdown:
-        a.markdown.parent.mkdir(parents=True, exist_ok=True)
-        a.markdown.write_text(markdown(out))
-        print(f"wrote {a.markdown}")
-    if a.plot:
-        plot(results, a.plot, f"{machine['processor']}, {a.threads} threads, {out['date']}")
-        print(f"wrote {a.plot}")
+    write_reports(out, a.markdown, a.plot)
     return out
+
+
+def write_reports(out: dict, markdown_path: Path | None, plot_path: Path | None) -> None:
+    """The Markdown table and the accuracy-vs-throughput plot of a run's JSON (fresh, or read back by --replot)."""
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown(out))
+        print(f"wrote {markdown_path}")
+    if plot_path:
+        m = out["machine"]
+        plot(out["results"], plot_path, f"{m['processor']}, {m['threads']} threads, {out['date']}")
+        print(f"wrote {plot_path}")
 
 
 def markdown(out: dict) -> str:

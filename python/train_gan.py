@@ -160,7 +160,7 @@ def main(argv=None):
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), lr=a.lr_g, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
-    step = 0
+    step, weights, state = 0, {}, {}
     if a.resume and (ck := run.load()):
         step, weights, state = ck
         gen.load_state_dict(weights["generator"])
@@ -181,7 +181,7 @@ def main(argv=None):
     if a.cls_fake > 0:
         cls.requires_grad_(True)
         opt_c = torch.optim.Adam(cls.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
-        if step and "classifier" in weights:  # resuming: the classifier as it had been trained online
+        if "classifier" in weights:  # resuming: the classifier as it had been trained online
             cls.load_state_dict(weights["classifier"])
             opt_c.load_state_dict(state["opt_c"])
             for group in opt_c.param_groups:
