@@ -32,7 +32,10 @@ from python.labels import CLASS_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "exports" / "default"
-OPSET = 17
+# 20: the first opset with a Gelu operator. At 17 the denoiser's tanh-GELU is exported as eight elementwise
+# nodes that ONNX Runtime's CPU provider does not fuse; at 20 it becomes one FastGelu kernel. Measured
+# (denoiser, batch 128, 1 thread): 0.80 s per call at opset 17, 0.60 s at 20 (torch eager 0.77 s).
+OPSET = 20
 
 
 class JudgeForExport(nn.Module):

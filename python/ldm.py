@@ -90,16 +90,19 @@ class Block(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x, emb, ctx=None, ctx_mask=None):
+    def forward(self, x, emb, ctx=None, ctx_bias=None):
+        """ctx: the class tokens (1, 25, d), the same for every sample, so their keys and values are computed
+        once per call and broadcast; ctx_bias: (N, 1, 1, 25) additive mask, 0 where present, -1e4 where absent."""
         b, n, d = x.shape
+        scale = 1.0 / math.sqrt(d // self.heads)  # a constant, so an ONNX export needs no shape arithmetic
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb)).chunk(6, dim=1)
         q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, dim=-1)
-        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), scale=scale)
         x = x + g1[:, None] * self.proj(a.transpose(1, 2).reshape(b, n, d))
         if self.cross:
-            k, v = self.kv_c(ctx).chunk(2, dim=-1)
-            a = F.scaled_dot_product_attention(self._split(self.q_c(self.norm_c(x))), self._split(k), self._split(v),
-                                               attn_mask=ctx_mask)
+            k, v = (self._split(z).expand(b, -1, -1, -1) for z in self.kv_c(ctx).chunk(2, dim=-1))
+            a = F.scaled_dot_product_attention(self._split(self.q_c(self.norm_c(x))), k, v, attn_mask=ctx_bias,
+                                               scale=scale)
             x = x + self.proj_c(a.transpose(1, 2).reshape(b, n, d))
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -132,9 +135,12 @@ class Denoiser(nn.Module):
         if cfg.cond == "sum":
             emb = emb + cond @ self.class_emb[:-1] + self.class_emb[-1]
         else:
-            ctx = self.class_emb[None].expand(n, -1, -1)
-            present = torch.cat([cond > 0.5, torch.ones_like(cond[:, :1], dtype=torch.bool)], dim=1)
-            mask = present[:, None, None, :]  # (N, 1, 1, 25): attend to present objects and the null token
+            ctx = self.class_emb[None]
+            present = torch.cat([(cond > 0.5).to(h.dtype), torch.ones_like(cond[:, :1], dtype=h.dtype)], dim=1)
+            # (N, 1, 1, 25): attend to the present objects and the null token (always present, so no row is
+            # empty). An additive mask rather than a boolean one: exp(-1e4) is exactly 0 in fp32 and fp16, and
+            # the ONNX graph needs no NaN guard for fully masked rows.
+            mask = ((present - 1.0) * 1e4)[:, None, None, :]
         for blk in self.blocks:
             h = blk(h, emb, ctx, mask)
         sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)
