@@ -9,7 +9,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_deca
     """ema <- decay * ema + (1 - decay) * model, with decay warming up as (1 + step) / (10 + step) so early
     averages are not dominated by the random initialisation; buffers (batch-norm statistics) are copied."""
     decay = min(max_decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)  # one kernel
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)

@@ -27,6 +27,20 @@ def guided_denoiser(model, cond: torch.Tensor, scale: float, bf16: bool = False)
     return denoise
 
 
+class OnDevice(torch.nn.Module):
+    """A network on a training device called with host tensors, as the samplers and the evaluation call it (their
+    maths runs on the host, as in the runtime): tensors in are moved there, the float32 result comes back."""
+
+    def __init__(self, model, device):
+        super().__init__()
+        self.model, self.device, self.cfg = model, torch.device(device), model.cfg
+
+    @torch.no_grad()
+    def forward(self, *args):
+        out = self.model(*(torch.as_tensor(x).to(self.device) for x in args))
+        return out.float().cpu()
+
+
 @torch.no_grad()
 def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                 seed: int = 0, eta: float = 0.0, on_step=None, batch: int = 256, bf16: bool = False) -> torch.Tensor:

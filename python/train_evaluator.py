@@ -35,11 +35,11 @@ PRESETS = {
 
 def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tensor:
     """Random horizontal flip and a shift of up to `shift` pixels (edge-replicated): label-preserving."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
+    flip = torch.rand(len(x), generator=gen, device=x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if shift:
         pad = F.pad(x, (shift,) * 4, mode="replicate")
-        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen, device=x.device).tolist()
         x = pad[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
     return x
 
@@ -85,6 +85,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
@@ -97,15 +98,16 @@ def main(argv=None):
     t = time.time()
     images, labels = training_data(a.data_seed, cfg["train_images"], a.cache)
     run.log(f"training data ready in {time.time() - t:.0f}s: {images.shape}")
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    device = torch.device(a.device)
+    images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
     torch.manual_seed(a.seed)
-    net = J.build(a.arch).to(memory_format=torch.channels_last)
+    net = J.build(a.arch).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     steps, warmup = cfg["steps"], max(1, cfg["steps"] // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
     step = 0
     if a.resume and (ck := run.load()):
         step, weights, state = ck
@@ -120,10 +122,10 @@ def main(argv=None):
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
     t_last, seen = time.time(), 0
     while step < steps:
-        idx = torch.randint(0, len(images_t), (cfg["batch"],), generator=gen)
+        idx = torch.randint(0, len(images_t), (cfg["batch"],), generator=gen, device=device)
         x = augment(to_model_range(images_t[idx]), gen).contiguous(memory_format=torch.channels_last)
         y = labels_t[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
             out = J.logits(net, x)
         loss = F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -146,7 +148,7 @@ def main(argv=None):
             run.save(step, {"model": net.state_dict()},
                      {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()})
     bar.close()
-    net.eval()
+    net.eval().cpu()
     J.save(net, run.path / "final")
     res = evaluate(J.load(run.path / "final" / "judge.safetensors"), eval_x, eval_y)  # as shipped (fp16)
     res["train_seconds"] = round(run.elapsed(), 1)

@@ -39,7 +39,7 @@ from python.latents import load_latents, vae_digest
 from python.noise import gan_noise
 from python.rundir import RunDir
 from python.data import image_grid
-from python.sample import decode
+from python.sample import OnDevice, decode
 
 PRESETS = {
     "tiny": dict(g_channels=[16, 16, 16], d_channels=[16, 16, 16], batch=8, steps=6, eval_every=3,
@@ -70,34 +70,34 @@ def add_noise(x: torch.Tensor, max_std: float, gen: torch.Generator | None = Non
     """x + s * eps with s ~ U[0, max_std] per sample (the classifier's smoothing); x itself if max_std is 0."""
     if max_std <= 0:
         return x
-    s = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * max_std
-    return x + s * torch.randn(x.shape, generator=gen)
+    s = torch.rand(x.shape[0], 1, 1, 1, generator=gen, device=x.device) * max_std
+    return x + s * torch.randn(x.shape, generator=gen, device=x.device)
 
 
 def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, run: RunDir,
-                     noise: float = 0.0) -> G.LatentClassifier:
+                     noise: float = 0.0, device: torch.device = torch.device("cpu")) -> G.LatentClassifier:
     """Phase 0: the latent classifier on real latents (posterior samples), AdamW with a cosine schedule; its
     top-k accuracy on held-out latents goes to metrics.jsonl. Saved to the run folder atomically; reused if there."""
     from safetensors.torch import load_file, save_file
 
-    cls = G.LatentClassifier(gcfg)
+    cls = G.LatentClassifier(gcfg).to(device)
     path = run.path / "classifier.safetensors"
     if path.exists():
         cls.load_state_dict(load_file(str(path)))
         run.log(f"latent classifier loaded from {path}")
         return cls.eval().requires_grad_(False)
-    held = heldout_rows(len(lat))
-    mask = torch.ones(len(lat), dtype=torch.bool)
+    held = heldout_rows(len(lat)).to(device)
+    mask = torch.ones(len(lat), dtype=torch.bool, device=device)
     mask[held] = False
     train_rows = mask.nonzero().squeeze(1)
-    rng = torch.Generator().manual_seed(seed + 17)
+    rng = torch.Generator(device=device).manual_seed(seed + 17)
     opt = torch.optim.AdamW(cls.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
     from tqdm import tqdm
 
     cls.train()
     for step in tqdm(range(steps), desc="latent classifier", unit="step", dynamic_ncols=True):
-        idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng)]
+        idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
         loss = F.binary_cross_entropy_with_logits(cls(add_noise(lat.sample(idx, rng), noise, rng)), lat.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,7 +110,7 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
     run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": acc})
     run.log(f"latent classifier: {steps} steps, top-k accuracy {acc:.4f} on {len(held)} held-out latents")
     tmp = run.path / ".classifier.tmp"
-    save_file({k: v.contiguous() for k, v in cls.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return cls
 
@@ -143,20 +143,22 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-conditions", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the generator")
     a = p.parse_args(argv)
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
     vae_folder = a.vae or V.SHIPPED
-    lat = load_latents(a.data, vae_folder)
+    device = torch.device(a.device)
+    lat = load_latents(a.data, vae_folder).to(device)
     gcfg = G.GANConfig(latent_channels=lat.mean.shape[1], size=lat.mean.shape[2], g_channels=cfg["g_channels"],
                        d_channels=cfg["d_channels"])
     cfg.update(gan=asdict(gcfg), vae_sha=vae_digest(vae_folder))
     run = RunDir(a.run_dir, cfg, a.resume)
 
     torch.manual_seed(a.seed)
-    gen, disc = G.Generator(gcfg), G.Discriminator(gcfg)
+    gen, disc = G.Generator(gcfg).to(device), G.Discriminator(gcfg).to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), lr=a.lr_g, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
@@ -176,7 +178,7 @@ def main(argv=None):
         run.log(f"resumed at step {step}" + (" (EMA restarted from the generator)" if a.reset_ema else ""))
     if a.cls_fake > 0 and not cfg["cls_steps"]:
         raise UserError("--cls-fake needs the latent classifier (--cls-steps > 0)")
-    cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run, a.cls_noise) if cfg["cls_steps"] > 0 else None
+    cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run, a.cls_noise, device) if cfg["cls_steps"] > 0 else None
     opt_c = None
     if a.cls_fake > 0:
         cls.requires_grad_(True)
@@ -186,7 +188,7 @@ def main(argv=None):
             opt_c.load_state_dict(state["opt_c"])
             for group in opt_c.param_groups:
                 group["lr"] = a.lr_d
-    gen_rng = torch.Generator().manual_seed(a.seed * 1000003 + step)
+    gen_rng = torch.Generator(device=device).manual_seed(a.seed * 1000003 + step)
     judge, decoder = J.load(a.judge), V.Decoder(V.load(vae_folder)).eval()
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]]
     run.log(f"GAN: G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
@@ -196,9 +198,9 @@ def main(argv=None):
     bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
     t_last, seen, bs = time.time(), 0, cfg["batch"]
     while step < cfg["steps"]:
-        idx = torch.randint(0, len(lat), (bs,), generator=gen_rng)
+        idx = torch.randint(0, len(lat), (bs,), generator=gen_rng, device=device)
         real, cond = lat.sample(idx, gen_rng), lat.labels[idx]
-        z = torch.randn(bs, gcfg.z_dim, generator=gen_rng)
+        z = torch.randn(bs, gcfg.z_dim, generator=gen_rng, device=device)
         # discriminator: hinge on realness, BCE on real labels, lazy R1 on real latents
         with torch.no_grad():
             fake = gen(z, cond)
@@ -244,9 +246,9 @@ def main(argv=None):
                         d_fake=d_fake.mean().item(), images_per_sec=rate, **extra)
             t_last, seen = time.time(), 0
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            raw = J.score(judge, decode(decoder, gan_latents(gen.eval(), eval_cond)), eval_cond)
+            raw = J.score(judge, decode(decoder, gan_latents(OnDevice(gen.eval(), device), eval_cond)), eval_cond)
             gen.train()
-            images = decode(decoder, gan_latents(ema, eval_cond))
+            images = decode(decoder, gan_latents(OnDevice(ema, device), eval_cond))
             res = J.score(judge, images, eval_cond)
             run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
                         heldout_subset_raw={"accuracy": raw["accuracy"], "by_objects": raw["by_objects"]})
@@ -261,7 +263,7 @@ def main(argv=None):
                 weights["classifier"], state["opt_c"] = cls.state_dict(), opt_c.state_dict()
             run.save(step, weights, state, keep=a.keep)
     bar.close()
-    G.save(ema, run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
+    G.save(ema.cpu(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
                                      "train_seconds": round(run.elapsed(), 1)})
     run.log(f"saved EMA generator to {run.path / 'final'}")
     print(json.dumps({"final": str(run.path / "final"), "steps": step}))

@@ -35,7 +35,7 @@ from python.ema import ema_update
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
 from python.rundir import RunDir, load_checkpoint
-from python.sample import decode, ldm_latents
+from python.sample import OnDevice, decode, ldm_latents
 
 PRESETS = {
     "tiny": dict(width=32, depth=2, heads=2, batch=8, steps=6, eval_every=3, eval_conditions=8, eval_steps=4,
@@ -139,7 +139,11 @@ def main(argv=None):
         if run:
             run.log(f"resumed at step {step}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    gen = torch.Generator().manual_seed(a.seed * 1000003 + rank * 7919 + step)
+    gen = torch.Generator(device=device).manual_seed(a.seed * 1000003 + rank * 7919 + step)
+    lat = lat.to(device)
+    all_t = torch.arange(schedule.T)
+    ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
+    w_tab = loss_weight(schedule, all_t, a.min_snr).to(device)
 
     judge = J.load(a.judge) if rank == 0 else None
     decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
@@ -158,19 +162,20 @@ def main(argv=None):
     t_last, seen = time.time(), 0
     model.train()
     while step < steps:
-        idx = torch.randint(0, len(lat), (per_rank,), generator=gen)
+        # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
+        idx = torch.randint(0, len(lat), (per_rank,), generator=gen, device=device)
         z0 = lat.sample(idx, gen)
-        cond = lat.labels[idx] * (torch.rand(per_rank, generator=gen) >= a.p_uncond).float()[:, None]
-        t = torch.randint(0, schedule.T, (per_rank,), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
-        ca, cs = (torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(t.numpy()))
+        keep = torch.rand(per_rank, generator=gen, device=device) >= a.p_uncond
+        cond = lat.labels[idx] * keep.float()[:, None]
+        t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
+        eps = torch.randn(z0.shape, generator=gen, device=device)
+        ca, cs = ca_tab[t], cs_tab[t]
         x_t = add_noise(z0, eps, ca, cs)
         tgt = target(z0, eps, ca, cs, schedule.prediction)
-        w = loss_weight(schedule, t, a.min_snr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            out = net(x_t.to(device), t.to(device), cond.to(device))
-        per_sample = F.mse_loss(out.float(), tgt.to(device), reduction="none").mean((1, 2, 3))
-        loss = (per_sample * w.to(device)).mean()
+            out = net(x_t, t, cond)
+        per_sample = F.mse_loss(out.float(), tgt, reduction="none").mean((1, 2, 3))
+        loss = (per_sample * w_tab[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -191,8 +196,8 @@ def main(argv=None):
             save(step)
         if evaluating:
             if run:
-                ema_cpu = copy.deepcopy(ema).float().cpu().eval()
-                res, images = evaluate(ema_cpu, schedule, decoder, judge, eval_cond, cfg["eval_steps"], a.guidance)
+                res, images = evaluate(OnDevice(ema, device), schedule, decoder, judge, eval_cond, cfg["eval_steps"],
+                                       a.guidance)
                 res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"]}
                 run.metrics(step=step, heldout_subset=res, guidance=a.guidance, sampler_steps=cfg["eval_steps"])
                 bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")

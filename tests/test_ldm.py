@@ -85,3 +85,28 @@ def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "config.json").read_text())["world"] == 2
     assert (run / "final" / "denoiser.safetensors").exists()
+
+
+def test_on_device_wrapper_and_latent_set_move():
+    """The trainers' GPU path in miniature: OnDevice takes host tensors and returns fp32 host tensors equal to the
+    model's own output; a LatentSet moved with .to() samples on its device from a generator living there."""
+    from python.latents import LatentSet
+    from python.sample import OnDevice
+
+    torch.manual_seed(0)
+    model = L.Denoiser(L.DenoiserConfig(in_channels=8, width=32, depth=1, heads=2)).eval()
+    x, t = torch.randn(3, 8, 16, 16), torch.tensor([1, 500, 999])
+    cond = torch.zeros(3, 24)
+    cond[:, 5] = 1
+    wrapped = OnDevice(model, "cpu")
+    assert wrapped.cfg is model.cfg
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, t, cond), model(x, t, cond))
+    lat = LatentSet(torch.randn(10, 8, 16, 16).half(), torch.rand(10, 8, 16, 16).half(), torch.eye(10, 24), 0.5).to("cpu")
+    idx = torch.tensor([0, 3])
+    a = lat.sample(idx, torch.Generator().manual_seed(1))
+    b = lat.sample(idx, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (2, 8, 16, 16) and a.dtype == torch.float32
+    noise = torch.randn((2, 8, 16, 16), generator=torch.Generator().manual_seed(1))
+    expected = (lat.mean[idx].float() + lat.std[idx].float() * noise) * 0.5
+    assert torch.allclose(a, expected)
