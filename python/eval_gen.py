@@ -94,11 +94,26 @@ def spread(feats: torch.Tensor, groups: int) -> float:
     return float(d.sum((1, 2)).div(k * (k - 1)).mean())
 
 
-def diversity(gen: Generator, feature_judge, cond: np.ndarray, per: int, real_spread: float, **kw) -> dict:
+def diversity(gen: Generator, feature_judge, cond: np.ndarray, per: int, real: tuple[float, float], **kw) -> dict:
+    """Within-condition spread of generated images over that of real renders, in the judge's feature space
+    (`ratio`) and in pixels (`pixel_ratio`). The two fail differently: a generator that varies only colours and
+    artefacts can keep a high feature spread while its objects never move, which the pixel spread shows; extra or
+    missing objects inflate the feature spread (a ratio far above 1 is not "more diverse", it is off the data)."""
     rows = np.repeat(cond, per, axis=0)  # each condition `per` times: distinct noise per row
-    fake = spread(J.features(feature_judge, gen.images(rows, seed=0, **kw)), len(cond))
+    images = gen.images(rows, seed=0, **kw)
+    fake = spread(J.features(feature_judge, images), len(cond))
+    fake_px = spread(images.flatten(1), len(cond))
     sig = lambda x: float(f"{x:.4g}")  # noqa: E731
-    return {"generated": sig(fake), "real": sig(real_spread), "ratio": sig(fake / real_spread)}
+    return {"generated": sig(fake), "real": sig(real[0]), "ratio": sig(fake / real[0]),
+            "pixel_generated": sig(fake_px), "pixel_real": sig(real[1]), "pixel_ratio": sig(fake_px / real[1])}
+
+
+def unrequested_rate(net, images: torch.Tensor, labels) -> float:
+    """Fraction of images in which the judge sees (p > 0.5) an object that was not asked for. The top-k metric
+    never looks beyond k, so an extra object costs accuracy only when it outranks a requested one."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+    extra = (J.predict(net, images) > 0.5) & (labels < 0.5)
+    return float(extra.any(1).float().mean())
 
 
 def process_image(gen: Generator, steps: int, guidance: float, frames: int = 10) -> np.ndarray:
@@ -145,7 +160,9 @@ def main(argv=None):
     settings = [(s, g) for s in a.steps for g in a.guidance] if a.model == "ldm" else [(None, None)]
 
     div_cond = files[a.files[0]][: a.diversity_conditions]
-    real_spread = spread(J.features(feature_judge, reference_renders(div_cond, a.per_condition)), len(div_cond))
+    real_images = reference_renders(div_cond, a.per_condition)
+    real_spread = (spread(J.features(feature_judge, real_images), len(div_cond)),
+                   spread(real_images.flatten(1), len(div_cond)))
     report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
               "seeds": a.seeds, "limit": a.limit, "results": []}
     for steps, guidance in settings:
@@ -153,11 +170,12 @@ def main(argv=None):
         t0 = time.time()
         row = {"steps": steps, "guidance": guidance, "files": {}}
         for name, cond in files.items():
-            per_seed, per_seed2, by_obj = [], [], {}
+            per_seed, per_seed2, by_obj, extra = [], [], {}, []
             for seed in a.seeds:
                 images = gen.images(cond, seed, **kw)
                 res = J.score(judge, images, cond)
                 per_seed.append(res["accuracy"])
+                extra.append(unrequested_rate(judge, images, cond))
                 for k, v in res["by_objects"].items():
                     by_obj.setdefault(k, []).append(v)
                 if judge2 is not None:
@@ -172,7 +190,8 @@ def main(argv=None):
                 "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),
                 "accuracy_std": round(float(np.std(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed],
                 "second_judge_mean": round(float(np.mean(per_seed2)), 4) if per_seed2 else None,
-                "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())}}
+                "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())},
+                "unrequested_object_rate": round(float(np.mean(extra)), 4)}
         row["diversity"] = diversity(gen, feature_judge, div_cond, a.per_condition, real_spread, **kw)
         row["diversity"]["features"] = "second judge" if judge2 is not None else "primary judge"
         row["seconds"] = round(time.time() - t0, 1)

@@ -29,6 +29,9 @@ def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_p
         assert r["diversity"]["real"] > 0 and r["diversity"]["ratio"] == pytest.approx(
             r["diversity"]["generated"] / r["diversity"]["real"], rel=1e-3)
         assert r["diversity"]["features"] == "second judge"
+        assert r["diversity"]["pixel_real"] > 0 and r["diversity"]["pixel_ratio"] == pytest.approx(
+            r["diversity"]["pixel_generated"] / r["diversity"]["pixel_real"], rel=1e-3)
+        assert all(0.0 <= f["unrequested_object_rate"] <= 1.0 for f in r["files"].values())
     assert Image.open(out / "ldm_test_s3_g1.png").size[0] == 6 * 66 + 2
     process = Image.open(out / "ldm_denoising_process.png")
     assert process.size[1] == 68 and process.size[0] > 2 * 66  # one row: intermediate frames + the result
@@ -53,3 +56,27 @@ def test_without_a_second_judge_diversity_uses_the_primary_and_says_so(tiny_weig
     r = rep["results"][0]
     assert r["files"]["test.json"]["second_judge_mean"] is None
     assert r["diversity"]["features"] == "primary judge" and r["diversity"]["real"] > 0
+
+
+def test_unrequested_rate_counts_objects_beyond_the_label_set():
+    """A stand-in judge with fixed outputs: image 0 shows exactly its label, image 1 one extra object."""
+    import torch
+
+    from python.eval_gen import unrequested_rate
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            p = torch.full((len(x), 24), 0.1)
+            p[:, 0] = 0.9
+            p[1, 7] = 0.8  # the unrequested one
+            return p
+
+    labels = np.zeros((2, 24), np.float32)
+    labels[:, 0] = 1
+    assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.5
+    labels[1, 7] = 1  # now it was requested
+    assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.0
