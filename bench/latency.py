@@ -164,8 +164,10 @@ class Models:
         self.shape = tuple(self.pipe.latent_shape)
 
 
-def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray):
-    """fn() -> images for the LDM on one backend, from fixed noise."""
+def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
+               best_of: int = 1):
+    """fn() -> images for the LDM on one backend, from fixed noise; best_of > 1 (ONNX Runtime only) draws that
+    many candidates per condition and keeps the latent classifier's pick (python/best_of.py)."""
     import torch
 
     from python.diffusion import make_sampler, sample_loop
@@ -173,6 +175,11 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     from python.sample import guided_denoiser
 
     x_T = initial_noise(0, len(cond), m.shape)
+    if best_of > 1:
+        if backend != "onnxruntime":
+            raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
+        return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
+                                       batch=len(cond))
     if backend == "onnxruntime":
         return lambda: m.pipe.decode(m.pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
                                      batch=len(cond))
@@ -255,7 +262,7 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> d
         for f in avail:
             cond = load_conditions(data / f)
             if key[0] == "ldm":
-                images = m.pipe.generate(cond, "ldm", sampler=key[1], steps=key[2], guidance=guidance, seed=0)
+                images = m.pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
             else:
                 images = m.pipe.generate(cond, "gan", seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -328,10 +335,11 @@ def op_profile(module, *inputs, top: int = 8) -> list[dict]:
     return [{"op": k, "share": round(t / total, 3)} for k, t in sorted(ev, key=lambda e: -e[1])[:top]]
 
 
-def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate) -> dict:
+def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate, best_of=1) -> dict:
     med = float(np.median(secs))
     ips = batch / med
-    r = dict(model=model, backend=backend, sampler=sampler, steps=steps, batch=batch, images_per_sec=round(ips, 2),
+    r = dict(model=model, backend=backend, sampler=sampler, steps=steps, best_of=best_of, batch=batch,
+             images_per_sec=round(ips, 2),
              images_per_sec_min=round(batch / max(secs), 2), images_per_sec_max=round(batch / min(secs), 2),
              seconds=[round(s, 5) for s in secs], peak_rss_mb=round(rss / 2 ** 20, 1) if rss else None,
              flops_per_image=flops, achieved_flops=flops * ips if flops else None,
@@ -406,6 +414,8 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", choices=BACKENDS, help="restrict the backends")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
     p.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
+    p.add_argument("--best-of", type=int, nargs="+", default=[1],
+                   help="LDM best-of-N selection by the latent classifier (N > 1 timed on onnxruntime only)")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw --plot and rewrite --markdown from an earlier run's JSON")
@@ -439,7 +449,13 @@ def main(argv=None):
     print(f"baseline (pixel UNet {base['params_m']}M, 1000 DDPM steps, batch {base['batch']}): "
           f"{base['images_per_sec']:.4f} images/s", flush=True)
 
-    settings = ([("ldm", s, n) for s, n in cfg["ldm"]] if m.ldm else []) + ([("gan", None, None)] if m.gan else [])
+    if min(a.best_of) < 1:
+        raise UserError("--best-of must be >= 1")
+    if max(a.best_of) > 1 and not m.pipe.ex.has("classifier"):
+        raise UserError(f"--best-of > 1 needs the latent classifier, which {a.weights / 'classifier'} does not hold")
+    best_ofs = sorted(set(a.best_of))
+    settings = ([("ldm", s, n, b) for s, n in cfg["ldm"] for b in best_ofs] if m.ldm else []) + (
+        [("gan", None, None, 1)] if m.gan else [])
     if not settings:
         print(f"{a.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
     acc = accuracy_table(m, a.data, cfg["files"], settings, a.guidance)
@@ -447,9 +463,14 @@ def main(argv=None):
     results = []
     if m.ldm:
         den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
-        for sampler, steps in cfg["ldm"]:
-            flops = den_flops * steps * (2 if a.guidance != 1.0 else 1) + dec_flops
-            for backend in cfg["ldm_backends"]:
+        cls_flops = 0.0
+        if max(best_ofs) > 1:
+            from python.train_classifier import load as load_classifier
+
+            cls_flops = flops_per_item(load_classifier(a.weights / "classifier")[0], torch.randn(2, *m.shape))
+        for (sampler, steps), best_of in ((c, b) for c in cfg["ldm"] for b in best_ofs):
+            flops = (den_flops * steps * (2 if a.guidance != 1.0 else 1) + cls_flops * (best_of > 1)) * best_of + dec_flops
+            for backend in cfg["ldm_backends"] if best_of == 1 else ["onnxruntime"]:
                 if backend == "cpp" and sampler != "ddim" and "ddim" in [s for s, _ in cfg["ldm"]]:
                     continue
                 batches = sorted(set(cfg["ldm_batches"]) | ({1} if backend in cfg["latency_backends"] else set()))
@@ -462,12 +483,12 @@ def main(argv=None):
                             if secs is None:
                                 continue
                         else:
-                            secs = timed(ldm_runner(m, backend, sampler, steps, a.guidance, cond), runs)
+                            secs = timed(ldm_runner(m, backend, sampler, steps, a.guidance, cond, best_of), runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = "bf16" if backend == "torch-bf16" else "fp32"
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
-                                          mem.peak if backend != "cpp" else 0, acc.get(("ldm", smp, steps)),
-                                          base["images_per_sec"]))
+                                          mem.peak if backend != "cpp" else 0, acc.get(("ldm", smp, steps, best_of)),
+                                          base["images_per_sec"], best_of))
                     _print(results[-1])
     if m.gan:
         flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24)) + dec_flops
@@ -479,7 +500,7 @@ def main(argv=None):
                     secs = timed(gan_runner(m, backend, cond), cfg["latency_runs"] if batch == 1 else cfg["runs"])
                 prec = "bf16" if backend == "torch-bf16" else "fp32"
                 results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
-                                      acc.get(("gan", None, None)), base["images_per_sec"]))
+                                      acc.get(("gan", None, None, 1)), base["images_per_sec"]))
                 _print(results[-1])
     results.append(dict(model="baseline", backend="torch-fp32", sampler="ddpm", steps=1000, batch=base["batch"],
                         images_per_sec=base["images_per_sec"], flops_per_image=base["flops_per_image"],
@@ -535,7 +556,8 @@ def markdown(out: dict) -> str:
         lat = f"{r['latency_ms_p50']} / {r['latency_ms_p95']}" if "latency_ms_p50" in r else ""
         frac = f"{100 * r['fraction_of_peak']:.1f}" if r.get("fraction_of_peak") is not None else ""
         speed = f"{r['speedup_vs_baseline']:,.0f}" if r.get("speedup_vs_baseline") else ""
-        rows.append(f"| {r['model']} | {r['backend']} | {r['sampler'] or ''} | {r['steps'] or ''} | {r['batch']} | "
+        smp = (r["sampler"] or "") + (f", best of {r['best_of']}" if r.get("best_of", 1) > 1 else "")
+        rows.append(f"| {r['model']} | {r['backend']} | {smp} | {r['steps'] or ''} | {r['batch']} | "
                     f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | {lat} |")
     return "\n".join(rows) + "\n"
 
@@ -544,7 +566,8 @@ def _print(r: dict):
     acc = r["accuracy"]
     acc_s = " ".join(f"{k.split('.')[0]}={v:.3f}" for k, v in acc.items()) if acc else "-"
     lat = f" p50 {r['latency_ms_p50']:.1f} ms p95 {r['latency_ms_p95']:.1f} ms" if "latency_ms_p50" in r else ""
-    print(f"{r['model']:4} {r['backend']:12} {(r['sampler'] or '-'):6} {str(r['steps'] or '-'):>4} b{r['batch']:<4}"
+    smp = (r["sampler"] or "-") + (f"x{r['best_of']}" if r.get("best_of", 1) > 1 else "")
+    print(f"{r['model']:4} {r['backend']:12} {smp:8} {str(r['steps'] or '-'):>4} b{r['batch']:<4}"
           f"{r['images_per_sec']:9.1f} img/s [{r['images_per_sec_min']:.1f}-{r['images_per_sec_max']:.1f}] "
           f"{100 * (r['fraction_of_peak'] or 0):5.1f}% peak  x{r['speedup_vs_baseline'] or 0:,.0f} baseline  "
           f"acc {acc_s}{lat}", flush=True)

@@ -239,6 +239,15 @@ def collect(weights: Path | None) -> dict:
             z = model.cfg.z_dim
             found[name] = (model, {"z": rand(2, z), "cond": conds[:2]}, {"z": rand(5, z), "cond": conds}, ["latents"],
                            {"z_dim": z})
+    d = _weights(weights, "classifier")
+    if (d / "config.json").exists():
+        from python.train_classifier import load as load_classifier
+
+        cls, cfg = load_classifier(d)
+        require_latent_space(d, cfg, vae_dir)
+        found["classifier"] = (cls, {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["logits"], {})
+    else:
+        print(f"classifier: no weights at {d}; skipped (best-of-N selection unavailable)")
     return found
 
 

@@ -29,6 +29,7 @@ from python.data import image_grid, load_condition_file, to64, to_model_range
 from python.diffusion import DEFAULT_GUIDANCE, Schedule
 from python.errors import UserError, cli
 from python.labels import encode
+from python.best_of import best_of as select_best, candidate_seed
 from python.sample import decode, ldm_latents
 
 DIVERSITY = 4  # random stream for the reference renders (make_data uses 0..3 for its own)
@@ -58,16 +59,27 @@ class Generator:
         require_latent_space(weights / model, cfg, vae_dir)
         self.net.eval()
 
-    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None):
+    def latents(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None):
         with torch.no_grad():
             if self.model == "gan":
                 from python.train_gan import gan_latents
 
-                lat = gan_latents(self.net, cond, seed)
-            else:
-                sampler = "ddpm" if steps == self.schedule.T else self.sampler
-                lat = ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step)
-            return decode(self.decoder, lat)
+                return gan_latents(self.net, cond, seed)
+            sampler = "ddpm" if steps == self.schedule.T else self.sampler
+            return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step)
+
+    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None,
+               best_of: int = 1, classifier=None):
+        """Decoded images; with best_of > 1, the best of that many candidates per condition by `classifier`
+        (python/best_of.py)."""
+        if best_of == 1:
+            return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step))
+        if classifier is None:
+            raise UserError("best-of-N selection needs the latent classifier (weights/classifier)")
+        with torch.no_grad():
+            lat, _ = select_best(best_of, lambda k: self.latents(cond, candidate_seed(seed, k), steps, guidance).numpy(),
+                                 lambda z: classifier(torch.from_numpy(z)).numpy(), cond)
+        return decode(self.decoder, torch.from_numpy(lat))
 
 
 def reference_renders(cond: np.ndarray, per: int, seed: int = 0) -> torch.Tensor:
@@ -141,6 +153,9 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="score only the first N conditions of each file")
     p.add_argument("--diversity-conditions", type=int, default=16)
     p.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
+    p.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
+                   "latent classifier (python/best_of.py; default 1: plain sampling)")
+    p.add_argument("--classifier", type=Path, help="latent classifier for --best-of (default: weights/classifier)")
     p.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
@@ -148,7 +163,17 @@ def main(argv=None):
         raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
     if a.per_condition < 2 or a.diversity_conditions < 1:
         raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
+    if a.best_of < 1:
+        raise UserError(f"--best-of must be >= 1, got {a.best_of}")
     gen = Generator(a.model, a.weights, a.sampler)
+    classifier = None
+    if a.best_of > 1:
+        from python.latents import require_latent_space
+        from python.train_classifier import load as load_classifier
+
+        cls_dir = a.classifier or a.weights / "classifier"
+        classifier, cls_cfg = load_classifier(cls_dir)
+        require_latent_space(cls_dir, cls_cfg, a.weights / "vae")
     judge = J.load(a.weights / "judge" / "judge.safetensors")
     second = a.weights / "judge2" / "judge.safetensors"
     judge2 = J.load(second) if second.exists() else None
@@ -164,9 +189,10 @@ def main(argv=None):
     real_spread = (spread(J.features(feature_judge, real_images), len(div_cond)),
                    spread(real_images.flatten(1), len(div_cond)))
     report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
-              "seeds": a.seeds, "limit": a.limit, "results": []}
+              "seeds": a.seeds, "limit": a.limit, "best_of": a.best_of, "results": []}
     for steps, guidance in settings:
         kw = dict(steps=steps, guidance=guidance) if a.model == "ldm" else {}
+        kw.update(best_of=a.best_of, classifier=classifier)
         t0 = time.time()
         row = {"steps": steps, "guidance": guidance, "files": {}}
         for name, cond in files.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +39,7 @@ from python.noise import gan_noise
 from python.rundir import RunDir
 from python.data import image_grid
 from python.sample import OnDevice, decode
+from python.train_classifier import add_noise, train_classifier
 
 PRESETS = {
     "tiny": dict(g_channels=[16, 16, 16], d_channels=[16, 16, 16], batch=8, steps=6, eval_every=3,
@@ -56,63 +56,6 @@ def gan_latents(gen: G.Generator, cond, seed: int = 0, batch: int = 1024) -> tor
     cond = torch.as_tensor(np.asarray(cond), dtype=torch.float32)
     z = torch.from_numpy(gan_noise(seed, len(cond), gen.cfg.z_dim))
     return torch.cat([gen(z[i:i + batch], cond[i:i + batch]) for i in range(0, len(cond), batch)])
-
-
-def heldout_rows(n: int, held: int = 1000) -> torch.Tensor:
-    """Latent-cache rows kept out of the classifier's training: the last `held` originals and their mirror
-    images (the cache stores all originals, then all mirrors)."""
-    half = n // 2
-    held = min(held, max(half // 10, 1))
-    return torch.cat([torch.arange(half - held, half), torch.arange(n - held, n)])
-
-
-def add_noise(x: torch.Tensor, max_std: float, gen: torch.Generator | None = None) -> torch.Tensor:
-    """x + s * eps with s ~ U[0, max_std] per sample (the classifier's smoothing); x itself if max_std is 0."""
-    if max_std <= 0:
-        return x
-    s = torch.rand(x.shape[0], 1, 1, 1, generator=gen, device=x.device) * max_std
-    return x + s * torch.randn(x.shape, generator=gen, device=x.device)
-
-
-def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, run: RunDir,
-                     noise: float = 0.0, device: torch.device = torch.device("cpu")) -> G.LatentClassifier:
-    """Phase 0: the latent classifier on real latents (posterior samples), AdamW with a cosine schedule; its
-    top-k accuracy on held-out latents goes to metrics.jsonl. Saved to the run folder atomically; reused if there."""
-    from safetensors.torch import load_file, save_file
-
-    cls = G.LatentClassifier(gcfg).to(device)
-    path = run.path / "classifier.safetensors"
-    if path.exists():
-        cls.load_state_dict(load_file(str(path)))
-        run.log(f"latent classifier loaded from {path}")
-        return cls.eval().requires_grad_(False)
-    held = heldout_rows(len(lat)).to(device)
-    mask = torch.ones(len(lat), dtype=torch.bool, device=device)
-    mask[held] = False
-    train_rows = mask.nonzero().squeeze(1)
-    rng = torch.Generator(device=device).manual_seed(seed + 17)
-    opt = torch.optim.AdamW(cls.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
-    from tqdm import tqdm
-
-    cls.train()
-    for step in tqdm(range(steps), desc="latent classifier", unit="step", dynamic_ncols=True):
-        idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
-        loss = F.binary_cross_entropy_with_logits(cls(add_noise(lat.sample(idx, rng), noise, rng)), lat.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    cls.eval().requires_grad_(False)
-    with torch.no_grad():
-        logits = torch.cat([cls(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)])
-    acc = float(J.accuracy(logits, lat.labels[held]))
-    run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": acc})
-    run.log(f"latent classifier: {steps} steps, top-k accuracy {acc:.4f} on {len(held)} held-out latents")
-    tmp = run.path / ".classifier.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return cls
 
 
 @cli

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from python.best_of import best_of as best_of_n, candidate_seed
 from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
 from python.labels import load_conditions, parse_label_arg
@@ -82,13 +83,30 @@ class Pipeline:
         return np.concatenate([self.ex.run("decoder", {"latents": latents[i:i + batch].astype(np.float32)})[0]
                                for i in range(0, len(latents), batch)])
 
-    def generate(self, cond, model: str = "ldm", **kw) -> np.ndarray:
-        """Images (N, 3, 64, 64) in [-1, 1] for multi-hot conditions."""
+    def classifier_logits(self, latents: np.ndarray, batch: int = 1024) -> np.ndarray:
+        self._need("classifier", "the latent classifier for best-of-N selection")
+        return np.concatenate([self.ex.run("classifier", {"latents": latents[i:i + batch].astype(np.float32)})[0]
+                               for i in range(0, len(latents), batch)])
+
+    def generate(self, cond, model: str = "ldm", best_of: int = 1, **kw) -> np.ndarray:
+        """Images (N, 3, 64, 64) in [-1, 1] for multi-hot conditions; best_of > 1 keeps the best of that many
+        candidates per condition by the latent classifier (python/best_of.py)."""
         if model not in ("ldm", "gan"):
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
         if model == "gan":
             kw = {k: v for k, v in kw.items() if k in ("seed", "seeds")}
-        lat = self.ldm_latents(cond, **kw) if model == "ldm" else self.gan_latents(cond, **kw)
+        if best_of > 1:
+            self._need("classifier", "the latent classifier for best-of-N selection")
+
+        def candidate(k: int) -> np.ndarray:
+            c = dict(kw)
+            if c.get("seeds"):
+                c["seeds"] = [(candidate_seed(s, k), n) for s, n in c["seeds"]]
+            else:
+                c["seed"] = candidate_seed(c.get("seed", 0), k)
+            return self.ldm_latents(cond, **c) if model == "ldm" else self.gan_latents(cond, **c)
+
+        lat, _ = best_of_n(best_of, candidate, self.classifier_logits, cond)
         return self.decode(lat)
 
 
@@ -117,6 +135,8 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
+    p.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
+                   "export's latent classifier (N times the generator's work; default 1: plain sampling)")
     p.add_argument("--export", type=Path, help="export folder (default exports/default)")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     p.add_argument("--threads", type=int)
@@ -124,14 +144,14 @@ def main(argv=None):
                    help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
     p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     a = p.parse_args(argv)
-    if a.n < 1 or a.steps < 1 or a.batch < 1:
-        raise UserError("-n, --steps and --batch must be >= 1")
+    if min(a.n, a.steps, a.batch, a.best_of) < 1:
+        raise UserError("-n, --steps, --batch and --best-of must be >= 1")
     pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads, a.precision))
     cond = load_conditions(a.conditions) if a.conditions else np.repeat(parse_label_arg(a.labels)[None], a.n, axis=0)
     kw = {"seed": a.seed} if a.model == "gan" else dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance,
                                                         eta=a.eta, seed=a.seed, batch=a.batch)
     try:
-        images = pipe.generate(cond, a.model, **kw)
+        images = pipe.generate(cond, a.model, a.best_of, **kw)
     except ValueError as e:  # sampler name / steps out of range, from the shared maths
         raise UserError(str(e)) from None
     from PIL import Image

@@ -18,7 +18,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """A weights folder laid out like weights/ (judge, judge2, vae, ldm, gan), untrained but perturbed so
+    """A weights folder laid out like weights/ (judge, judge2, vae, ldm, gan, classifier), untrained but perturbed so
     outputs depend on every input: enough to test export and the runtime end to end."""
     import torch
 
@@ -44,6 +44,13 @@ def tiny_weights(tmp_path_factory) -> Path:
     L.save(den, root / "ldm", {"schedule": sch.config(), "vae_sha": vae_digest(root / "vae")})
     gen = G.Generator(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))).eval()
     G.save(gen, root / "gan", {"vae_sha": vae_digest(root / "vae")})
+    from python.train_classifier import save as save_classifier
+
+    cls = G.LatentClassifier(G.GANConfig(latent_channels=vae.cfg.latent_channels)).eval()
+    with torch.no_grad():
+        for p in cls.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_classifier(cls, root / "classifier", {"vae_sha": vae_digest(root / "vae")})
     return root
 
 

@@ -27,7 +27,7 @@ def test_shapes_projection_and_condition():
 
 
 def test_classifier_holdout_rows_are_originals_and_their_mirrors():
-    from python.train_gan import heldout_rows
+    from python.train_classifier import heldout_rows
 
     rows = heldout_rows(40000, held=1000)
     assert len(rows) == 2000 and set(rows[:1000].tolist()) == set(range(19000, 20000))
@@ -83,7 +83,7 @@ def test_minibatch_std_sees_collapse():
 
 
 def test_add_noise_levels():
-    from python.train_gan import add_noise
+    from python.train_classifier import add_noise
 
     x = torch.zeros(4000, 2, 4, 4)
     assert add_noise(x, 0.0) is x

@@ -26,7 +26,7 @@ def export(tiny_weights, tmp_path_factory):
 
 def test_manifest_lists_everything(export):
     out, m = export
-    assert {"judge", "judge2", "decoder", "denoiser", "generator"} <= set(m["models"])
+    assert {"judge", "judge2", "decoder", "denoiser", "generator", "classifier"} <= set(m["models"])
     assert {"decoder_ts", "denoiser_ts", "generator_ts"} <= set(m["models"])
     for name, entry in m["models"].items():
         assert entry["verified_max_rel_err"] <= 1e-4 and len(entry["sha256"]) == 64, name

@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from python.best_of import SEED_STRIDE, best_of, candidate_seed, label_set_loglik
+from python.errors import UserError
+
+
+def test_label_set_loglik_by_hand():
+    labels = np.array([[1, 0], [1, 0], [0, 0]], np.float32)
+    logits = np.array([[0.0, 0.0], [3.0, -3.0], [-3.0, 3.0]])
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    expected = [2 * np.log(0.5), 2 * np.log(sig(3.0)), np.log(sig(3.0)) + np.log(sig(-3.0))]
+    np.testing.assert_allclose(label_set_loglik(logits, labels), expected, rtol=1e-12)
+    # saturated logits stay finite: a confident wrong answer is a large finite penalty, not -inf
+    far = label_set_loglik(np.array([[-800.0, 800.0]]), np.array([[1, 0]]))
+    assert np.isfinite(far).all() and far[0] == pytest.approx(-1600.0)
+
+
+def test_best_of_keeps_each_rows_most_likely_candidate():
+    cond = np.zeros((4, 24), np.float32)
+    cond[:, 0] = 1
+
+    def sample(k):  # candidate k: every latent filled with k
+        return np.full((4, 2, 3, 3), float(k), np.float32)
+
+    def logits(lat):  # row i's classifier sees class 0 only in candidate (i % 3)
+        k = lat[:, 0, 0, 0]
+        out = np.full((len(lat), 24), -5.0)
+        out[:, 0] = np.where(k == np.arange(len(lat)) % 3, 5.0, -5.0)
+        return out
+
+    lat, pick = best_of(3, sample, logits, cond)
+    assert pick.tolist() == [0, 1, 2, 0]
+    assert lat.shape == (4, 2, 3, 3) and lat[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 0.0]
+
+
+def test_best_of_one_is_plain_sampling_and_bad_n_is_refused():
+    calls = []
+    lat, pick = best_of(1, lambda k: calls.append(k) or np.ones((2, 1)), lambda z: 1 / 0, np.zeros((2, 24)))
+    assert calls == [0] and pick.tolist() == [0, 0] and lat.shape == (2, 1)  # no classifier call at all
+    with pytest.raises(UserError, match="best-of must be >= 1"):
+        best_of(0, lambda k: np.ones((2, 1)), lambda z: z, np.zeros((2, 24)))
+    assert candidate_seed(7, 0) == 7 and candidate_seed(7, 2) == 7 + 2 * SEED_STRIDE
+
+
+def test_runtime_best_of_matches_a_manual_selection(onnx_export):
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    pipe = Pipeline(ExportFolder(onnx_export, threads=2))
+    cond = np.zeros((3, 24), np.float32)
+    cond[0, [1, 9]] = cond[1, 4] = cond[2, [2, 12, 20]] = 1
+    kw = dict(sampler="dpmpp", steps=3, guidance=2.0)
+    got = pipe.generate(cond, "ldm", 3, seed=5, **kw)
+    cands = [pipe.ldm_latents(cond, seed=candidate_seed(5, k), **kw) for k in range(3)]
+    scores = np.stack([label_set_loglik(pipe.classifier_logits(c), cond) for c in cands])
+    want = pipe.decode(np.stack(cands)[scores.argmax(0), np.arange(3)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pipe.generate(cond, "ldm", 1, seed=5, **kw), pipe.decode(cands[0]))
+
+
+def test_runtime_generate_cli_best_of(onnx_export, tmp_path, capsys):
+    from runtime.generate import main
+
+    cond_file = tmp_path / "c.json"
+    cond_file.write_text(json.dumps([["red sphere"], ["gray cube", "blue cylinder"]]))
+    main(["--conditions", str(cond_file), "--export", str(onnx_export), "--steps", "2", "--best-of", "2",
+          "--out", str(tmp_path / "out")])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == 2 and 0 <= res["accuracy"] <= 1 and (tmp_path / "out" / "1.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--labels", "red sphere", "--export", str(onnx_export), "--best-of", "0", "--out", str(tmp_path / "g.png")])
+
+
+def test_train_classifier_cli_trains_saves_reloads_and_resumes(tiny_data, parts, tmp_path):
+    from python.train_classifier import load, main
+
+    run, out = tmp_path / "run", tmp_path / "weights"
+    args = ["--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run), "--steps", "3",
+            "--batch", "4", "--out", str(out)]
+    main(args)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 3 and 0 <= cfg["heldout_accuracy"] <= 1 and len(cfg["vae_sha"]) == 12
+    cls, _ = load(out)
+    ref, _ = load(run / "final")
+    z = torch.randn(2, cfg["latent_channels"], 16, 16)
+    assert torch.equal(cls(z), ref(z)) and cls(z).shape == (2, 24)
+    main(args)  # again: the trained classifier in the run folder is reused, not retrained
+    assert "latent classifier loaded" in (run / "log.txt").read_text()
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert sum("classifier" in m for m in metrics) == 1
+    with pytest.raises(UserError, match="no latent classifier here"):
+        load(tmp_path / "nothing")
+
+
+def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data, tmp_path):
+    from python.eval_gen import main
+
+    args = ["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+            "--seeds", "0", "--steps", "2", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"]
+    rep = main([*args, "--best-of", "2"])
+    assert rep["best_of"] == 2 and 0 <= rep["results"][0]["files"]["test.json"]["accuracy_mean"] <= 1
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for d in tiny_weights.iterdir():
+        if d.name != "classifier":
+            (weights / d.name).symlink_to(d)
+    with pytest.raises(SystemExit):
+        main([*args[:2], "--weights", str(weights), *args[4:], "--best-of", "2"])
