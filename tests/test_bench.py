@@ -8,7 +8,7 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
     r = subprocess.run([sys.executable, "bench/latency.py", "--quick", "--weights", str(tiny_weights), "--data",
                         str(tiny_data), "--runs", "2", "--threads", "2", "--json", str(out), "--plot", str(png),
-                        "--markdown", str(tmp_path / "t.md")],
+                        "--markdown", str(tmp_path / "t.md"), "--best-of", "1", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -23,11 +23,16 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     ort = next(x for x in res["results"] if x["model"] == "ldm" and x["backend"] == "onnxruntime" and x["batch"] == 32)
     assert set(ort["accuracy"]) == {"test.json", "new_test.json"} and 0 <= ort["accuracy"]["test.json"] <= 1
     assert set(ort["accuracy_second_judge"]) == {"test.json", "new_test.json"}
+    picked = [x for x in res["results"] if x.get("best_of") == 2]  # best-of-2: onnxruntime only, its own accuracy
+    assert [(x["backend"], x["steps"], x["batch"]) for x in picked] == [("onnxruntime", 10, 1), ("onnxruntime", 10, 32)]
+    assert picked[0]["flops_per_image"] > 2 * ort["flops_per_image"] - res["decoder_flops_per_image"]
+    assert set(picked[1]["accuracy"]) == {"test.json", "new_test.json"}
     b1 = next(x for x in res["results"] if x["batch"] == 1)
     assert b1["latency_ms_p50"] <= b1["latency_ms_p95"]
     assert png.stat().st_size > 10_000 and "img/s" in r.stdout
     table = (tmp_path / "t.md").read_text().splitlines()
     assert len(table) == 2 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")
+    assert any(row.startswith("| ldm | onnxruntime | dpmpp, best of 2 | 10 | 32 |") for row in table)
     prof = res["profile"]["ldm_onnxruntime"]
     assert prof["batch"] == 32 and prof["denoiser_s"] > 0 and prof["decoder_s"] > 0
     assert abs(sum(prof["shares"].values()) - 1) < 0.01 and prof["shares"]["denoiser"] > 0
