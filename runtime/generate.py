@@ -98,15 +98,17 @@ class Pipeline:
         if best_of > 1:
             self._need("classifier", "the latent classifier for best-of-N selection")
 
-        def candidate(k: int) -> np.ndarray:
-            c = dict(kw)
-            if c.get("seeds"):
-                c["seeds"] = [(candidate_seed(s, k), n) for s, n in c["seeds"]]
-            else:
-                c["seed"] = candidate_seed(c.get("seed", 0), k)
-            return self.ldm_latents(cond, **c) if model == "ldm" else self.gan_latents(cond, **c)
-
-        lat, _ = best_of_n(best_of, candidate, self.classifier_logits, cond)
+        # All candidates in one batched call (candidate k = the rows drawn with candidate_seed(seed, k)): a small
+        # request with best-of-N runs as one batch of N x its size, not N small ones.
+        cond = np.asarray(cond, np.float32)
+        kw = dict(kw)
+        parts = kw.pop("seeds", None) or [(kw.pop("seed", 0), len(cond))]
+        kw.pop("seed", None)
+        seeds = [(candidate_seed(s, k), n) for k in range(best_of) for s, n in parts]
+        every = np.tile(cond, (best_of, 1))
+        lat = self.ldm_latents(every, seeds=seeds, **kw) if model == "ldm" else self.gan_latents(every, seeds=seeds)
+        cands = lat.reshape(best_of, len(cond), *lat.shape[1:])
+        lat, _ = best_of_n(best_of, lambda k: cands[k], self.classifier_logits, cond)
         return self.decode(lat)
 
 
