@@ -5,8 +5,9 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 4.0, "eta": 0.0, "seed": 0, "format": "png"|"json", "scores": false}; all but labels are
-optional. It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
+"guidance": 4.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all but labels
+are optional ("best_of" N > 1: the best of N candidates per image by the export's latent classifier, N times the
+work; python/best_of.py). It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
 base64 PNGs, with the judge's per-image scores when "scores" is true. GET /health, GET /metrics
 (Prometheus text format).
 
@@ -52,6 +53,7 @@ class Limits:
     max_n: int = 64
     max_steps: int = 1000
     max_guidance: float = 20.0
+    max_best_of: int = 16
 
 
 def _get(body: dict, key: str, kind, default):
@@ -67,8 +69,8 @@ def parse_request(body, limits: Limits) -> dict:
     """The validated request, or BadRequest naming the field that is wrong and what is valid."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"labels\": [\"red sphere\"]}")
-    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "eta", "seed", "format",
-                           "scores"}
+    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "eta", "seed", "best_of",
+                           "format", "scores"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}")
     if "labels" not in body:
@@ -88,7 +90,7 @@ def parse_request(body, limits: Limits) -> dict:
              n=_get(body, "n", int, 1), model=_get(body, "model", str, "ldm"),
              sampler=_get(body, "sampler", str, "dpmpp"), steps=_get(body, "steps", int, 20),
              guidance=float(_get(body, "guidance", (int, float), DEFAULT_GUIDANCE)), eta=float(_get(body, "eta", (int, float), 0.0)),
-             seed=_get(body, "seed", int, 0), format=_get(body, "format", (str, type(None)), None),
+             seed=_get(body, "seed", int, 0), best_of=_get(body, "best_of", int, 1), format=_get(body, "format", (str, type(None)), None),
              scores=_get(body, "scores", bool, False))
     if not 1 <= r["n"] <= limits.max_n:
         raise BadRequest(f"'n' must be between 1 and {limits.max_n}, got {r['n']}")
@@ -104,6 +106,8 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'eta' must be between 0 and 1, got {r['eta']}")
     if not 0 <= r["seed"] < 2 ** 63:
         raise BadRequest(f"'seed' must be a non-negative 64-bit integer, got {r['seed']}")
+    if not 1 <= r["best_of"] <= limits.max_best_of:
+        raise BadRequest(f"'best_of' must be between 1 and {limits.max_best_of}, got {r['best_of']}")
     if r["format"] not in (None, *FORMATS):
         raise BadRequest(f"'format' must be one of {list(FORMATS)}, got {r['format']!r}")
     return r
@@ -112,8 +116,8 @@ def parse_request(body, limits: Limits) -> dict:
 def batch_key(r: dict) -> tuple:
     """Requests with equal keys can share one sampler call."""
     if r["model"] == "gan":
-        return ("gan",)
-    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["eta"])
+        return ("gan", r["best_of"])
+    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["eta"], r["best_of"])
 
 
 def condition(req: dict) -> np.ndarray:
@@ -189,8 +193,8 @@ class Batcher:
         cond = np.concatenate([j.cond for j in jobs])
         seeds = [(j.req["seed"], j.req["n"]) for j in jobs]
         if r["model"] == "gan":
-            return self.pipe.generate(cond, "gan", seeds=seeds)
-        return self.pipe.generate(cond, "ldm", sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
+            return self.pipe.generate(cond, "gan", r["best_of"], seeds=seeds)
+        return self.pipe.generate(cond, "ldm", r["best_of"], sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
                                   eta=r["eta"], seeds=seeds, batch=self.max_batch)
 
     async def run_forever(self):
@@ -285,6 +289,8 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
             return fail(400, str(e))
         if req["model"] not in available:
             return fail(400, f"model {req['model']!r} is not in this export; it serves {available}")
+        if req["best_of"] > 1 and not pipe.ex.has("classifier"):
+            return fail(400, "'best_of' > 1 needs the latent classifier, which this export does not have")
         try:
             future = batcher.submit(req)
         except OverflowError:

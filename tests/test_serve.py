@@ -44,6 +44,17 @@ def test_generate_json_with_scores_matches_the_pipeline(client, onnx_export):
     assert all(set(s["probabilities"]) == {"gray cube"} and 0 <= s["hits"] <= 1 for s in payload["scores"])
 
 
+def test_best_of_request_matches_the_pipeline(client, onnx_export):
+    body = {"labels": ["red sphere", "cyan cube"], "n": 2, "steps": 3, "seed": 4, "best_of": 3, "format": "json"}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200
+    ref = Pipeline(ExportFolder(onnx_export, threads=2)).generate(condition(parse_request(body, Limits())), "ldm", 3,
+                                                                  steps=3, seeds=[(4, 2)])
+    assert np.abs(_decode_pngs(r.json()).astype(int) - to_uint8(ref).astype(int)).max() <= 1
+    r = client.post("/generate", json={**body, "best_of": 17})
+    assert r.status_code == 400 and "'best_of' must be between 1 and 16" in r.json()["error"]
+
+
 def test_accept_header_selects_json_and_gan_works(client):
     r = client.post("/generate", json={"labels": ["blue cylinder"], "model": "gan", "n": 2},
                     headers={"accept": "application/json"})
