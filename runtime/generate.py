@@ -102,8 +102,8 @@ class Pipeline:
         # request with best-of-N runs as one batch of N x its size, not N small ones.
         cond = np.asarray(cond, np.float32)
         kw = dict(kw)
-        parts = kw.pop("seeds", None) or [(kw.pop("seed", 0), len(cond))]
-        kw.pop("seed", None)
+        seed, parts = kw.pop("seed", 0), kw.pop("seeds", None)
+        parts = parts or [(seed, len(cond))]
         seeds = [(candidate_seed(s, k), n) for k in range(best_of) for s, n in parts]
         every = np.tile(cond, (best_of, 1))
         lat = self.ldm_latents(every, seeds=seeds, **kw) if model == "ldm" else self.gan_latents(every, seeds=seeds)
