@@ -373,7 +373,8 @@ def plot(results: list[dict], path: Path, title: str):
         if y > best:
             best = y
             line.append((x, y))
-            label = f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''} b{r['batch']}"
+            tag = f" best-of-{r['best_of']}" if r.get("best_of", 1) > 1 else ""
+            label = f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''}{tag} b{r['batch']}"
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     if line:
         ax.plot(*zip(*line), "k--", lw=0.8)
