@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.best_of import best_of as best_of_n, candidate_seed
+from python.best_of import best_of as select_best, candidate_seed
 from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
 from python.labels import load_conditions, parse_label_arg
@@ -108,7 +108,7 @@ class Pipeline:
         every = np.tile(cond, (best_of, 1))
         lat = self.ldm_latents(every, seeds=seeds, **kw) if model == "ldm" else self.gan_latents(every, seeds=seeds)
         cands = lat.reshape(best_of, len(cond), *lat.shape[1:])
-        lat, _ = best_of_n(best_of, lambda k: cands[k], self.classifier_logits, cond)
+        lat, _ = select_best(best_of, lambda k: cands[k], self.classifier_logits, cond)
         return self.decode(lat)
 
 
