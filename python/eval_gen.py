@@ -39,7 +39,7 @@ PROCESS_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
 class Generator:
     """latents(cond, seed) for either model, from a weights folder."""
 
-    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp"):
+    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu"):
         from python.latents import require_latent_space
 
         self.model, self.sampler = model, sampler
@@ -58,6 +58,10 @@ class Generator:
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
         require_latent_space(weights / model, cfg, vae_dir)
         self.net.eval()
+        if device != "cpu":  # the network runs there; sampler maths, decoder and judge stay on the host
+            from python.sample import OnDevice
+
+            self.net = OnDevice(self.net.to(device), device)
 
     def latents(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None):
         with torch.no_grad():
@@ -158,6 +162,7 @@ def main(argv=None):
     p.add_argument("--classifier", type=Path, help="latent classifier for --best-of (default: weights/classifier)")
     p.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
     p.add_argument("--json", type=Path)
+    p.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
     a = p.parse_args(argv)
     if a.model not in ("ldm", "gan"):
         raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
@@ -165,7 +170,7 @@ def main(argv=None):
         raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
     if a.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {a.best_of}")
-    gen = Generator(a.model, a.weights, a.sampler)
+    gen = Generator(a.model, a.weights, a.sampler, a.device)
     classifier = None
     if a.best_of > 1:
         from python.latents import require_latent_space

@@ -9,6 +9,9 @@ cond="tokens", each class has a learned token; a patch attends to the tokens of 
 (an attention mask built from the multi-hot vector) plus a learned "null" token that is always
 present, so the empty set (classifier-free guidance's unconditional pass) is the null token alone.
 With cond="sum", the class embeddings of the present objects are summed into the time embedding.
+With pooled=True, cond="tokens" does both: the softmax over the present tokens hides how many objects
+were asked for, and the pooled embedding (a linear map of the multi-hot vector, zero at initialisation so
+that a model without it warm-starts unchanged) tells every block the whole set, its size included.
 Both take the condition as the multi-hot vector itself, so ONNX export needs no token bookkeeping.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ class DenoiserConfig:
     mlp_ratio: float = 4.0
     cond: str = "tokens"  # "tokens" | "sum"
     num_classes: int = NUM_CLASSES
+    pooled: bool = False  # also add a linear embedding of the whole label set to the time embedding ("tokens")
 
     def __post_init__(self):
         if self.cond not in ("tokens", "sum"):
@@ -118,6 +122,10 @@ class Denoiser(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.class_emb = nn.Parameter(torch.randn(cfg.num_classes + 1, d) * 0.02)  # last row: the null token
+        if cfg.pooled and cfg.cond == "tokens":
+            self.cond_emb = nn.Linear(cfg.num_classes, d)
+            nn.init.zeros_(self.cond_emb.weight)
+            nn.init.zeros_(self.cond_emb.bias)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
@@ -136,6 +144,8 @@ class Denoiser(nn.Module):
             emb = emb + cond @ self.class_emb[:-1] + self.class_emb[-1]
         else:
             ctx = self.class_emb[None]
+            if cfg.pooled:
+                emb = emb + self.cond_emb(cond.to(emb.dtype))
             present = torch.cat([(cond > 0.5).to(h.dtype), torch.ones_like(cond[:, :1], dtype=h.dtype)], dim=1)
             # (N, 1, 1, 25): attend to the present objects and the null token (always present, so no row is
             # empty). An additive mask rather than a boolean one: exp(-1e4) is exactly 0 in fp32 and fp16, and

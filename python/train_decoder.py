@@ -9,6 +9,14 @@ image and its mirror image, encoded once), so no encoder runs during training. L
 L1 term on image gradients (finite differences), which weighs the edges and corners that tell a small cube from a
 cylinder more than their share of pixels. Every --eval-every steps: PSNR and the primary judge's accuracy on
 reconstructions of held-out renders (reported, never in the loss).
+
+--adv-weight W adds an adversarial term, as the VAEs of latent diffusion do (Esser et al. 2021): a patch
+discriminator (8x8 logits for a 64x64 image, hinge loss) learns to tell renders from decodings, and the decoder
+is pushed towards what it finds real. Why: the latents are posterior samples, and some channels are nearly as
+noisy as they are spread, so a decoder trained on squared error alone returns the average over what the noise
+hides: a sphere's one- or two-pixel specular highlight averages away, and a gray or green sphere without it
+reads as a cube. The adversarial term asks for a sharp, plausible highlight instead of the average. Its
+weight is adaptive (the ratio of the two losses' gradient norms at the decoder's last layer, times W).
 """
 from __future__ import annotations
 
@@ -42,6 +50,31 @@ def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (dx(x) - dx(y)).abs().mean() + (dy(x) - dy(y)).abs().mean()
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """64x64 image -> 8x8 real/fake logits (three stride-2 convolutions: each logit sees a ~22-pixel patch)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        nn = torch.nn
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 4, 2, 1), act(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GroupNorm(8, 2 * width), act(),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.GroupNorm(8, 4 * width), act(),
+            nn.Conv2d(4 * width, 1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
+    """||d rec_loss / d last|| / ||d adv_loss / d last||: the scale at which the adversarial term pulls the last layer
+    as hard as the reconstruction loss does."""
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-8)).clamp(max=cap).detach()
+
+
 def evaluate(vae: V.VAE, images_u8: np.ndarray, labels: np.ndarray, judge) -> dict:
     vae.eval()
     x = to_model_range(images_u8)
@@ -66,6 +99,13 @@ def main(argv=None):
     p.add_argument("--decoder-up", choices=("transpose", "nearest"), default="nearest")
     p.add_argument("--init", action="store_true", help="start from the VAE's decoder (same widths and upsampling)")
     p.add_argument("--grad-weight", type=float, default=0.5, help="weight of the image-gradient L1 term")
+    p.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term's weight (x the adaptive scale; "
+                                                                 "0: none)")
+    p.add_argument("--adv-start", type=int, default=0, help="step at which the decoder starts to get the adversarial "
+                                                            "term (the discriminator trains from step 0)")
+    p.add_argument("--posterior", choices=("sample", "mean"), default="sample",
+                   help="decode posterior samples (what the generators produce) or the posterior means (what a "
+                        "reconstruction decodes)")
     p.add_argument("--judge", type=Path, help="judge for the held-out figure (default: shipped primary)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
@@ -108,12 +148,18 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps)
+    disc = PatchDiscriminator() if a.adv_weight > 0 else None
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=0.0) if disc else None
+    last = [q for q in params if q.ndim == 4][-1]  # the decoder's last convolution
     gen = torch.Generator().manual_seed(a.seed)
     step = 0
     if a.resume and (ck := run.load()):
         step, weights, state = ck
         vae.load_state_dict(weights["model"])
         opt.load_state_dict(state["opt"])
+        if disc:
+            disc.load_state_dict(weights["disc"])
+            d_opt.load_state_dict(state["d_opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         run.log(f"resumed at step {step}")
@@ -130,31 +176,48 @@ def main(argv=None):
         x = to_model_range(images_t[idx % n])
         x = torch.where(mirrored[:, None, None, None], x.flip(3), x)
         mean, std = lat.mean[idx].float(), lat.std[idx].float()
-        z = mean + std * torch.randn(mean.shape, generator=gen)
+        z = mean + std * torch.randn(mean.shape, generator=gen) if a.posterior == "sample" else mean
         rec = vae.decode(z)
         mse = F.mse_loss(rec, x)
         grad = gradient_l1(rec, x)
         loss = mse + a.grad_weight * grad
+        extra = {}
+        if disc:
+            if step >= a.adv_start:
+                disc.requires_grad_(False)
+                adv = -disc(rec).mean()
+                w = a.adv_weight * adaptive_weight(loss, adv, last)
+                loss = loss + w * adv
+                disc.requires_grad_(True)
+                extra.update(adv=adv.item(), adv_w=w.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if disc:  # after the decoder's step: its backward needs the discriminator's weights as they were
+            d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()  # hinge
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            extra["d_loss"] = d_loss.item()
         step += 1
         seen += len(x)
         bar.update(1)
         if step % 20 == 0 or step == steps:
             rate = seen / (time.time() - t_last)
-            bar.set_postfix(mse=f"{mse.item():.5f}", grad=f"{grad.item():.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(mse=f"{mse.item():.5f}", grad=f"{grad.item():.4f}", img_s=f"{rate:.0f}",
+                            **{k: f"{v:.3f}" for k, v in extra.items()})
             run.metrics(step=step, loss=loss.item(), mse=mse.item(), grad_l1=grad.item(), lr=sched.get_last_lr()[0],
-                        images_per_sec=rate)
+                        images_per_sec=rate, **extra)
             t_last, seen = time.time(), 0
         if step % cfg["eval_every"] == 0 or step == steps:
             res = evaluate(vae, eval_u8, eval_labels, judge)
             run.metrics(step=step, heldout=res)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-            run.save(step, {"model": vae.state_dict()},
-                     {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()})
+            run.save(step, {"model": vae.state_dict(), **({"disc": disc.state_dict()} if disc else {})},
+                     {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                      **({"d_opt": d_opt.state_dict()} if disc else {})})
             vae.eval()
             save_grid(run.path / "samples" / f"recon-{step:08d}.png", to_model_range(eval_u8[:16]),
                       reconstruct(vae, eval_u8[:16]))

@@ -75,6 +75,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int)
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--cond", choices=("tokens", "sum"), default="tokens")
+    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --cond tokens, also add a pooled embedding of the label set to the time embedding")
     p.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
     p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
     p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
@@ -93,6 +95,7 @@ def main(argv=None):
                    help="bf16 autocast (default: on for CUDA; off on CPU, where it measured 2.3x slower for this "
                         "model: attention and small matmuls pay the casts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (worth it on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
@@ -114,7 +117,7 @@ def main(argv=None):
     lat = load_latents(a.data, vae_folder)
     schedule = Schedule(a.schedule, prediction=a.prediction)
     dcfg = L.DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
-                            depth=cfg["depth"], heads=cfg["heads"], cond=a.cond)
+                            depth=cfg["depth"], heads=cfg["heads"], cond=a.cond, pooled=a.pooled)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
     run = RunDir(a.run_dir, cfg, a.resume) if rank == 0 else None
 
@@ -122,7 +125,14 @@ def main(argv=None):
     model = L.Denoiser(dcfg)
     if a.init:
         init, _ = L.load(a.init)
-        model.load_state_dict(init.state_dict())
+        shape = lambda c: dict(width=c.width, depth=c.depth, heads=c.heads, patch=c.patch, cond=c.cond,  # noqa: E731
+                               in_channels=c.in_channels, size=c.size)
+        if shape(init.cfg) != shape(dcfg):
+            raise UserError(f"--init {a.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
+        # a pooled embedding the init lacks starts at zero, so the warm start computes what the init did
+        missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
+        if any(not k.startswith("cond_emb.") for k in missing):
+            raise UserError(f"--init {a.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
@@ -139,6 +149,8 @@ def main(argv=None):
         if run:
             run.log(f"resumed at step {step}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if a.compile:
+        net = torch.compile(net)
     gen = torch.Generator(device=device).manual_seed(a.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)

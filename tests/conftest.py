@@ -36,7 +36,7 @@ def tiny_weights(tmp_path_factory) -> Path:
     vae = V.VAE(V.VAEConfig(channels=[16, 8]))
     vae.cfg.scale_factor = 1.7
     V.save(vae, root / "vae")
-    den = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2))
+    den = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
     with torch.no_grad():
         for p in den.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -23,9 +23,9 @@ def _args(tiny_data, parts, run, *extra):
             "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run), *extra]
 
 
-@pytest.mark.parametrize("cond", ["tokens", "sum"])
-def test_denoiser_shapes_and_condition_matters(cond):
-    m = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, cond=cond))
+@pytest.mark.parametrize("cond, pooled", [("tokens", False), ("tokens", True), ("sum", False)])
+def test_denoiser_shapes_and_condition_matters(cond, pooled):
+    m = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, cond=cond, pooled=pooled))
     for p in m.parameters():  # adaLN-zero starts at zero output; perturb so the condition can show
         torch.nn.init.normal_(p, std=0.05)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 900])
@@ -74,6 +74,38 @@ def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
     assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"] and scfg["schedule"] == cfg["schedule"]
     for (k, a), b in zip(model.state_dict().items(), shipped.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)  # the EMA weights, through fp16
+
+
+def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data, parts, tmp_path, capsys):
+    """With cond tokens alone, the size of the set reaches a patch only through how the softmax over the present
+    tokens splits its weight; the pooled embedding adds a linear map of the whole set to the time embedding. It
+    starts at zero, so --init from a model without it computes the same function until training moves it."""
+    torch.manual_seed(0)
+    plain = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2))
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pooled = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
+    assert pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["cond_emb.weight", "cond_emb.bias"]
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([3, 900]), torch.zeros(2, 24)
+    cond[0, 1], cond[1, [1, 5]] = 1, 1
+    torch.testing.assert_close(pooled(x, t, cond), plain(x, t, cond), rtol=0, atol=0)
+    torch.nn.init.normal_(pooled.cond_emb.weight, std=0.5)
+    assert not torch.allclose(pooled(x, t, cond), plain(x, t, cond))
+
+    # train_ldm --init: a saved model without the pooled embedding warm-starts one with it (the default)
+    L.save(plain, tmp_path / "plain", {"schedule": Schedule("cosine", prediction="v_prediction").config()})
+    run = tmp_path / "warm"
+    train_ldm(_args(tiny_data, parts, run, "--steps", "2", "--eval-every", "2", "--no-bf16", "--init",
+                    str(tmp_path / "plain"), "--lr", "0"))
+    warm, _ = L.load(run / "final")
+    assert warm.cfg.pooled and warm.cond_emb.weight.abs().max() == 0  # lr 0: nothing moved, the new part is zero
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(warm.state_dict()[k], v, msg=k)
+    big = L.Denoiser(L.DenoiserConfig(width=64, depth=2, heads=2))
+    L.save(big, tmp_path / "big", {})
+    with pytest.raises(SystemExit):
+        train_ldm(_args(tiny_data, parts, tmp_path / "bad", "--init", str(tmp_path / "big"), "--no-bf16"))
+    assert "its denoiser {'width': 64" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):

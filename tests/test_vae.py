@@ -118,3 +118,25 @@ def test_decoder_only_training_keeps_the_latent_space(tiny_data, parts, tmp_path
     assert any("heldout" in m for m in lines) and all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
     with pytest.raises(SystemExit):  # --init needs matching widths
         train_decoder.main(args[:-4] + ["--init", "--run-dir", str(tmp_path / "dec2")])
+
+
+def test_decoder_adversarial_term_trains_and_resumes(tiny_data, parts, tmp_path):
+    import json
+
+    from python import train_decoder
+
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    scale = train_decoder.adaptive_weight((3 * w).sum(), w.sum(), w)  # gradients 3 and 1 everywhere
+    assert scale.item() == pytest.approx(3.0)
+    assert train_decoder.PatchDiscriminator()(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 8, 8)
+
+    run = tmp_path / "adv"
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run),
+            "--judge", str(parts / "judge" / "judge.safetensors"), "--adv-weight", "0.5", "--adv-start", "2",
+            "--steps", "3"]
+    train_decoder.main(args)
+    train_decoder.main(args[:-2] + ["--steps", "6", "--resume"])
+    assert "resumed at step 3" in (run / "log.txt").read_text()
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in lines if "d_loss" in m]
+    assert trained and all(np.isfinite(m["d_loss"]) and m["adv_w"] >= 0 for m in trained)
