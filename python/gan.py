@@ -171,7 +171,12 @@ def load(folder: Path | None = None, device="cpu") -> tuple[Generator, dict]:
         raise UserError(f"{folder}: no GAN here (expected config.json and generator.safetensors; train one with "
                         f"`python -m python.train_gan`)")
     cfg = json.loads((folder / "config.json").read_text())
-    gen = Generator(GANConfig(**cfg["gan"]))
+    if "distilled" in cfg:  # a one-step student of the LDM (python/distill.py), used like a generator
+        from python.distill import from_config
+
+        gen = from_config(cfg)
+    else:
+        gen = Generator(GANConfig(**cfg["gan"]))
     try:
         gen.load_state_dict({k: v.float() if v.is_floating_point() else v
                              for k, v in load_file(str(folder / "generator.safetensors")).items()})

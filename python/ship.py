@@ -47,11 +47,18 @@ def main(argv=None):
     else:
         from python import gan as G
 
-        if "gan" not in cfg:
-            raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
-        gen = G.Generator(G.GANConfig(**cfg["gan"]))
-        gen.load_state_dict(weights["generator" if a.raw else "ema"])
-        G.save(gen.eval(), a.out, provenance, half=not a.fp32)
+        if "distilled" in cfg:  # python/distill.py's one-step student ships as the GAN path's generator
+            from python import distill as D
+
+            gen = D.from_config(cfg)
+            gen.load_state_dict(weights["generator" if a.raw else "ema"])
+            D.save(gen.eval(), a.out, provenance, half=not a.fp32)
+        else:
+            if "gan" not in cfg:
+                raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
+            gen = G.Generator(G.GANConfig(**cfg["gan"]))
+            gen.load_state_dict(weights["generator" if a.raw else "ema"])
+            G.save(gen.eval(), a.out, provenance, half=not a.fp32)
     print(json.dumps({"out": str(a.out), "step": step}))
 
 

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from python import distill as D
+from python import gan as G
+from python import ldm as L
+from python.best_of import candidate_seed
+from python.diffusion import Schedule
+from python.errors import UserError
+from python.noise import initial_noise
+from python.sample import ldm_latents
+
+
+def _pairs_args(tiny_data, w, out, *extra):
+    return ["pairs", "--data", str(tiny_data), "--out", str(out), "--ldm", str(w / "ldm"), "--vae", str(w / "vae"),
+            "--classifier", str(w / "classifier"), "--steps", "2", *extra]
+
+
+def test_one_step_student_starts_as_the_teachers_one_call_guess(tiny_weights):
+    teacher, cfg = L.load(tiny_weights / "ldm")
+    student = D.OneStep(teacher.cfg, cfg["schedule"])
+    student.denoiser.load_state_dict(teacher.state_dict())
+    sch = Schedule(**cfg["schedule"])
+    a, s = sch.coeffs(np.array([sch.T - 1]))
+    x, cond = torch.randn(3, teacher.cfg.in_channels, 16, 16), torch.zeros(3, 24)
+    cond[:, [2, 9]] = 1
+    with torch.no_grad():
+        expect = float(a[0]) * x - float(s[0]) * teacher(x, torch.full((3,), sch.T - 1), cond)
+        torch.testing.assert_close(student(x.flatten(1), cond), expect)
+    assert student.cfg.z_dim == x[0].numel()
+    with pytest.raises(UserError, match="v-prediction"):
+        D.OneStep(teacher.cfg, Schedule("cosine", prediction="epsilon").config())
+
+
+def test_teacher_pairs_are_the_samplers_output_and_resume(tiny_data, tiny_weights, tmp_path):
+    out = tmp_path / "pairs"
+    D.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "6", "--shard", "4"))
+    files = sorted(out.glob("pairs-*.npz"))
+    assert [f.name for f in files] == ["pairs-00000.npz", "pairs-00001.npz"]  # 6 pairs in shards of 4: two shards
+    meta, pairs = D.load_pairs(out)
+    assert meta["best_of"] == 1 and pairs["x_T"].shape == (8, 4, 16, 16) and pairs["x_0"].shape == (8, 4, 16, 16)
+    train_sets = {tuple(r) for r in D.training_label_sets(tiny_data)}
+    assert all(tuple(r) in train_sets for r in pairs["cond"].numpy())  # the teacher is asked for training label sets
+    teacher, cfg = L.load(tiny_weights / "ldm")
+    shard = np.load(files[1])
+    seed = 0 * 1_000_000 + 1
+    np.testing.assert_allclose(shard["x_T"], initial_noise(seed, 4, (4, 16, 16)), atol=2e-3)  # stored as fp16
+    x0 = ldm_latents(teacher, Schedule(**cfg["schedule"]), shard["cond"], "dpmpp", 2, 4.0, seed=seed).numpy()
+    np.testing.assert_allclose(shard["x_0"].astype(np.float32), x0, atol=5e-3, rtol=2e-3)
+    before = files[0].stat().st_mtime_ns
+    D.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "12", "--shard", "4"))  # more data: one shard more
+    assert len(list(out.glob("pairs-*.npz"))) == 3 and files[0].stat().st_mtime_ns == before
+    with pytest.raises(SystemExit):  # other settings into the same folder: refused
+        D.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "4", "--shard", "4", "--guidance", "2"))
+
+
+def test_best_of_pairs_record_the_kept_candidates_noise(tiny_data, tiny_weights, tmp_path):
+    from python.train_classifier import load as load_classifier
+
+    out = tmp_path / "pairs"
+    D.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "5", "--shard", "5", "--best-of", "3"))
+    shard = np.load(out / "pairs-00000.npz")
+    teacher, cfg = L.load(tiny_weights / "ldm")
+    sch, cls = Schedule(**cfg["schedule"]), load_classifier(tiny_weights / "classifier")[0]
+    cands = [ldm_latents(teacher, sch, shard["cond"], "dpmpp", 2, 4.0, seed=candidate_seed(0, k)).numpy()
+             for k in range(3)]
+    from python.best_of import label_set_loglik
+
+    with torch.no_grad():
+        scores = np.stack([label_set_loglik(cls(torch.from_numpy(c)).numpy(), shard["cond"]) for c in cands])
+    pick = scores.argmax(0)
+    for i, k in enumerate(pick):
+        np.testing.assert_allclose(shard["x_T"][i], initial_noise(candidate_seed(0, k), 5, (4, 16, 16))[i], atol=2e-3)
+        np.testing.assert_allclose(shard["x_0"][i].astype(np.float32), cands[k][i], atol=5e-3, rtol=2e-3)
+
+
+def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weights, tmp_path):
+    from python.ship import main as ship
+    from python.train_gan import gan_latents
+
+    pairs = tmp_path / "pairs"
+    D.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "8", "--shard", "8"))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--run-dir", str(run), "--ldm",
+            str(tiny_weights / "ldm"), "--vae", str(tiny_weights / "vae"), "--judge", str(tiny_weights / "judge" / "judge.safetensors"),
+            "--batch", "4", "--lr", "1e-3", "--eval-every", "2", "--eval-conditions", "6"]
+    D.main(args + ["--steps", "2"])
+    D.main(args + ["--steps", "4", "--resume"])
+    assert "resumed at step 2" in (run / "log.txt").read_text()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "heldout_subset" in m] == [2, 4]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses and all(np.isfinite(losses))
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "gan")])
+    gen, cfg = G.load(tmp_path / "gan")
+    assert isinstance(gen, D.OneStep) and cfg["trained_steps"] == 4 and cfg["vae_sha"]
+    lat = gan_latents(gen, np.eye(24, dtype=np.float32)[:3], seed=1)
+    assert lat.shape == (3, 4, 16, 16) and torch.isfinite(lat).all()
+    final, _ = G.load(run / "final")
+    for (k, a), b in zip(final.state_dict().items(), gen.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)  # the EMA weights, through fp16
+
+
+def test_pairs_and_train_errors(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        D.main(["train", "--pairs", str(tmp_path), "--data", str(tiny_data)])
+    assert "no teacher pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.main(["pairs", "--out", str(tmp_path / "p"), "--data", str(tiny_data), "--count", "0"])
+    assert "--count must be >= 1" in capsys.readouterr().err
+
+
+def test_student_exports_and_the_runtime_matches_torch(tiny_weights, tmp_path):
+    """A shipped student is the GAN path's generator: ONNX export and the torch-free runtime take it unchanged."""
+    import shutil
+
+    from export.to_onnx import export_all
+    from python import vae as V
+    from python.sample import decode
+    from python.train_gan import gan_latents
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    w = tmp_path / "weights"
+    shutil.copytree(tiny_weights, w)
+    teacher, cfg = L.load(w / "ldm")
+    student = D.OneStep(teacher.cfg, cfg["schedule"])
+    student.denoiser.load_state_dict(teacher.state_dict())
+    shutil.rmtree(w / "gan")
+    D.save(student, w / "gan", {"vae_sha": cfg["vae_sha"]})
+    export_all(w, tmp_path / "export", formats=("onnx",))
+    pipe = Pipeline(ExportFolder(tmp_path / "export"))
+    cond = np.zeros((3, 24), np.float32)
+    cond[0, 1], cond[1, [4, 9]], cond[2, [0, 12, 23]] = 1, 1, 1
+    ref = decode(V.Decoder(V.load(w / "vae")), gan_latents(G.load(w / "gan")[0], cond, seed=3))
+    assert np.abs(pipe.generate(cond, "gan", seed=3) - ref.numpy()).max() <= 1e-3
