@@ -17,8 +17,11 @@ run resumes by skipping the shards that exist, and adding shards adds data.
 Student (`train`): a copy of the teacher's denoiser, called once at t = T-1 on x_T; its v-prediction gives
 x_0 = a x_T - s v (a, s: the schedule at T-1), which is where it starts (the teacher's own one-call guess) before it
 learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
-in the targets, so the student needs no unconditional pass: one network call per image. No judge in the loss:
-the judge scores the held-out accuracy logged every --eval-every steps.
+in the targets, so the student needs no unconditional pass: one network call per image. Squared error alone
+gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
+projection discriminator on latents (python.gan.Discriminator, hinge loss), with the teacher's latents as the
+real ones, weighted adaptively against the regression term as in python/train_decoder.py. No judge in the
+loss: the judge scores the held-out accuracy logged every --eval-every steps.
 
 The student is saved as a generator (config.json with "distilled", generator.safetensors): `python.gan.load`
 loads it, and export, runtime, server, bench and eval_gen --model gan use it as they use the GAN, with
@@ -191,12 +194,21 @@ def train(a) -> None:
     student.denoiser.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
+    disc = d_opt = None
+    if a.adv_weight > 0:
+        from python import gan as G
+
+        disc = G.Discriminator(G.GANConfig(latent_channels=teacher.cfg.in_channels, size=teacher.cfg.size))
+        d_opt = torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.0, 0.99))
     step = 0
     if a.resume and (ck := run.load()):
         step, weights, state = ck
         student.load_state_dict(weights["generator"])
         ema.load_state_dict(weights["ema"])
         opt.load_state_dict(state["opt"])
+        if disc is not None and "disc" in weights:
+            disc.load_state_dict(weights["disc"])
+            d_opt.load_state_dict(state["d_opt"])
         run.log(f"resumed at step {step}")
     vae_dir = a.vae or V.SHIPPED
     decoder, judge = V.Decoder(V.load(vae_dir)).eval(), J.load(a.judge)
@@ -213,11 +225,29 @@ def train(a) -> None:
     while step < a.steps:
         idx = torch.randint(0, n, (a.batch,), generator=gen)
         x_T, x_0, cond = pairs["x_T"][idx], pairs["x_0"][idx], pairs["cond"][idx]
-        loss = (student(x_T.flatten(1), cond) - x_0).square().mean()
+        fake = student(x_T.flatten(1), cond)
+        loss = reg = (fake - x_0).square().mean()
+        extra = {}
+        if disc is not None:
+            from python.train_decoder import adaptive_weight
+
+            disc.requires_grad_(False)
+            adv = -disc(fake, cond)[0].mean()
+            disc.requires_grad_(True)
+            w = a.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
+            loss = reg + w * adv
+            extra.update(reg=reg.item(), adv=adv.item(), adv_w=w.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        if disc is not None:  # after the student's step, whose backward needs the discriminator as it was
+            d_loss = (torch.relu(1 - disc(x_0, cond)[0]).mean() +
+                      torch.relu(1 + disc(fake.detach(), cond)[0]).mean())
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            extra["d_loss"] = d_loss.item()
         step += 1
         ema_update(ema, student, step, a.ema)
         seen += a.batch
@@ -225,7 +255,7 @@ def train(a) -> None:
         if step % 20 == 0 or step == a.steps:
             rate = seen / (time.time() - t_last)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), images_per_sec=rate)
+            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), images_per_sec=rate, **extra)
             t_last, seen = time.time(), 0
         if step % a.eval_every == 0 or step == a.steps:
             with torch.no_grad():
@@ -236,7 +266,9 @@ def train(a) -> None:
             from PIL import Image
 
             Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
-            run.save(step, {"generator": student.state_dict(), "ema": ema.state_dict()}, {"opt": opt.state_dict()})
+            run.save(step, {"generator": student.state_dict(), "ema": ema.state_dict(),
+                            **({"disc": disc.state_dict()} if disc is not None else {})},
+                     {"opt": opt.state_dict(), **({"d_opt": d_opt.state_dict()} if disc is not None else {})})
     bar.close()
     save(copy.deepcopy(ema).float(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step})
     run.log(f"saved EMA student to {run.path / 'final'}")
@@ -270,6 +302,7 @@ def main(argv=None):
     pt.add_argument("--batch", type=int, default=128)
     pt.add_argument("--lr", type=float, default=1e-4)
     pt.add_argument("--ema", type=float, default=0.999)
+    pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
     pt.add_argument("--eval-every", type=int, default=1000)
     pt.add_argument("--eval-conditions", type=int, default=256)
     pt.add_argument("--seed", type=int, default=0)
