@@ -94,7 +94,7 @@ def main(argv=None):
         images = gen.images(cond, seed=0, steps=25, guidance=DEFAULT_GUIDANCE) if name == "ldm" else gen.images(cond, seed=0)
         summary[f"{name}_test_accuracy"] = J.score(J.load(), images, cond)["accuracy"]
         Image.fromarray(image_grid(images)).save(a.out / f"{name}_test.png")
-        print(f"test.json ({len(cond)} conditions{', DPM-Solver++ 25 steps, guidance 2' if name == 'ldm' else ''}): "
+        print(f"test.json ({len(cond)} conditions{f', DPM-Solver++ 25 steps, guidance {DEFAULT_GUIDANCE:g}' if name == 'ldm' else ', one forward pass'}): "
               f"accuracy {summary[f'{name}_test_accuracy']:.4f}; grid {a.out / f'{name}_test.png'}  "
               f"({time.time() - t:.0f}s)")
 
