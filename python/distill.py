@@ -69,16 +69,12 @@ class OneStep(nn.Module):
 
 
 def save(model: OneStep, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    from safetensors.torch import save_file
+    """Beside the GAN's: generator.safetensors and a config.json whose "distilled" entry python.gan.load reads."""
+    from python.rundir import save_weights
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}, str(folder / "generator.safetensors"))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps({"distilled": {"denoiser": asdict(model.denoiser.cfg), "schedule": model.schedule},
-                               **(extra or {})}, indent=1))
-    os.replace(tmp, folder / "config.json")
+    save_weights(folder, model, "generator.safetensors",
+                 {"distilled": {"denoiser": asdict(model.denoiser.cfg), "schedule": model.schedule}, **(extra or {})},
+                 half)
 
 
 def from_config(cfg: dict) -> OneStep:
@@ -181,6 +177,7 @@ def train(a) -> None:
     from python.ema import ema_update
     from python.rundir import RunDir
     from python.sample import decode
+    from python.train_decoder import adaptive_weight
     from python.train_gan import gan_latents
 
     meta, pairs = load_pairs(a.pairs)
@@ -229,8 +226,6 @@ def train(a) -> None:
         loss = reg = (fake - x_0).square().mean()
         extra = {}
         if disc is not None:
-            from python.train_decoder import adaptive_weight
-
             disc.requires_grad_(False)
             adv = -disc(fake, cond)[0].mean()
             disc.requires_grad_(True)

@@ -16,7 +16,6 @@ also has to satisfy.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,15 +151,9 @@ class LatentClassifier(nn.Module):
 
 
 def save(gen: Generator, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    from safetensors.torch import save_file
+    from python.rundir import save_weights
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in gen.state_dict().items()}, str(folder / "generator.safetensors"))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps({"gan": asdict(gen.cfg), **(extra or {})}, indent=1))
-    os.replace(tmp, folder / "config.json")
+    save_weights(folder, gen, "generator.safetensors", {"gan": asdict(gen.cfg), **(extra or {})}, half)
 
 
 def load(folder: Path | None = None, device="cpu") -> tuple[Generator, dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,15 +159,9 @@ class Denoiser(nn.Module):
 
 
 def save(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    from safetensors.torch import save_file
+    from python.rundir import save_weights
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}, str(folder / "denoiser.safetensors"))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps({"denoiser": asdict(model.cfg), **(extra or {})}, indent=1))
-    os.replace(tmp, folder / "config.json")
+    save_weights(folder, model, "denoiser.safetensors", {"denoiser": asdict(model.cfg), **(extra or {})}, half)
 
 
 def load(folder: Path | None = None, device="cpu") -> tuple[Denoiser, dict]:

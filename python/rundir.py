@@ -80,6 +80,18 @@ class RunDir:
         return time.time() - self.t0
 
 
+def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: dict, half: bool = False) -> None:
+    """A shippable weights folder: `filename` (safetensors; floating tensors as fp16 with half) and config.json,
+    the config written to a temporary file and swapped in, so a reader never sees half of it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}, str(folder / filename))
+    tmp = folder / ".config.tmp"
+    tmp.write_text(json.dumps(config, indent=1))
+    os.replace(tmp, folder / "config.json")
+
+
 def load_checkpoint(run_path: Path):
     """(step, {name: state_dict}, state) of a run folder's latest checkpoint, or None if there is none."""
     run_path = Path(run_path)

@@ -50,15 +50,13 @@ def main(argv=None):
         if "distilled" in cfg:  # python/distill.py's one-step student ships as the GAN path's generator
             from python import distill as D
 
-            gen = D.from_config(cfg)
-            gen.load_state_dict(weights["generator" if a.raw else "ema"])
-            D.save(gen.eval(), a.out, provenance, half=not a.fp32)
+            gen, save = D.from_config(cfg), D.save
+        elif "gan" in cfg:
+            gen, save = G.Generator(G.GANConfig(**cfg["gan"])), G.save
         else:
-            if "gan" not in cfg:
-                raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
-            gen = G.Generator(G.GANConfig(**cfg["gan"]))
-            gen.load_state_dict(weights["generator" if a.raw else "ema"])
-            G.save(gen.eval(), a.out, provenance, half=not a.fp32)
+            raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
+        gen.load_state_dict(weights["generator" if a.raw else "ema"])
+        save(gen.eval(), a.out, provenance, half=not a.fp32)
     print(json.dumps({"out": str(a.out), "step": step}))
 
 

@@ -24,7 +24,7 @@ from python import judge as J
 from python import vae as V
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
-from python.rundir import RunDir
+from python.rundir import RunDir, save_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "weights" / "classifier"
@@ -92,15 +92,8 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
 
 def save(cls: G.LatentClassifier, folder: Path, extra: dict) -> None:
     """fp16 weights + config.json (the classifier's input shape and whatever provenance `extra` holds)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in cls.state_dict().items()}, str(folder / "classifier.safetensors"))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps({"latent_channels": cls.features[0].in_channels, **extra}, indent=1))
-    os.replace(tmp, folder / "config.json")
+    save_weights(folder, cls, "classifier.safetensors", {"latent_channels": cls.features[0].in_channels, **extra},
+                 half=True)
 
 
 def load(folder: Path | None = None) -> tuple[G.LatentClassifier, dict]:

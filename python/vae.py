@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,16 +181,9 @@ class Decoder(nn.Module):
 
 
 def save(vae: VAE, folder: Path, half: bool = False) -> None:
-    from safetensors.torch import save_file
+    from python.rundir import save_weights
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in vae.state_dict().items()}
-    save_file(state, str(folder / "vae.safetensors"))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps(asdict(vae.cfg), indent=1))
-    os.replace(tmp, folder / "config.json")
+    save_weights(folder, vae, "vae.safetensors", asdict(vae.cfg), half)
 
 
 def load_config(folder: Path | None = None) -> VAEConfig:
