@@ -14,7 +14,7 @@ Teacher (`pairs`): the LDM (DPM-Solver++, --steps, guidance) on label sets drawn
 no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seeded by its index, so an interrupted
 run resumes by skipping the shards that exist, and adding shards adds data.
 
-Student (`train`): a copy of the teacher's denoiser, called once at t = T-1 on x_T; its v-prediction gives
+Student (`train`; `--init` continues another run's student on more pairs): a copy of the teacher's denoiser, called once at t = T-1 on x_T; its v-prediction gives
 x_0 = a x_T - s v (a, s: the schedule at T-1), which is where it starts (the teacher's own one-call guess) before it
 learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
 in the targets, so the student needs no unconditional pass: one network call per image. Squared error alone
@@ -170,6 +170,38 @@ def load_pairs(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 # ---------------------------------------------------------------------------------------------------- student
 
 
+def _warm_start(src: Path, student: OneStep, ema: OneStep, disc) -> None:
+    """Student (and EMA, and discriminator when the source has one) from another run's latest checkpoint or from
+    a saved student folder (python.gan.load's format, e.g. weights/gan): more teacher pairs, same student."""
+    from python.rundir import load_checkpoint
+
+    src = Path(src)
+    if ck := load_checkpoint(src):
+        weights = ck[1]
+        gen_sd, ema_sd, disc_sd = weights.get("generator"), weights.get("ema"), weights.get("disc")
+    elif (src / "config.json").exists() and (src / "generator.safetensors").exists():
+        if "distilled" not in json.loads((src / "config.json").read_text()):
+            raise UserError(f"--init {src}: a GAN generator, not a distilled student; nothing to warm-start from")
+        from python import gan as G
+
+        gen_sd = ema_sd = G.load(src)[0].state_dict()
+        disc_sd = None
+    else:
+        raise UserError(f"--init {src}: neither a run folder with a checkpoint nor a student folder "
+                        "(config.json + generator.safetensors)")
+    if gen_sd is None or ema_sd is None:
+        raise UserError(f"--init {src}: its checkpoint has no student weights (generator/ema)")
+    want = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in gen_sd.items()}
+    if want != have:
+        raise UserError(f"--init {src}: its student is not this teacher's architecture "
+                        f"({len(have)} tensors; differing: {sorted(set(want.items()) ^ set(have.items()))[:4]})")
+    student.load_state_dict(gen_sd)
+    ema.load_state_dict(ema_sd)
+    if disc is not None and disc_sd is not None:
+        disc.load_state_dict(disc_sd)
+
+
 def train(a) -> None:
     from python import judge as J
     from python import vae as V
@@ -198,6 +230,9 @@ def train(a) -> None:
         disc = G.Discriminator(G.GANConfig(latent_channels=teacher.cfg.in_channels, size=teacher.cfg.size))
         d_opt = torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.0, 0.99))
     step = 0
+    if a.init and not (a.resume and (run.path / "latest").exists()):
+        _warm_start(a.init, student, ema, disc)
+        run.log(f"warm start from {a.init}")
     if a.resume and (ck := run.load()):
         step, weights, state = ck
         student.load_state_dict(weights["generator"])
@@ -302,6 +337,7 @@ def main(argv=None):
     pt.add_argument("--eval-conditions", type=int, default=256)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--resume", action="store_true")
+    pt.add_argument("--init", type=Path, help="warm-start from a student run folder or a saved student (weights/gan)")
     pt.set_defaults(func=train)
     a = p.parse_args(argv)
     for name in ("count", "shard", "steps", "best_of", "batch", "eval_every", "eval_conditions"):

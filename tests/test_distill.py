@@ -109,15 +109,35 @@ def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weigh
     final, _ = G.load(run / "final")
     for (k, a), b in zip(final.state_dict().items(), gen.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)  # the EMA weights, through fp16
+    # --init: a new run (e.g. on more pairs) continues a shipped student; at lr 0 it stays that student
+    warm = tmp_path / "warm"
+    warm_args = [x if x != str(run) else str(warm) for x in args]
+    D.main(warm_args + ["--steps", "1", "--lr", "0", "--init", str(tmp_path / "gan")])
+    assert f"warm start from {tmp_path / 'gan'}" in (warm / "log.txt").read_text()
+    for (k, a), b in zip(G.load(warm / "final")[0].state_dict().items(), gen.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    D.main(adv_args[:adv_args.index(str(adv_run))] + [str(tmp_path / "warm_adv")] + adv_args[adv_args.index(str(adv_run)) + 1:]
+           + ["--steps", "1", "--init", str(adv_run)])  # from a run folder: student, EMA and discriminator
+    assert "warm start" in (tmp_path / "warm_adv" / "log.txt").read_text()
 
 
-def test_pairs_and_train_errors(tiny_data, tmp_path, capsys):
+def test_pairs_and_train_errors(tiny_data, tiny_weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         D.main(["train", "--pairs", str(tmp_path), "--data", str(tiny_data)])
     assert "no teacher pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         D.main(["pairs", "--out", str(tmp_path / "p"), "--data", str(tiny_data), "--count", "0"])
     assert "--count must be >= 1" in capsys.readouterr().err
+
+    pairs = tmp_path / "pairs"
+    D.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "4", "--shard", "4"))
+    base = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--ldm", str(tiny_weights / "ldm"), "--vae",
+            str(tiny_weights / "vae"), "--judge", str(tiny_weights / "judge" / "judge.safetensors"), "--steps", "1"]
+    for init, message in [(tmp_path / "empty", "neither a run folder"), (tiny_weights / "gan", "not a distilled student")]:
+        init.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit):
+            D.main(base + ["--run-dir", str(tmp_path / f"r-{init.name}"), "--init", str(init)])
+        assert message in capsys.readouterr().err
 
 
 def test_student_exports_and_the_runtime_matches_torch(tiny_weights, tmp_path):
