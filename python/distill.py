@@ -211,6 +211,7 @@ def train(a) -> None:
     from python.sample import decode
     from python.train_decoder import adaptive_weight
     from python.train_gan import gan_latents
+    from python.train_vae import warmup_cosine
 
     meta, pairs = load_pairs(a.pairs)
     teacher, tcfg = L.load(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else a.ldm)
@@ -223,6 +224,7 @@ def train(a) -> None:
     student.denoiser.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
     disc = d_opt = None
     if a.adv_weight > 0:
         from python import gan as G
@@ -238,6 +240,8 @@ def train(a) -> None:
         student.load_state_dict(weights["generator"])
         ema.load_state_dict(weights["ema"])
         opt.load_state_dict(state["opt"])
+        if sched is not None and "sched" in state:
+            sched.load_state_dict(state["sched"])
         if disc is not None and "disc" in weights:
             disc.load_state_dict(weights["disc"])
             d_opt.load_state_dict(state["d_opt"])
@@ -271,6 +275,8 @@ def train(a) -> None:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        if sched is not None:
+            sched.step()
         if disc is not None:  # after the student's step, whose backward needs the discriminator as it was
             d_loss = (torch.relu(1 - disc(x_0, cond)[0]).mean() +
                       torch.relu(1 + disc(fake.detach(), cond)[0]).mean())
@@ -285,7 +291,8 @@ def train(a) -> None:
         if step % 20 == 0 or step == a.steps:
             rate = seen / (time.time() - t_last)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), images_per_sec=rate, **extra)
+            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), images_per_sec=rate,
+                        lr=opt.param_groups[0]["lr"], **extra)
             t_last, seen = time.time(), 0
         if step % a.eval_every == 0 or step == a.steps:
             with torch.no_grad():
@@ -298,7 +305,8 @@ def train(a) -> None:
             Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
             run.save(step, {"generator": student.state_dict(), "ema": ema.state_dict(),
                             **({"disc": disc.state_dict()} if disc is not None else {})},
-                     {"opt": opt.state_dict(), **({"d_opt": d_opt.state_dict()} if disc is not None else {})})
+                     {"opt": opt.state_dict(), **({"sched": sched.state_dict()} if sched is not None else {}),
+                      **({"d_opt": d_opt.state_dict()} if disc is not None else {})})
     bar.close()
     save(copy.deepcopy(ema).float(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step})
     run.log(f"saved EMA student to {run.path / 'final'}")
@@ -331,6 +339,8 @@ def main(argv=None):
     pt.add_argument("--steps", type=int, default=20000)
     pt.add_argument("--batch", type=int, default=128)
     pt.add_argument("--lr", type=float, default=1e-4)
+    pt.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="cosine: 2%% warm-up, then decay to 0.05 x --lr at --steps")
     pt.add_argument("--ema", type=float, default=0.999)
     pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
     pt.add_argument("--eval-every", type=int, default=1000)

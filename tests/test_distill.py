@@ -95,12 +95,16 @@ def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weigh
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses and all(np.isfinite(losses))
     adv_run = tmp_path / "adv"  # with the adversarial term: trains, checkpoints the discriminator, resumes it
-    adv_args = [x if x != str(run) else str(adv_run) for x in args] + ["--adv-weight", "0.5", "--eval-every", "20"]
+    adv_args = [x if x != str(run) else str(adv_run) for x in args] + ["--adv-weight", "0.5", "--eval-every", "20",
+                                                                        "--lr-schedule", "cosine"]
     D.main(adv_args + ["--steps", "20"])
     D.main(adv_args + ["--steps", "40", "--resume"])
     adv = [json.loads(line) for line in (adv_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in adv if "d_loss" in m] == [20, 40]
     assert all(np.isfinite(m["d_loss"]) and m["adv_w"] >= 0 and np.isfinite(m["reg"]) for m in adv if "d_loss" in m)
+    # cosine decay to 0.05 x lr at --steps; the resumed segment restores the schedule's position (a fresh one would
+    # be back at the top of its cosine: ~0.5 x lr at step 40)
+    assert [round(m["lr"] / 1e-3, 3) for m in adv if "lr" in m] == [0.05, 0.05]
     ship(["gan", "--run", str(run), "--out", str(tmp_path / "gan")])
     gen, cfg = G.load(tmp_path / "gan")
     assert isinstance(gen, D.OneStep) and cfg["trained_steps"] == 4 and cfg["vae_sha"]
