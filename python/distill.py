@@ -250,9 +250,12 @@ def train(a) -> None:
     decoder, judge = V.Decoder(V.load(vae_dir)).eval(), J.load(a.judge)
     eval_cond = load_condition_file(a.data, "heldout.json")[: a.eval_conditions]
     gen = torch.Generator().manual_seed(a.seed + step)
-    n = len(pairs["cond"])
+    n = len(pairs["cond"]) - a.val_pairs  # the last --val-pairs are never trained on: the overfitting gauge
+    if n < 1:
+        raise UserError(f"--val-pairs {a.val_pairs} leaves no training pairs (the folder holds {n + a.val_pairs})")
+    val = {k: v[n:] for k, v in pairs.items()}
     run.log(f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {n} teacher pairs "
-            f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']})")
+            f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {a.val_pairs} held out")
     from tqdm import tqdm
 
     bar = tqdm(total=a.steps, initial=step, unit="step", dynamic_ncols=True)
@@ -298,7 +301,15 @@ def train(a) -> None:
             with torch.no_grad():
                 images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
             res = J.score(judge, images, eval_cond)
-            run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]})
+            if a.val_pairs:  # squared error to the teacher on pairs it never trained on (the EMA; compare `reg`)
+                with torch.no_grad():
+                    val_mse = {"val_mse": sum((ema(val["x_T"][i:i + 256].flatten(1), val["cond"][i:i + 256]) -
+                                             val["x_0"][i:i + 256]).square().sum().item()
+                                            for i in range(0, a.val_pairs, 256)) / val["x_0"].numel()}
+            else:
+                val_mse = {}
+            run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
+                        **val_mse)
             bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions (EMA)")
             from PIL import Image
 
@@ -343,6 +354,8 @@ def main(argv=None):
                     help="cosine: 2%% warm-up, then decay to 0.05 x --lr at --steps")
     pt.add_argument("--ema", type=float, default=0.999)
     pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
+    pt.add_argument("--val-pairs", type=int, default=0,
+                    help="hold out the last N pairs and log the EMA's squared error on them at each evaluation")
     pt.add_argument("--eval-every", type=int, default=1000)
     pt.add_argument("--eval-conditions", type=int, default=256)
     pt.add_argument("--seed", type=int, default=0)
@@ -353,6 +366,8 @@ def main(argv=None):
     for name in ("count", "shard", "steps", "best_of", "batch", "eval_every", "eval_conditions"):
         if getattr(a, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if getattr(a, "val_pairs", 0) < 0:
+        raise UserError(f"--val-pairs must be >= 0, got {a.val_pairs}")
     a.func(a)
 
 

@@ -87,11 +87,13 @@ def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weigh
     args = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--run-dir", str(run), "--ldm",
             str(tiny_weights / "ldm"), "--vae", str(tiny_weights / "vae"), "--judge", str(tiny_weights / "judge" / "judge.safetensors"),
             "--batch", "4", "--lr", "1e-3", "--eval-every", "2", "--eval-conditions", "6"]
-    D.main(args + ["--steps", "2"])
-    D.main(args + ["--steps", "4", "--resume"])
+    D.main(args + ["--steps", "2", "--val-pairs", "2"])
+    D.main(args + ["--steps", "4", "--val-pairs", "2", "--resume"])
     assert "resumed at step 2" in (run / "log.txt").read_text()
+    assert "6 teacher pairs" in (run / "log.txt").read_text() and "2 held out" in (run / "log.txt").read_text()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "heldout_subset" in m] == [2, 4]
+    assert all(m["val_mse"] > 0 and np.isfinite(m["val_mse"]) for m in metrics if "heldout_subset" in m)
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses and all(np.isfinite(losses))
     adv_run = tmp_path / "adv"  # with the adversarial term: trains, checkpoints the discriminator, resumes it
@@ -142,6 +144,9 @@ def test_pairs_and_train_errors(tiny_data, tiny_weights, tmp_path, capsys):
         with pytest.raises(SystemExit):
             D.main(base + ["--run-dir", str(tmp_path / f"r-{init.name}"), "--init", str(init)])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.main(base + ["--run-dir", str(tmp_path / "r-val"), "--val-pairs", "4"])
+    assert "--val-pairs 4 leaves no training pairs (the folder holds 4)" in capsys.readouterr().err
 
 
 def test_student_exports_and_the_runtime_matches_torch(tiny_weights, tmp_path):
