@@ -14,8 +14,8 @@ Teacher (`pairs`): the LDM (DPM-Solver++, --steps, guidance) on label sets drawn
 no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seeded by its index, so an interrupted
 run resumes by skipping the shards that exist, and adding shards adds data.
 
-Student (`train`; `--init` continues another run's student on more pairs): a copy of the teacher's denoiser, called once at t = T-1 on x_T; its v-prediction gives
-x_0 = a x_T - s v (a, s: the schedule at T-1), which is where it starts (the teacher's own one-call guess) before it
+Student (`train`; `--init` continues another run's student, e.g. on more pairs): a copy of the teacher's
+denoiser, called once at t = T-1 on x_T; its v-prediction gives x_0 = a x_T - s v (a, s: the schedule at T-1), which is where it starts (the teacher's own one-call guess) before it
 learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
 in the targets, so the student needs no unconditional pass: one network call per image. Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
@@ -250,10 +250,13 @@ def train(a) -> None:
     decoder, judge = V.Decoder(V.load(vae_dir)).eval(), J.load(a.judge)
     eval_cond = load_condition_file(a.data, "heldout.json")[: a.eval_conditions]
     gen = torch.Generator().manual_seed(a.seed + step)
-    n = len(pairs["cond"]) - a.val_pairs  # the last --val-pairs are never trained on: the overfitting gauge
+    # the first --val-pairs are never trained on (the over-fitting gauge); shards are appended, so they stay the
+    # same pairs when the folder grows
+    n = len(pairs["cond"]) - a.val_pairs
     if n < 1:
         raise UserError(f"--val-pairs {a.val_pairs} leaves no training pairs (the folder holds {n + a.val_pairs})")
-    val = {k: v[n:] for k, v in pairs.items()}
+    val = {k: v[:a.val_pairs] for k, v in pairs.items()}
+    pairs = {k: v[a.val_pairs:] for k, v in pairs.items()}
     run.log(f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {n} teacher pairs "
             f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {a.val_pairs} held out")
     from tqdm import tqdm
@@ -355,7 +358,7 @@ def main(argv=None):
     pt.add_argument("--ema", type=float, default=0.999)
     pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
     pt.add_argument("--val-pairs", type=int, default=0,
-                    help="hold out the last N pairs and log the EMA's squared error on them at each evaluation")
+                    help="hold out the first N pairs and log the EMA's squared error on them at each evaluation")
     pt.add_argument("--eval-every", type=int, default=1000)
     pt.add_argument("--eval-conditions", type=int, default=256)
     pt.add_argument("--seed", type=int, default=0)
