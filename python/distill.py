@@ -15,8 +15,8 @@ no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seed
 run resumes by skipping the shards that exist, and adding shards adds data.
 
 Student (`train`; `--init` continues another run's student, e.g. on more pairs): a copy of the teacher's
-denoiser, called once at t = T-1 on x_T; its v-prediction gives x_0 = a x_T - s v (a, s: the schedule at T-1), which is where it starts (the teacher's own one-call guess) before it
-learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
+denoiser, called once at t = T-1 on x_T; its v-prediction gives x_0 = a x_T - s v (a, s: the schedule at T-1),
+which is where it starts (the teacher's own one-call guess) before it learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
 in the targets, so the student needs no unconditional pass: one network call per image. Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
 projection discriminator on latents (python.gan.Discriminator, hinge loss), with the teacher's latents as the
@@ -180,11 +180,12 @@ def _warm_start(src: Path, student: OneStep, ema: OneStep, disc) -> None:
         weights = ck[1]
         gen_sd, ema_sd, disc_sd = weights.get("generator"), weights.get("ema"), weights.get("disc")
     elif (src / "config.json").exists() and (src / "generator.safetensors").exists():
-        if "distilled" not in json.loads((src / "config.json").read_text()):
-            raise UserError(f"--init {src}: a GAN generator, not a distilled student; nothing to warm-start from")
         from python import gan as G
 
-        gen_sd = ema_sd = G.load(src)[0].state_dict()
+        saved = G.load(src)[0]
+        if not isinstance(saved, OneStep):
+            raise UserError(f"--init {src}: a GAN generator, not a distilled student; nothing to warm-start from")
+        gen_sd = ema_sd = saved.state_dict()
         disc_sd = None
     else:
         raise UserError(f"--init {src}: neither a run folder with a checkpoint nor a student folder "
@@ -200,6 +201,16 @@ def _warm_start(src: Path, student: OneStep, ema: OneStep, disc) -> None:
     ema.load_state_dict(ema_sd)
     if disc is not None and disc_sd is not None:
         disc.load_state_dict(disc_sd)
+
+
+@torch.no_grad()
+def mse_to_teacher(student: OneStep, pairs: dict[str, torch.Tensor], batch: int = 256) -> float:
+    """Mean squared error of the student's latents to the teacher's x_0 over `pairs` (load_pairs' tensors)."""
+    total = 0.0
+    for i in range(0, len(pairs["cond"]), batch):
+        fake = student(pairs["x_T"][i:i + batch].flatten(1), pairs["cond"][i:i + batch])
+        total += (fake - pairs["x_0"][i:i + batch]).square().sum().item()
+    return total / pairs["x_0"].numel()
 
 
 def train(a) -> None:
@@ -304,13 +315,8 @@ def train(a) -> None:
             with torch.no_grad():
                 images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
             res = J.score(judge, images, eval_cond)
-            if a.val_pairs:  # squared error to the teacher on pairs it never trained on (the EMA; compare `reg`)
-                with torch.no_grad():
-                    val_mse = {"val_mse": sum((ema(val["x_T"][i:i + 256].flatten(1), val["cond"][i:i + 256]) -
-                                             val["x_0"][i:i + 256]).square().sum().item()
-                                            for i in range(0, a.val_pairs, 256)) / val["x_0"].numel()}
-            else:
-                val_mse = {}
+            # the EMA's squared error to the teacher on pairs it never trained on (compare `reg`)
+            val_mse = {"val_mse": mse_to_teacher(ema, val)} if a.val_pairs else {}
             run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
                         **val_mse)
             bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions (EMA)")
