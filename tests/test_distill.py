@@ -127,6 +127,52 @@ def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weigh
     assert "warm start" in (tmp_path / "warm_adv" / "log.txt").read_text()
 
 
+def test_classifier_agrees_means_every_requested_object_in_the_top_k():
+    cond = torch.zeros(4, 24)
+    cond[0, [1, 5]] = cond[1, [1, 5]] = cond[2, 7] = cond[3, [0, 2, 3]] = 1
+    logits = torch.full((4, 24), -5.0)
+    logits[0, [1, 5]] = 3.0                        # exactly the set
+    logits[1, [1, 9]] = 3.0                        # one of two replaced by another object
+    logits[2, [7, 8]] = torch.tensor([4.0, 2.0])   # the requested one first; an extra object below it is not counted
+    logits[3, [0, 2]] = 3.0                        # two of three (the third ties with the rest and loses)
+    x_0 = torch.zeros(4, 4, 16, 16)
+    x_0.view(4, -1)[:, :24] = logits
+    def first_24(x):  # a "classifier" whose logits are the latent's first 24 values
+        return x.flatten(1)[:, :24]
+
+    agree = D.classifier_agrees(first_24, {"x_0": x_0, "cond": cond}, batch=3)
+    assert agree.tolist() == [True, False, True, False]
+
+
+def test_filter_trains_on_the_pairs_the_classifier_agrees_with(tiny_data, tiny_weights, tmp_path, capsys):
+    from python.train_classifier import load as load_classifier
+    from python.train_classifier import save as save_classifier
+
+    pairs = tmp_path / "pairs"
+    D.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "16", "--shard", "8"))
+    _, tensors = D.load_pairs(pairs)
+    # a classifier that ignores the latent and ranks the objects of the first pair's set on top: it agrees with
+    # the pairs that ask for that set (and with those asking for a prefix of its ranking), not with the others
+    cls, ccfg = load_classifier(tiny_weights / "classifier")
+    cls.head.weight.data.zero_()
+    cls.head.bias.data = tensors["cond"][0] * 10 + torch.linspace(1, 0, 24)
+    cls_dir = tmp_path / "classifier"
+    save_classifier(cls, cls_dir, {k: v for k, v in ccfg.items() if k != "latent_channels"})
+    kept = int(D.classifier_agrees(load_classifier(cls_dir)[0], tensors).sum())
+    first = (tensors["cond"] == tensors["cond"][0]).all(1)
+    assert 0 < kept < 16 and kept >= int(first.sum()), kept
+    base = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--ldm", str(tiny_weights / "ldm"), "--vae",
+            str(tiny_weights / "vae"), "--judge", str(tiny_weights / "judge" / "judge.safetensors"), "--classifier",
+            str(cls_dir), "--steps", "1", "--batch", "2", "--eval-every", "1",
+            "--eval-conditions", "2", "--filter"]
+    D.main(base + ["--run-dir", str(tmp_path / "run")])
+    assert f"kept {kept} of 16 pairs" in (tmp_path / "run" / "log.txt").read_text()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pairs_kept"] == kept
+    with pytest.raises(SystemExit):  # holding out all the kept pairs leaves none to train on
+        D.main(base + ["--run-dir", str(tmp_path / "r-val"), "--val-pairs", str(kept)])
+    assert f"leaves no training pairs (the folder holds 16, {kept} of them kept by --filter)" in capsys.readouterr().err
+
+
 def test_pairs_and_train_errors(tiny_data, tiny_weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         D.main(["train", "--pairs", str(tmp_path), "--data", str(tiny_data)])
