@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from python.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 from python.errors import UserError, cli  # noqa: E402
+from python.memory import keep_freed_memory  # noqa: E402
 
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
 QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "cpp"], ldm_batches=[32],
@@ -436,13 +437,14 @@ def main(argv=None):
         cfg["runs"] = cfg["latency_runs"] = a.runs
     if not (a.weights / "vae" / "config.json").exists():
         raise UserError(f"{a.weights}: no VAE weights (vae/config.json); nothing to benchmark")
+    malloc = keep_freed_memory()  # before anything is timed, so no backend's figure depends on what ran first
     import torch
 
     m = Models(a.weights, a.export, a.threads)
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
-               "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None}
+               "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None, "malloc": malloc}
     peak = {"fp32": peak_matmul("fp32"), "bf16": peak_matmul("bf16")}
     print(f"peak matmul (2048^3, {a.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)

@@ -29,6 +29,7 @@ from python.best_of import best_of as select_best, candidate_seed
 from python.data import image_grid, load_condition_file, to64, to_model_range
 from python.diffusion import DEFAULT_GUIDANCE, Schedule
 from python.errors import UserError, cli
+from python.memory import keep_freed_memory
 from python.labels import encode
 from python.sample import decode, ldm_latents
 
@@ -164,6 +165,7 @@ def main(argv=None):
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
     a = p.parse_args(argv)
+    keep_freed_memory()  # batched inference: see python/memory.py
     if a.model not in ("ldm", "gan"):
         raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
     if a.per_condition < 2 or a.diversity_conditions < 1:

@@ -20,6 +20,7 @@ import numpy as np
 from python.best_of import best_of as select_best, candidate_seed
 from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
+from python.memory import keep_freed_memory
 from python.labels import load_conditions, parse_label_arg
 from python.noise import gan_noise, initial_noise, segments, step_noise_segments
 from runtime.models import ExportFolder
@@ -146,6 +147,7 @@ def main(argv=None):
                    help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
     p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     a = p.parse_args(argv)
+    keep_freed_memory()  # batched inference: see python/memory.py
     if min(a.n, a.steps, a.batch, a.best_of) < 1:
         raise UserError("-n, --steps, --batch and --best-of must be >= 1")
     pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads, a.precision))

@@ -34,6 +34,7 @@ import numpy as np
 
 from python.diffusion import DEFAULT_GUIDANCE, SAMPLERS
 from python.errors import UserError, cli
+from python.memory import keep_freed_memory
 from python.labels import OBJECTS
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
@@ -366,6 +367,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     a = p.parse_args(argv)
+    keep_freed_memory()  # batched inference: see python/memory.py
     if a.window_ms < 0 or a.max_batch < 1 or a.max_queue < 1 or a.max_n < 1:
         raise UserError("--window-ms must be >= 0 and --max-batch, --max-queue, --max-n >= 1")
     import uvicorn
