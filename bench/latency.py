@@ -199,11 +199,16 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     return run
 
 
-def gan_runner(m: Models, backend: str, cond: np.ndarray):
+def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
+    """fn() -> images for the GAN path on one backend; best_of > 1 (ONNX Runtime only) as ldm_runner's."""
     import torch
 
     from python.noise import gan_noise
 
+    if best_of > 1:
+        if backend != "onnxruntime":
+            raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
+        return lambda: m.pipe.generate(cond, "gan", best_of, seed=0)
     if backend == "onnxruntime":
         return lambda: m.pipe.decode(m.pipe.gan_latents(cond, batch=len(cond)), batch=len(cond))
     bf16 = backend == "torch-bf16"
@@ -264,7 +269,7 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> d
             if key[0] == "ldm":
                 images = m.pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
             else:
-                images = m.pipe.generate(cond, "gan", seed=0)
+                images = m.pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
                 if m.pipe.ex.has(name):
                     res[which][f] = round(accuracy(m.pipe.ex, images, cond, name), 4)
@@ -416,8 +421,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
     p.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
     p.add_argument("--best-of", type=int, nargs="+", default=[1],
-                   help="LDM best-of-N selection by the latent classifier; N > 1 is measured on onnxruntime, at each "
-                        "sampler's smallest step count (its cost is N times that setting's)")
+                   help="best-of-N selection by the latent classifier, for the LDM (at each sampler's smallest step "
+                        "count) and the GAN; N > 1 is measured on onnxruntime (its cost is N times that setting's)")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw --plot and rewrite --markdown from an earlier run's JSON")
@@ -459,19 +464,20 @@ def main(argv=None):
     best_ofs = sorted(set(a.best_of))
     fewest = {s: min(n for s2, n in cfg["ldm"] if s2 == s) for s, _ in cfg["ldm"]}
     ldm_settings = [(s, n, b) for s, n in cfg["ldm"] for b in best_ofs if b == 1 or n == fewest[s]]
-    settings = ([("ldm", *c) for c in ldm_settings] if m.ldm else []) + ([("gan", None, None, 1)] if m.gan else [])
+    settings = (([("ldm", *c) for c in ldm_settings] if m.ldm else []) +
+                ([("gan", None, None, b) for b in best_ofs] if m.gan else []))
     if not settings:
         print(f"{a.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
     acc = accuracy_table(m, a.data, cfg["files"], settings, a.guidance)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
+    cls_flops = 0.0
+    if max(best_ofs) > 1:
+        from python.train_classifier import load as load_classifier
+
+        cls_flops = flops_per_item(load_classifier(a.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:
         den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
-        cls_flops = 0.0
-        if max(best_ofs) > 1:
-            from python.train_classifier import load as load_classifier
-
-            cls_flops = flops_per_item(load_classifier(a.weights / "classifier")[0], torch.randn(2, *m.shape))
         for sampler, steps, best_of in ldm_settings:
             flops = (den_flops * steps * (2 if a.guidance != 1.0 else 1) + cls_flops * (best_of > 1)) * best_of + dec_flops
             for backend in cfg["ldm_backends"] if best_of == 1 else ["onnxruntime"]:
@@ -495,17 +501,20 @@ def main(argv=None):
                                           base["images_per_sec"], best_of))
                     _print(results[-1])
     if m.gan:
-        flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24)) + dec_flops
-        for backend in cfg["gan_backends"]:
-            batches = sorted(set(cfg["gan_batches"]) | ({1} if backend in cfg["latency_backends"] else set()))
-            for batch in batches:
-                cond = conditions_for(batch)
-                with PeakRSS() as mem:
-                    secs = timed(gan_runner(m, backend, cond), cfg["latency_runs"] if batch == 1 else cfg["runs"])
-                prec = "bf16" if backend == "torch-bf16" else "fp32"
-                results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
-                                      acc.get(("gan", None, None, 1)), base["images_per_sec"]))
-                _print(results[-1])
+        gen_flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24))
+        for best_of in best_ofs:
+            flops = (gen_flops + cls_flops * (best_of > 1)) * best_of + dec_flops
+            for backend in cfg["gan_backends"] if best_of == 1 else ["onnxruntime"]:
+                batches = sorted(set(cfg["gan_batches"]) | ({1} if backend in cfg["latency_backends"] else set()))
+                for batch in batches:
+                    cond = conditions_for(batch)
+                    with PeakRSS() as mem:
+                        secs = timed(gan_runner(m, backend, cond, best_of),
+                                     cfg["latency_runs"] if batch == 1 else cfg["runs"])
+                    prec = "bf16" if backend == "torch-bf16" else "fp32"
+                    results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
+                                          acc.get(("gan", None, None, best_of)), base["images_per_sec"], best_of))
+                    _print(results[-1])
     results.append(dict(model="baseline", backend="torch-fp32", sampler="ddpm", steps=1000, batch=base["batch"],
                         images_per_sec=base["images_per_sec"], flops_per_image=base["flops_per_image"],
                         fraction_of_peak=round(base["flops_per_image"] * base["images_per_sec"] / peak["fp32"], 4),
@@ -560,7 +569,7 @@ def markdown(out: dict) -> str:
         lat = f"{r['latency_ms_p50']} / {r['latency_ms_p95']}" if "latency_ms_p50" in r else ""
         frac = f"{100 * r['fraction_of_peak']:.1f}" if r.get("fraction_of_peak") is not None else ""
         speed = f"{r['speedup_vs_baseline']:,.0f}" if r.get("speedup_vs_baseline") else ""
-        smp = (r["sampler"] or "") + (f", best of {r['best_of']}" if r.get("best_of", 1) > 1 else "")
+        smp = ", ".join(x for x in (r["sampler"], f"best of {r['best_of']}" if r.get("best_of", 1) > 1 else None) if x)
         rows.append(f"| {r['model']} | {r['backend']} | {smp} | {r['steps'] or ''} | {r['batch']} | "
                     f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | {lat} |")
     return "\n".join(rows) + "\n"

@@ -24,15 +24,21 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     assert set(ort["accuracy"]) == {"test.json", "new_test.json"} and 0 <= ort["accuracy"]["test.json"] <= 1
     assert set(ort["accuracy_second_judge"]) == {"test.json", "new_test.json"}
     picked = [x for x in res["results"] if x.get("best_of") == 2]  # best-of-2: onnxruntime only, its own accuracy
-    assert [(x["backend"], x["steps"], x["batch"]) for x in picked] == [("onnxruntime", 10, 1), ("onnxruntime", 10, 32)]
+    assert [(x["model"], x["backend"], x["steps"], x["batch"]) for x in picked] == [
+        ("ldm", "onnxruntime", 10, 1), ("ldm", "onnxruntime", 10, 32), ("gan", "onnxruntime", None, 1),
+        ("gan", "onnxruntime", None, 256)]
     assert picked[0]["flops_per_image"] > 2 * ort["flops_per_image"] - res["decoder_flops_per_image"]
     assert set(picked[1]["accuracy"]) == {"test.json", "new_test.json"}
+    gan1 = next(x for x in res["results"] if x["model"] == "gan" and x["best_of"] == 1 and x["batch"] == 256)
+    assert picked[3]["flops_per_image"] > 2 * gan1["flops_per_image"] - res["decoder_flops_per_image"]
+    assert set(picked[3]["accuracy"]) == {"test.json", "new_test.json"}
     b1 = next(x for x in res["results"] if x["batch"] == 1)
     assert b1["latency_ms_p50"] <= b1["latency_ms_p95"]
     assert png.stat().st_size > 10_000 and "img/s" in r.stdout
     table = (tmp_path / "t.md").read_text().splitlines()
     assert len(table) == 2 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")
     assert any(row.startswith("| ldm | onnxruntime | dpmpp, best of 2 | 10 | 32 |") for row in table)
+    assert any(row.startswith("| gan | onnxruntime | best of 2 |  | 256 |") for row in table)
     prof = res["profile"]["ldm_onnxruntime"]
     assert prof["batch"] == 32 and prof["denoiser_s"] > 0 and prof["decoder_s"] > 0
     assert abs(sum(prof["shares"].values()) - 1) < 0.01 and prof["shares"]["denoiser"] > 0
