@@ -250,6 +250,9 @@ def train(a) -> None:
         classifier, ccfg = load_classifier(cls_dir)
         require_latent_space(cls_dir, ccfg, vae_dir)
         keep = classifier_agrees(classifier, pairs)
+        if not keep.any():
+            raise UserError(f"--filter: the latent classifier {cls_dir} agrees with none of the {pairs_count} pairs "
+                            f"in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
     cfg.update(distilled={"denoiser": asdict(teacher.cfg), "schedule": tcfg["schedule"]}, vae_sha=tcfg.get("vae_sha"),

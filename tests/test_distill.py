@@ -168,6 +168,10 @@ def test_filter_trains_on_the_pairs_the_classifier_agrees_with(tiny_data, tiny_w
     D.main(base + ["--run-dir", str(tmp_path / "run")])
     assert f"kept {kept} of 16 pairs" in (tmp_path / "run" / "log.txt").read_text()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["pairs_kept"] == kept
+    with pytest.raises(SystemExit):  # the tiny weights' untrained classifier agrees with none of them
+        D.main(base[:base.index(str(cls_dir))] + [str(tiny_weights / "classifier")] + base[base.index(str(cls_dir)) + 1:]
+               + ["--run-dir", str(tmp_path / "r-none")])
+    assert "agrees with none of the 16 pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # holding out all the kept pairs leaves none to train on
         D.main(base + ["--run-dir", str(tmp_path / "r-val"), "--val-pairs", str(kept)])
     assert f"leaves no training pairs (the folder holds 16, {kept} of them kept by --filter)" in capsys.readouterr().err
