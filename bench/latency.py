@@ -449,7 +449,8 @@ def main(argv=None):
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
-               "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None, "malloc": malloc}
+               "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None,
+               "malloc": malloc}
     peak = {"fp32": peak_matmul("fp32"), "bf16": peak_matmul("bf16")}
     print(f"peak matmul (2048^3, {a.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)

@@ -119,20 +119,22 @@ def training_label_sets(data: Path) -> np.ndarray:
     return np.unique(read_labelled(data / "train.json", objects)[1].astype(np.float32), axis=0)
 
 
-def make_pairs(a) -> None:
+def latent_classifier(cls_dir: Path | None, vae_dir: Path | None):
+    """The latent classifier (default: weights/classifier), refused unless it reads vae_dir's latent space."""
     from python.latents import require_latent_space
+    from python.train_classifier import load as load_classifier
 
+    cls_dir = cls_dir or L.REPO / "weights" / "classifier"
+    classifier, ccfg = load_classifier(cls_dir)
+    require_latent_space(cls_dir, ccfg, vae_dir or L.REPO / "weights" / "vae")
+    return classifier
+
+
+def make_pairs(a) -> None:
     ldm_dir = a.ldm or L.SHIPPED
     model, cfg = L.load(ldm_dir)
     schedule = Schedule(**cfg["schedule"])
-    if a.best_of > 1:
-        from python.train_classifier import load as load_classifier
-
-        cls_dir = a.classifier or L.REPO / "weights" / "classifier"
-        classifier, ccfg = load_classifier(cls_dir)
-        require_latent_space(cls_dir, ccfg, a.vae or L.REPO / "weights" / "vae")
-    else:
-        classifier = None
+    classifier = latent_classifier(a.classifier, a.vae) if a.best_of > 1 else None
     train_sets = training_label_sets(a.data)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": a.steps,
@@ -243,16 +245,10 @@ def train(a) -> None:
     vae_dir = a.vae or V.SHIPPED
     pairs_count = len(pairs["cond"])
     if a.filter:
-        from python.latents import require_latent_space
-        from python.train_classifier import load as load_classifier
-
-        cls_dir = a.classifier or L.REPO / "weights" / "classifier"
-        classifier, ccfg = load_classifier(cls_dir)
-        require_latent_space(cls_dir, ccfg, vae_dir)
-        keep = classifier_agrees(classifier, pairs)
+        keep = classifier_agrees(latent_classifier(a.classifier, vae_dir), pairs)
         if not keep.any():
-            raise UserError(f"--filter: the latent classifier {cls_dir} agrees with none of the {pairs_count} pairs "
-                            f"in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
+            raise UserError(f"--filter: the latent classifier {a.classifier or 'weights/classifier'} agrees with none "
+                            f"of the {pairs_count} pairs in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
     cfg.update(distilled={"denoiser": asdict(teacher.cfg), "schedule": tcfg["schedule"]}, vae_sha=tcfg.get("vae_sha"),
@@ -293,9 +289,9 @@ def train(a) -> None:
     n = len(pairs["cond"]) - a.val_pairs
     if n < 1:
         raise UserError(f"--val-pairs {a.val_pairs} leaves no training pairs (the folder holds {pairs_count}"
-                        + (f", {n + a.val_pairs} of them kept by --filter)" if a.filter else ")"))
+                        + (f", {cfg['pairs_kept']} of them kept by --filter)" if a.filter else ")"))
     if a.filter:
-        run.log(f"--filter: kept {n + a.val_pairs} of {pairs_count} pairs, those whose x_0 the latent classifier "
+        run.log(f"--filter: kept {cfg['pairs_kept']} of {pairs_count} pairs, those whose x_0 the latent classifier "
                 f"reads as exactly the requested objects")
     val = {k: v[:a.val_pairs] for k, v in pairs.items()}
     pairs = {k: v[a.val_pairs:] for k, v in pairs.items()}

@@ -29,8 +29,8 @@ from python.best_of import best_of as select_best, candidate_seed
 from python.data import image_grid, load_condition_file, to64, to_model_range
 from python.diffusion import DEFAULT_GUIDANCE, Schedule
 from python.errors import UserError, cli
-from python.memory import keep_freed_memory
 from python.labels import encode
+from python.memory import keep_freed_memory
 from python.sample import decode, ldm_latents
 
 DIVERSITY = 4  # random stream for the reference renders (make_data uses 0..3 for its own)

@@ -14,18 +14,18 @@ Pure ctypes, no torch: the runtime uses it too. On a C library other than glibc 
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 1 << 30
-_state: dict = {}
 
 
+@functools.cache
 def keep_freed_memory() -> str:
-    """Raise glibc's mmap and trim thresholds for this process (idempotent). Returns what was done, for logs and
-    the bench's machine description: 'glibc: freed memory kept (mmap threshold 1 GiB)' or why nothing was."""
-    if "done" in _state:
-        return _state["done"]
+    """Raise glibc's mmap and trim thresholds for this process (once; later calls return the first answer). Returns
+    what was done, for logs and the bench's machine description: 'glibc: freed memory kept (mmap threshold 1024
+    MiB, no trimming)' or why nothing was."""
     libc_name, _ = platform.libc_ver()
     if platform.system() != "Linux" or libc_name != "glibc":
         result = f"not glibc ({platform.system()} {libc_name or 'unknown libc'}): malloc left as it is"
@@ -38,5 +38,4 @@ def keep_freed_memory() -> str:
             ok = False
         result = (f"glibc: freed memory kept (mmap threshold {MMAP_THRESHOLD >> 20} MiB, no trimming)" if ok
                   else "glibc refused mallopt: malloc left as it is")
-    _state["done"] = result
     return result

@@ -20,8 +20,8 @@ import numpy as np
 from python.best_of import best_of as select_best, candidate_seed
 from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
 from python.errors import UserError, cli
-from python.memory import keep_freed_memory
 from python.labels import load_conditions, parse_label_arg
+from python.memory import keep_freed_memory
 from python.noise import gan_noise, initial_noise, segments, step_noise_segments
 from runtime.models import ExportFolder
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from python.diffusion import DEFAULT_GUIDANCE, SAMPLERS
 from python.errors import UserError, cli
-from python.memory import keep_freed_memory
 from python.labels import OBJECTS
+from python.memory import keep_freed_memory
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
 
