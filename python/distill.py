@@ -22,8 +22,11 @@ the pairs whose x_0 the latent classifier reads as exactly the requested objects
 teacher where the teacher succeeds (about half the pairs of the shipped LDM at 10 steps). Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
 projection discriminator on latents (python.gan.Discriminator, hinge loss), with the teacher's latents as the
-real ones, weighted adaptively against the regression term as in python/train_decoder.py. No judge in the
-loss: the judge scores the held-out accuracy logged every --eval-every steps.
+real ones, weighted adaptively against the regression term as in python/train_decoder.py. --cls-weight adds a
+frozen latent classifier's binary cross-entropy for the requested labels on the student's latents (a classifier
+trained on real latents only; use another one than the best-of selector, --cls-classifier, or selection would
+read a network the student learnt to please). No judge in the loss: the judge scores the held-out accuracy logged
+every --eval-every steps.
 
 The student is saved as a generator (config.json with "distilled", generator.safetensors): `python.gan.load`
 loads it, and export, runtime, server, bench and eval_gen --model gan use it as they use the GAN, with
@@ -42,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from python import ldm as L
 from python.diffusion import DEFAULT_GUIDANCE, Schedule
@@ -260,6 +264,10 @@ def train(a) -> None:
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
+    cls_loss = None
+    if a.cls_weight > 0:
+        cls_loss = latent_classifier(a.cls_classifier, vae_dir)
+        run.log(f"class loss: {a.cls_weight} x BCE of the latent classifier {a.cls_classifier or 'weights/classifier'}")
     disc = d_opt = None
     if a.adv_weight > 0:
         from python import gan as G
@@ -308,12 +316,16 @@ def train(a) -> None:
         fake = student(x_T.flatten(1), cond)
         loss = reg = (fake - x_0).square().mean()
         extra = {}
+        if cls_loss is not None:
+            cls_term = F.binary_cross_entropy_with_logits(cls_loss(fake), cond)
+            loss = loss + a.cls_weight * cls_term
+            extra["cls"] = cls_term.item()
         if disc is not None:
             disc.requires_grad_(False)
             adv = -disc(fake, cond)[0].mean()
             disc.requires_grad_(True)
             w = a.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
-            loss = reg + w * adv
+            loss = loss + w * adv
             extra.update(reg=reg.item(), adv=adv.item(), adv_w=w.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -390,6 +402,11 @@ def main(argv=None):
                     help="cosine: 2%% warm-up, then decay to 0.05 x --lr at --steps")
     pt.add_argument("--ema", type=float, default=0.999)
     pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
+    pt.add_argument("--cls-weight", type=float, default=0.0,
+                    help="class term: x BCE of a frozen latent classifier on the student's latents (0: none)")
+    pt.add_argument("--cls-classifier", type=Path,
+                    help="latent classifier for --cls-weight (default: weights/classifier; better another one than "
+                         "the best-of selector)")
     pt.add_argument("--val-pairs", type=int, default=0,
                     help="hold out the first N pairs and log the EMA's squared error on them at each evaluation")
     pt.add_argument("--eval-every", type=int, default=1000)
