@@ -264,9 +264,9 @@ def train(a) -> None:
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
-    cls_loss = None
+    loss_classifier = None
     if a.cls_weight > 0:
-        cls_loss = latent_classifier(a.cls_classifier, vae_dir)
+        loss_classifier = latent_classifier(a.cls_classifier, vae_dir)
         run.log(f"class loss: {a.cls_weight} x BCE of the latent classifier {a.cls_classifier or 'weights/classifier'}")
     disc = d_opt = None
     if a.adv_weight > 0:
@@ -316,10 +316,10 @@ def train(a) -> None:
         fake = student(x_T.flatten(1), cond)
         loss = reg = (fake - x_0).square().mean()
         extra = {}
-        if cls_loss is not None:
-            cls_term = F.binary_cross_entropy_with_logits(cls_loss(fake), cond)
+        if loss_classifier is not None:
+            cls_term = F.binary_cross_entropy_with_logits(loss_classifier(fake), cond)
             loss = loss + a.cls_weight * cls_term
-            extra["cls"] = cls_term.item()
+            extra.update(reg=reg.item(), cls=cls_term.item())
         if disc is not None:
             disc.requires_grad_(False)
             adv = -disc(fake, cond)[0].mean()
@@ -423,8 +423,9 @@ def main(argv=None):
     for name in ("count", "shard", "steps", "best_of", "batch", "eval_every", "eval_conditions"):
         if getattr(a, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if getattr(a, "val_pairs", 0) < 0:
-        raise UserError(f"--val-pairs must be >= 0, got {a.val_pairs}")
+    for name in ("val_pairs", "adv_weight", "cls_weight"):
+        if getattr(a, name, 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     a.func(a)
 
 

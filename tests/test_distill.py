@@ -212,6 +212,9 @@ def test_pairs_and_train_errors(tiny_data, tiny_weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         D.main(["pairs", "--out", str(tmp_path / "p"), "--data", str(tiny_data), "--count", "0"])
     assert "--count must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.main(["train", "--pairs", str(tmp_path), "--data", str(tiny_data), "--cls-weight", "-1"])
+    assert "--cls-weight must be >= 0, got -1.0" in capsys.readouterr().err
 
     pairs = tmp_path / "pairs"
     D.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "4", "--shard", "4"))
