@@ -319,14 +319,16 @@ def train(a) -> None:
         if loss_classifier is not None:
             cls_term = F.binary_cross_entropy_with_logits(loss_classifier(fake), cond)
             loss = loss + a.cls_weight * cls_term
-            extra.update(reg=reg.item(), cls=cls_term.item())
+            extra["cls"] = cls_term.item()
         if disc is not None:
             disc.requires_grad_(False)
             adv = -disc(fake, cond)[0].mean()
             disc.requires_grad_(True)
             w = a.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
             loss = loss + w * adv
-            extra.update(reg=reg.item(), adv=adv.item(), adv_w=w.item())
+            extra.update(adv=adv.item(), adv_w=w.item())
+        if extra:  # the regression term beside the others, when there are others
+            extra["reg"] = reg.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
