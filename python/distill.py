@@ -25,7 +25,8 @@ projection discriminator on latents (python.gan.Discriminator, hinge loss), with
 real ones, weighted adaptively against the regression term as in python/train_decoder.py. --cls-weight adds a
 frozen latent classifier's binary cross-entropy for the requested labels on the student's latents (a classifier
 trained on real latents only; use another one than the best-of selector, --cls-classifier, or selection would
-read a network the student learnt to please). No judge in the loss: the judge scores the held-out accuracy logged
+read a network the student learnt to please; several are averaged, and a pixel one, train_classifier --pixels,
+reads the latent through the frozen VAE decoder). No judge in the loss: the judge scores the held-out accuracy logged
 every --eval-every steps.
 
 The student is saved as a generator (config.json with "distilled", generator.safetensors): `python.gan.load`
@@ -254,7 +255,8 @@ def train(a) -> None:
             raise UserError(f"--filter: the latent classifier {a.classifier or 'weights/classifier'} agrees with none "
                             f"of the {pairs_count} pairs in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
+    cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
+           for k, v in vars(a).items() if k != "func"}
     cfg.update(distilled={"denoiser": asdict(teacher.cfg), "schedule": tcfg["schedule"]}, vae_sha=tcfg.get("vae_sha"),
                teacher=meta, pairs_count=pairs_count, pairs_kept=len(pairs["cond"]))
     run = RunDir(a.run_dir, cfg, a.resume)
@@ -264,10 +266,12 @@ def train(a) -> None:
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
-    loss_classifier = None
+    loss_classifiers = []
     if a.cls_weight > 0:
-        loss_classifier = latent_classifier(a.cls_classifier, vae_dir)
-        run.log(f"class loss: {a.cls_weight} x BCE of the latent classifier {a.cls_classifier or 'weights/classifier'}")
+        names = a.cls_classifier or [None]
+        loss_classifiers = [latent_classifier(c, vae_dir) for c in names]
+        run.log(f"class loss: {a.cls_weight} x the mean BCE of the classifier(s) "
+                f"{', '.join(str(c or 'weights/classifier') for c in names)}")
     disc = d_opt = None
     if a.adv_weight > 0:
         from python import gan as G
@@ -316,8 +320,9 @@ def train(a) -> None:
         fake = student(x_T.flatten(1), cond)
         loss = reg = (fake - x_0).square().mean()
         extra = {}
-        if loss_classifier is not None:
-            cls_term = F.binary_cross_entropy_with_logits(loss_classifier(fake), cond)
+        if loss_classifiers:
+            cls_term = sum(F.binary_cross_entropy_with_logits(c(fake), cond) for c in loss_classifiers)
+            cls_term = cls_term / len(loss_classifiers)
             loss = loss + a.cls_weight * cls_term
             extra["cls"] = cls_term.item()
         if disc is not None:
@@ -406,9 +411,9 @@ def main(argv=None):
     pt.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term (x the adaptive scale; 0: none)")
     pt.add_argument("--cls-weight", type=float, default=0.0,
                     help="class term: x BCE of a frozen latent classifier on the student's latents (0: none)")
-    pt.add_argument("--cls-classifier", type=Path,
-                    help="latent classifier for --cls-weight (default: weights/classifier; better another one than "
-                         "the best-of selector)")
+    pt.add_argument("--cls-classifier", type=Path, nargs="+",
+                    help="classifier(s) for --cls-weight, their BCEs averaged (default: weights/classifier; better "
+                         "others than the best-of selector; a --pixels one reads the decoded image)")
     pt.add_argument("--val-pairs", type=int, default=0,
                     help="hold out the first N pairs and log the EMA's squared error on them at each evaluation")
     pt.add_argument("--eval-every", type=int, default=1000)

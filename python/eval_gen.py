@@ -217,7 +217,8 @@ def main(argv=None):
                     from PIL import Image
 
                     a.out.mkdir(parents=True, exist_ok=True)
-                    tag = f"{a.model}_{Path(name).stem}" + (f"_s{steps}_g{guidance:g}" if steps else "")
+                    tag = (f"{a.model}" + (f"_best_of_{a.best_of}" if a.best_of > 1 else "") + f"_{Path(name).stem}"
+                           + (f"_s{steps}_g{guidance:g}" if steps else ""))  # best-of grids never overwrite plain ones
                     Image.fromarray(image_grid(images)).save(a.out / f"{tag}.png")
             row["files"][name] = {
                 "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),

@@ -105,8 +105,10 @@ def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data,
 
     args = ["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
             "--seeds", "0", "--steps", "2", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"]
-    rep = main([*args, "--best-of", "2"])
+    rep = main([*args, "--best-of", "2", "--out", str(tmp_path / "grids")])
     assert rep["best_of"] == 2 and 0 <= rep["results"][0]["files"]["test.json"]["accuracy_mean"] <= 1
+    assert sorted(f.name for f in (tmp_path / "grids").glob("*.png")) == ["ldm_best_of_2_test_s2_g4.png",
+                                                                          "ldm_denoising_process.png"]
     weights = tmp_path / "weights"
     weights.mkdir()
     for d in tiny_weights.iterdir():
@@ -114,3 +116,27 @@ def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data,
             (weights / d.name).symlink_to(d)
     with pytest.raises(SystemExit):
         main([*args[:2], "--weights", str(weights), *args[4:], "--best-of", "2"])
+
+
+def test_pixel_classifier_reads_the_vaes_decoded_image_and_reloads(tiny_data, parts, tmp_path):
+    from python import vae as V
+    from python.train_classifier import PixelClassifier, load, main
+
+    run, out = tmp_path / "run", tmp_path / "weights"
+    main(["--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run), "--steps", "2",
+          "--batch", "4", "--pixels", "--out", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["input"] == "pixels" and cfg["vae"]["channels"] == [16, 8]
+    cls, _ = load(out)
+    assert isinstance(cls, PixelClassifier)
+    z = torch.randn(3, cfg["latent_channels"], 16, 16, requires_grad=True)
+    # its first stage is the VAE's decoder (stored in fp16 with it), frozen
+    ref = V.Decoder(V.load(parts / "vae"))
+    assert torch.allclose(cls.decoder(z), ref(z), atol=2e-2)
+    assert not any(p.requires_grad for p in cls.parameters())
+    logits = cls(z)
+    assert logits.shape == (3, 24)
+    logits.sum().backward()  # what distill's class term needs: a gradient on the latent through the decoder
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    again, _ = load(run / "final")
+    assert torch.equal(again(z.detach()), cls(z.detach()))

@@ -191,11 +191,17 @@ def test_class_term_pulls_the_student_towards_the_classifiers_labels(tiny_data, 
             str(tiny_weights / "vae"), "--judge", str(tiny_weights / "judge" / "judge.safetensors"), "--steps", "8",
             "--batch", "8", "--lr", "1e-3", "--ema", "0", "--eval-every", "8", "--eval-conditions", "2"]
     cls = load_classifier(tiny_weights / "classifier")[0]
+    # a second, pixel classifier (untrained: its weights do not matter here) makes the term the mean of two
+    from python.latents import vae_digest
+    from python.train_classifier import PixelClassifier, save as save_classifier
+
+    save_classifier(PixelClassifier.from_vae(tiny_weights / "vae").eval(), tmp_path / "pixels",
+                    {"vae_sha": vae_digest(tiny_weights / "vae")})
     bce = {}
     for weight in ("0", "10"):
         run = tmp_path / f"run-{weight}"
         D.main(base + ["--run-dir", str(run), "--cls-weight", weight, "--cls-classifier",
-                       str(tiny_weights / "classifier")])
+                       str(tiny_weights / "classifier"), str(tmp_path / "pixels")])
         student = G.load(run / "final")[0]
         with torch.no_grad():
             fake = student(tensors["x_T"].flatten(1), tensors["cond"])
@@ -203,6 +209,8 @@ def test_class_term_pulls_the_student_towards_the_classifiers_labels(tiny_data, 
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert all(("cls" in m) == (weight != "0") and np.isfinite(m.get("cls", 0)) for m in logged if "loss" in m)
     assert bce["10"] < bce["0"] - 1e-3, bce  # without the term the two runs are the same run (difference 0)
+    assert "mean BCE of the classifier(s)" in (tmp_path / "run-10" / "log.txt").read_text()
+    assert str(tmp_path / "pixels") in json.loads((tmp_path / "run-10" / "config.json").read_text())["cls_classifier"]
 
 
 def test_pairs_and_train_errors(tiny_data, tiny_weights, tmp_path, capsys):
