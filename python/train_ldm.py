@@ -10,6 +10,11 @@ that no noise level dominates. The condition is dropped (empty set) with probabi
 classifier-free guidance. EMA weights are what is evaluated and saved. Every eval_every steps the
 EMA model samples a fixed condition set (DPM-Solver++, guidance), the VAE decodes, the judge scores;
 the accuracy goes to metrics.jsonl and a grid to samples/.
+
+--cls-weight W (fine-tuning, with --init): adds W x the mean binary cross-entropy of frozen classifiers
+(--cls-classifier; trained on real latents only, e.g. `train_classifier --pixels`; never a judge) on the
+x_0 the denoiser predicts, for the conditioned samples with t < --cls-max-t. The one-step student's class
+term (python/distill.py) applied along the whole trajectory: the samplers step through these x_0 predictions.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from python import judge as J
 from python import ldm as L
 from python import vae as V
 from python.data import image_grid, load_condition_file
-from python.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target
+from python.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
 from python.ema import ema_update
 from python.errors import UserError, cli
 from python.latents import load_latents, vae_digest
@@ -99,9 +104,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
+    p.add_argument("--cls-weight", type=float, default=0.0,
+                   help="class term on the predicted x_0: W x the classifiers' mean BCE (0: none)")
+    p.add_argument("--cls-classifier", type=Path, nargs="+",
+                   help="classifier(s) for --cls-weight (train_classifier folders; default: weights/classifier)")
+    p.add_argument("--cls-max-t", type=int, help="class term only where t < this (default: every t)")
     a = p.parse_args(argv)
+    if a.cls_weight < 0:
+        raise UserError(f"--cls-weight must be >= 0, got {a.cls_weight}")
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+    cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
+           for k, v in cfg.items()}
     if cfg.get("bf16") is None:
         cfg["bf16"] = a.device == "cuda"
 
@@ -157,6 +170,12 @@ def main(argv=None):
     ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
     w_tab = loss_weight(schedule, all_t, a.min_snr).to(device)
 
+    loss_classifiers = []
+    if a.cls_weight > 0:
+        from python.distill import latent_classifier
+
+        loss_classifiers = [latent_classifier(c, vae_folder).to(device) for c in (a.cls_classifier or [None])]
+    cls_max_t = schedule.T if a.cls_max_t is None else a.cls_max_t
     judge = J.load(a.judge) if rank == 0 else None
     decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
@@ -188,6 +207,13 @@ def main(argv=None):
             out = net(x_t, t, cond)
         per_sample = F.mse_loss(out.float(), tgt, reduction="none").mean((1, 2, 3))
         loss = (per_sample * w_tab[t]).mean()
+        extra = {}
+        if loss_classifiers and (sel := keep & (t < cls_max_t)).any():
+            x0 = x0_eps(x_t[sel], out[sel].float(), ca[sel], cs[sel], schedule.prediction)[0]
+            cls_term = sum(F.binary_cross_entropy_with_logits(c(x0), cond[sel]) for c in loss_classifiers)
+            cls_term = cls_term / len(loss_classifiers)
+            extra = {"cls": cls_term.item(), "mse": loss.item()}
+            loss = loss + a.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -201,7 +227,7 @@ def main(argv=None):
             rate = seen / (time.time() - t_last)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
             run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
-                        images_per_sec=rate)
+                        images_per_sec=rate, **extra)
             t_last, seen = time.time(), 0
         evaluating = step % cfg["eval_every"] == 0 or step == steps
         if run and not evaluating and step % cfg["save_every"] == 0:

@@ -142,3 +142,42 @@ def test_on_device_wrapper_and_latent_set_move():
     noise = torch.randn((2, 8, 16, 16), generator=torch.Generator().manual_seed(1))
     expected = (lat.mean[idx].float() + lat.std[idx].float() * noise) * 0.5
     assert torch.allclose(a, expected)
+
+
+def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts, tmp_path):
+    """--cls-weight: two runs with the same seed and batches, without and with the term; the one with it ends
+    with a lower BCE of that classifier on the x_0 the denoiser predicts, and logs the term."""
+    import torch.nn.functional as F
+
+    from python import gan as G
+    from python.diffusion import x0_eps
+    from python.latents import load_latents, vae_digest
+    from python.train_classifier import load as load_classifier, save as save_classifier
+
+    torch.manual_seed(0)
+    cls = G.LatentClassifier(G.GANConfig(latent_channels=4)).eval()
+    with torch.no_grad():
+        for p in cls.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_classifier(cls, tmp_path / "cls", {"vae_sha": vae_digest(parts / "vae")})
+    cls = load_classifier(tmp_path / "cls")[0]
+    lat = load_latents(tiny_data, parts / "vae")
+    z0, cond = lat.mean[:8], lat.labels[:8]
+    sch = Schedule("cosine", prediction="v_prediction")
+    t = torch.arange(8) * 120
+    a, s = (torch.from_numpy(c).float()[:, None, None, None] for c in sch.coeffs(t.numpy()))
+    x_t = a * z0 + s * torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
+    bce = {}
+    for weight in ("0", "20"):
+        run = tmp_path / f"run-{weight}"
+        train_ldm(_args(tiny_data, parts, run, "--no-bf16", "--ema", "0", "--lr", "3e-3", "--steps", "8",
+                        "--eval-every", "8", "--cls-weight", weight, "--cls-classifier", str(tmp_path / "cls")))
+        model = L.load(run / "final")[0].eval()
+        with torch.no_grad():
+            x0 = x0_eps(x_t, model(x_t, t, cond), a, s, "v_prediction")[0]
+            bce[weight] = F.binary_cross_entropy_with_logits(cls(x0), cond).item()
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert any("cls" in m for m in logged) == (weight != "0")
+    assert bce["20"] < bce["0"] - 1e-3, bce
+    with pytest.raises(SystemExit):
+        train_ldm(_args(tiny_data, parts, tmp_path / "bad", "--cls-weight", "-1"))
