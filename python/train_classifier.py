@@ -169,7 +169,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pixels", action="store_true",
                    help="classify the decoded image (frozen VAE decoder + a small CNN) instead of the latent: "
-                        "stricter about shape; for distill's class term, not for best-of selection (4x the cost)")
+                        "stricter about shape; for distill's class term, not for best-of selection (~5x the FLOPs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the fp16 weights folder here (e.g. weights/classifier)")
     a = p.parse_args(argv)

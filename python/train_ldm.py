@@ -176,6 +176,8 @@ def main(argv=None):
 
         loss_classifiers = [latent_classifier(c, vae_folder).to(device) for c in (a.cls_classifier or [None])]
     cls_max_t = schedule.T if a.cls_max_t is None else a.cls_max_t
+    if not 1 <= cls_max_t <= schedule.T:
+        raise UserError(f"--cls-max-t must be in 1..{schedule.T} (the class term applies where t < it), got {cls_max_t}")
     judge = J.load(a.judge) if rank == 0 else None
     decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None

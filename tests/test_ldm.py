@@ -181,3 +181,6 @@ def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts,
     assert bce["20"] < bce["0"] - 1e-3, bce
     with pytest.raises(SystemExit):
         train_ldm(_args(tiny_data, parts, tmp_path / "bad", "--cls-weight", "-1"))
+    with pytest.raises(SystemExit):
+        train_ldm(_args(tiny_data, parts, tmp_path / "bad2", "--cls-weight", "1", "--cls-max-t", "0",
+                        "--cls-classifier", str(tmp_path / "cls")))
