@@ -135,6 +135,16 @@ def latent_classifier(cls_dir: Path | None, vae_dir: Path | None):
     return classifier
 
 
+def loss_classifiers(dirs: list[Path] | None, vae_dir: Path | None) -> list:
+    """The frozen classifiers of a class term (default: weights/classifier), each checked against vae_dir."""
+    return [latent_classifier(c, vae_dir) for c in (dirs or [None])]
+
+
+def class_term(classifiers: list, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The mean over `classifiers` of their binary cross-entropy for the labels `cond` on `latents`."""
+    return sum(F.binary_cross_entropy_with_logits(c(latents), cond) for c in classifiers) / len(classifiers)
+
+
 def make_pairs(a) -> None:
     ldm_dir = a.ldm or L.SHIPPED
     model, cfg = L.load(ldm_dir)
@@ -255,8 +265,7 @@ def train(a) -> None:
             raise UserError(f"--filter: the latent classifier {a.classifier or 'weights/classifier'} agrees with none "
                             f"of the {pairs_count} pairs in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
-    cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
-           for k, v in vars(a).items() if k != "func"}
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
     cfg.update(distilled={"denoiser": asdict(teacher.cfg), "schedule": tcfg["schedule"]}, vae_sha=tcfg.get("vae_sha"),
                teacher=meta, pairs_count=pairs_count, pairs_kept=len(pairs["cond"]))
     run = RunDir(a.run_dir, cfg, a.resume)
@@ -266,12 +275,11 @@ def train(a) -> None:
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
-    loss_classifiers = []
+    cls_nets = []
     if a.cls_weight > 0:
-        names = a.cls_classifier or [None]
-        loss_classifiers = [latent_classifier(c, vae_dir) for c in names]
+        cls_nets = loss_classifiers(a.cls_classifier, vae_dir)
         run.log(f"class loss: {a.cls_weight} x the mean BCE of the classifier(s) "
-                f"{', '.join(str(c or 'weights/classifier') for c in names)}")
+                f"{', '.join(str(c) for c in a.cls_classifier or ['weights/classifier'])}")
     disc = d_opt = None
     if a.adv_weight > 0:
         from python import gan as G
@@ -320,9 +328,8 @@ def train(a) -> None:
         fake = student(x_T.flatten(1), cond)
         loss = reg = (fake - x_0).square().mean()
         extra = {}
-        if loss_classifiers:
-            cls_term = sum(F.binary_cross_entropy_with_logits(c(fake), cond) for c in loss_classifiers)
-            cls_term = cls_term / len(loss_classifiers)
+        if cls_nets:
+            cls_term = class_term(cls_nets, fake, cond)
             loss = loss + a.cls_weight * cls_term
             extra["cls"] = cls_term.item()
         if disc is not None:

@@ -113,8 +113,7 @@ def main(argv=None):
     if a.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {a.cls_weight}")
     cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
-           for k, v in cfg.items()}
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
     if cfg.get("bf16") is None:
         cfg["bf16"] = a.device == "cuda"
 
@@ -132,6 +131,15 @@ def main(argv=None):
     dcfg = L.DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
                             depth=cfg["depth"], heads=cfg["heads"], cond=a.cond, pooled=a.pooled)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
+    # the class term's inputs are checked before the run folder is made
+    cls_max_t = schedule.T if a.cls_max_t is None else a.cls_max_t
+    if not 1 <= cls_max_t <= schedule.T:
+        raise UserError(f"--cls-max-t must be in 1..{schedule.T} (the class term applies where t < it), got {cls_max_t}")
+    cls_nets = []
+    if a.cls_weight > 0:
+        from python.distill import class_term, loss_classifiers
+
+        cls_nets = [c.to(device) for c in loss_classifiers(a.cls_classifier, vae_folder)]
     run = RunDir(a.run_dir, cfg, a.resume) if rank == 0 else None
 
     torch.manual_seed(a.seed)
@@ -170,14 +178,6 @@ def main(argv=None):
     ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
     w_tab = loss_weight(schedule, all_t, a.min_snr).to(device)
 
-    loss_classifiers = []
-    if a.cls_weight > 0:
-        from python.distill import latent_classifier
-
-        loss_classifiers = [latent_classifier(c, vae_folder).to(device) for c in (a.cls_classifier or [None])]
-    cls_max_t = schedule.T if a.cls_max_t is None else a.cls_max_t
-    if not 1 <= cls_max_t <= schedule.T:
-        raise UserError(f"--cls-max-t must be in 1..{schedule.T} (the class term applies where t < it), got {cls_max_t}")
     judge = J.load(a.judge) if rank == 0 else None
     decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
@@ -210,10 +210,9 @@ def main(argv=None):
         per_sample = F.mse_loss(out.float(), tgt, reduction="none").mean((1, 2, 3))
         loss = (per_sample * w_tab[t]).mean()
         extra = {}
-        if loss_classifiers and (sel := keep & (t < cls_max_t)).any():
+        if cls_nets and (sel := keep & (t < cls_max_t)).any():
             x0 = x0_eps(x_t[sel], out[sel].float(), ca[sel], cs[sel], schedule.prediction)[0]
-            cls_term = sum(F.binary_cross_entropy_with_logits(c(x0), cond[sel]) for c in loss_classifiers)
-            cls_term = cls_term / len(loss_classifiers)
+            cls_term = class_term(cls_nets, x0, cond[sel])
             extra = {"cls": cls_term.item(), "mse": loss.item()}
             loss = loss + a.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)
