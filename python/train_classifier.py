@@ -91,12 +91,13 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
     from tqdm import tqdm
 
     cls = (PixelClassifier.from_vae(pixels_vae) if pixels_vae else G.LatentClassifier(gcfg)).to(device)
+    kind = "pixel classifier" if pixels_vae else "latent classifier"
     path = run.path / "classifier.safetensors"
     held = heldout_rows(len(lat)).to(device)
     rng = torch.Generator(device=device).manual_seed(seed + 17)
     if path.exists():
         cls.load_state_dict(load_file(str(path)))
-        run.log(f"latent classifier loaded from {path}")
+        run.log(f"{kind} loaded from {path}")
     else:
         mask = torch.ones(len(lat), dtype=torch.bool, device=device)
         mask[held] = False
@@ -104,7 +105,7 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
         opt = torch.optim.AdamW([q for q in cls.parameters() if q.requires_grad], lr=2e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
         cls.train()
-        for _ in tqdm(range(steps), desc="latent classifier", unit="step", dynamic_ncols=True):
+        for _ in tqdm(range(steps), desc=kind, unit="step", dynamic_ncols=True):
             idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
             loss = F.binary_cross_entropy_with_logits(cls(add_noise(lat.sample(idx, rng), noise, rng)),
                                                       lat.labels[idx])
@@ -118,7 +119,7 @@ def train_classifier(lat, gcfg: G.GANConfig, steps: int, batch: int, seed: int, 
     cls.heldout_accuracy = float(J.accuracy(logits, lat.labels[held]))
     if not path.exists():
         run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": cls.heldout_accuracy})
-        run.log(f"latent classifier: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} "
+        run.log(f"{kind}: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} "
                 f"held-out latents")
         tmp = run.path / ".classifier.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
