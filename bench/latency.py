@@ -326,6 +326,23 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     return out
 
 
+def gan_breakdown(m: Models, batch: int, runs: int) -> dict:
+    """Where one ONNX Runtime GAN-path batch spends its time: the generator call, the decoder, and the rest
+    (noise, Python) = end to end minus both."""
+    from python.noise import gan_noise
+
+    cond = conditions_for(batch)
+    feeds = {"z": gan_noise(0, batch, m.pipe.ex.manifest["models"]["generator"]["z_dim"]), "cond": cond}
+    lat = m.pipe.ex.run("generator", feeds)[0]
+    gen = float(np.median(timed(lambda: m.pipe.ex.run("generator", feeds), runs)))
+    dec = float(np.median(timed(lambda: m.pipe.decode(lat, batch=batch), runs)))
+    total = float(np.median(timed(gan_runner(m, "onnxruntime", cond), runs)))
+    out = {"batch": batch, "total_s": round(total, 4), "generator_s": round(gen, 4), "decoder_s": round(dec, 4),
+           "other_s": round(total - gen - dec, 4)}
+    out["shares"] = {k: round(out[f"{k}_s"] / total, 3) for k in ("generator", "decoder", "other")}
+    return out
+
+
 def op_profile(module, *inputs, top: int = 8) -> list[dict]:
     """The torch operators that take the most self CPU time in one forward pass: [{op, share}], largest first."""
     import torch
@@ -529,6 +546,12 @@ def main(argv=None):
         sh = profile["ldm_onnxruntime"]["shares"]
         print(f"LDM time (onnxruntime, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
               f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
+    if m.gan:  # the same for the GAN path, at its largest batch
+        profile["gan_onnxruntime"] = gan_breakdown(m, max(cfg["gan_batches"]), cfg["runs"])
+        sh = profile["gan_onnxruntime"]["shares"]
+        print(f"GAN time (onnxruntime, batch {profile['gan_onnxruntime']['batch']}): generator "
+              f"{100 * sh['generator']:.0f}%, decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%",
+              flush=True)
     profile["decoder_ops_torch"] = op_profile(m.decoder, torch.randn(256, *m.shape))
     for name in ("denoiser_ops_torch", "decoder_ops_torch"):
         if name in profile:

@@ -42,6 +42,9 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     prof = res["profile"]["ldm_onnxruntime"]
     assert prof["batch"] == 32 and prof["denoiser_s"] > 0 and prof["decoder_s"] > 0
     assert abs(sum(prof["shares"].values()) - 1) < 0.01 and prof["shares"]["denoiser"] > 0
+    gp = res["profile"]["gan_onnxruntime"]  # the GAN path's generator / decoder / rest, at its batch
+    assert gp["batch"] == 256 and gp["generator_s"] > 0 and gp["decoder_s"] > 0
+    assert abs(sum(gp["shares"].values()) - 1) < 0.01 and gp["shares"]["generator"] > 0
     for name in ("denoiser_ops_torch", "decoder_ops_torch"):
         ops = res["profile"][name]
         assert ops and all(0 <= o["share"] <= 1 for o in ops) and ops[0]["share"] >= ops[-1]["share"]
