@@ -319,11 +319,14 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     den = float(np.median(timed(lambda: m.pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: m.pipe.decode(x_T, batch=batch), runs)))
     total = float(np.median(timed(ldm_runner(m, "onnxruntime", sampler, steps, guidance, cond), runs)))
-    out = {"sampler": sampler, "steps": steps, "batch": batch, "total_s": round(total, 4),
-           "denoiser_s": round(den * steps, 4), "decoder_s": round(dec, 4),
-           "other_s": round(total - den * steps - dec, 4)}
-    out["shares"] = {k: round(out[f"{k}_s"] / total, 3) for k in ("denoiser", "decoder", "other")}
-    return out
+    return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
+
+
+def time_split(batch: int, total: float, **parts: float) -> dict:
+    """{batch, total_s, <part>_s..., other_s (= total minus the parts), shares} of one timed batch."""
+    secs = {**parts, "other": total - sum(parts.values())}
+    return {"batch": batch, "total_s": round(total, 4), **{f"{k}_s": round(v, 4) for k, v in secs.items()},
+            "shares": {k: round(round(v, 4) / total, 3) for k, v in secs.items()}}
 
 
 def gan_breakdown(m: Models, batch: int, runs: int) -> dict:
@@ -337,10 +340,7 @@ def gan_breakdown(m: Models, batch: int, runs: int) -> dict:
     gen = float(np.median(timed(lambda: m.pipe.ex.run("generator", feeds), runs)))
     dec = float(np.median(timed(lambda: m.pipe.decode(lat, batch=batch), runs)))
     total = float(np.median(timed(gan_runner(m, "onnxruntime", cond), runs)))
-    out = {"batch": batch, "total_s": round(total, 4), "generator_s": round(gen, 4), "decoder_s": round(dec, 4),
-           "other_s": round(total - gen - dec, 4)}
-    out["shares"] = {k: round(out[f"{k}_s"] / total, 3) for k in ("generator", "decoder", "other")}
-    return out
+    return time_split(batch, total, generator=gen, decoder=dec)
 
 
 def op_profile(module, *inputs, top: int = 8) -> list[dict]:
