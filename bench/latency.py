@@ -29,9 +29,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.diffusion import DEFAULT_GUIDANCE  # noqa: E402
-from python.errors import UserError, cli  # noqa: E402
-from python.memory import keep_freed_memory  # noqa: E402
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule  # noqa: E402
+from python.core.errors import UserError, cli  # noqa: E402
+from python.core.labels import NUM_CLASSES, load_conditions  # noqa: E402
+from python.core.memory import keep_freed_memory  # noqa: E402
+from python.core.noise import gan_noise, initial_noise  # noqa: E402
+from python.core.sampling import diffusion_latents  # noqa: E402
+from runtime.generate import Pipeline  # noqa: E402
+from runtime.judge import accuracy  # noqa: E402
+from runtime.models import ExportFolder  # noqa: E402
 
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
 QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "cpp"], ldm_batches=[32],
@@ -135,12 +141,9 @@ class Models:
         import torch
 
         from export.to_onnx import export_all
-        from python import gan as G
-        from python import ldm as L
-        from python import vae as V
-        from python.diffusion import Schedule
-        from runtime.generate import Pipeline
-        from runtime.models import ExportFolder
+        from python.models.denoiser import load_denoiser
+        from python.models.generators import load_generator
+        from python.models.vae import Decoder, load_vae
 
         torch.set_num_threads(threads)
         self.weights = weights
@@ -150,13 +153,13 @@ class Models:
             export_all(weights, export, formats=("onnx", "torchscript"))
         self.export = export
         self.pipe = Pipeline(ExportFolder(export, threads=threads))
-        self.decoder = V.Decoder(V.load(weights / "vae")).eval()
+        self.decoder = Decoder(load_vae(weights / "vae")).eval()
         self.ldm = self.gan = None
         if (weights / "ldm" / "config.json").exists():
-            self.ldm, cfg = L.load(weights / "ldm")
+            self.ldm, cfg = load_denoiser(weights / "ldm")
             self.schedule = Schedule(**cfg["schedule"])
         if (weights / "gan" / "config.json").exists():
-            self.gan, _ = G.load(weights / "gan")
+            self.gan, _ = load_generator(weights / "gan")
         self.ts = {}
         for name in ("denoiser", "decoder", "generator"):
             if (export / f"{name}.ts").exists():
@@ -170,9 +173,7 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     many candidates per condition and keeps the latent classifier's pick (python/best_of.py)."""
     import torch
 
-    from python.diffusion import make_sampler, sample_loop
-    from python.noise import initial_noise
-    from python.sample import guided_denoiser
+    from python.models.sampling import torch_call
 
     x_T = initial_noise(0, len(cond), m.shape)
     if best_of > 1:
@@ -188,13 +189,13 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     bf16 = backend == "torch-bf16"
     model = m.ts["denoiser"] if backend == "torchscript" else m.ldm
     decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
-    c, x = torch.from_numpy(cond), torch.from_numpy(x_T)
+    denoiser = torch_call(model, bf16=bf16)
 
     @torch.no_grad()
     def run():
-        lat = sample_loop(make_sampler(sampler, m.schedule, steps), x, guided_denoiser(model, c, guidance, bf16))
+        lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return decoder(lat).float()
+            return decoder(torch.from_numpy(lat)).float()
 
     return run
 
@@ -202,8 +203,6 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
 def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
     """fn() -> images for the GAN path on one backend; best_of > 1 (ONNX Runtime only) as ldm_runner's."""
     import torch
-
-    from python.noise import gan_noise
 
     if best_of > 1:
         if backend != "onnxruntime":
@@ -230,8 +229,6 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
     if not binary.exists():
         print(f"cpp: {binary} not built (make cpp); skipped")
         return None
-    from python.noise import initial_noise
-
     with tempfile.TemporaryDirectory() as d:
         cond.astype(np.float32).tofile(f"{d}/cond.f32")
         initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
@@ -244,8 +241,6 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
 
 
 def conditions_for(batch: int) -> np.ndarray:
-    from python.labels import NUM_CLASSES
-
     rng = np.random.default_rng(batch)
     cond = np.zeros((batch, NUM_CLASSES), np.float32)
     for row in cond:
@@ -255,9 +250,6 @@ def conditions_for(batch: int) -> np.ndarray:
 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> dict:
     """{setting: {"primary": {file: acc}, "second": {file: acc}}} with the ONNX models."""
-    from python.labels import load_conditions
-    from runtime.judge import accuracy
-
     out = {}
     avail = [f for f in files if (data / f).exists()]
     if len(avail) < len(files):
@@ -304,8 +296,6 @@ def baseline(batch: int, runs: int) -> dict:
 def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarray]:
     """One denoiser call's inputs for a sampler batch: 2 x batch rows with guidance (conditional and
     unconditional passes in one call), batch rows without."""
-    from python.noise import initial_noise
-
     passes = 2 if guidance != 1.0 else 1
     return {"x": np.concatenate([initial_noise(0, batch, m.shape)] * passes),
             "t": np.full(passes * batch, 500, np.int64), "cond": np.concatenate([conditions_for(batch)] * passes)}
@@ -332,8 +322,6 @@ def time_split(batch: int, total: float, **parts: float) -> dict:
 def gan_breakdown(m: Models, batch: int, runs: int) -> dict:
     """Where one ONNX Runtime GAN-path batch spends its time: the generator call, the decoder, and the rest
     (noise, Python) = end to end minus both."""
-    from python.noise import gan_noise
-
     cond = conditions_for(batch)
     feeds = {"z": gan_noise(0, batch, m.pipe.ex.manifest["models"]["generator"]["z_dim"]), "cond": cond}
     lat = m.pipe.ex.run("generator", feeds)[0]
@@ -491,7 +479,7 @@ def main(argv=None):
     results = []
     cls_flops = 0.0
     if max(best_ofs) > 1:
-        from python.train_classifier import load as load_classifier
+        from python.models.classifier import load_classifier
 
         cls_flops = flops_per_item(load_classifier(a.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:

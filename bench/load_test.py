@@ -29,9 +29,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.diffusion import DEFAULT_GUIDANCE  # noqa: E402
-from python.errors import UserError, cli  # noqa: E402
-from python.labels import OBJECTS, load_conditions  # noqa: E402
+from python.core.diffusion import DEFAULT_GUIDANCE  # noqa: E402
+from python.core.errors import UserError, cli  # noqa: E402
+from python.core.labels import OBJECTS, load_conditions  # noqa: E402
 
 
 def label_sets(n: int, data: Path | None, seed: int = 0) -> list[list[str]]:
@@ -120,7 +120,7 @@ def main(argv=None):
     if a.requests < 1 or min(a.concurrency) < 1:
         raise UserError("--requests and --concurrency must be >= 1")
 
-    from python.data import to_uint8
+    from python.core.images import to_uint8
     from runtime.generate import Pipeline
     from runtime.judge import judge_scores, topk_hits
     from runtime.models import ExportFolder

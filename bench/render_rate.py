@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from python.make_data import _pool_map, _render_train_scene  # noqa: E402
+from python.data.synthetic import pool_map, render_train_scene  # noqa: E402
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         t = time.time()
-        _pool_map(_render_train_scene, [(12345, s, Path(d), (160, 120), 3) for s in range(a.scenes)], a.workers, "bench")
+        pool_map(render_train_scene, [(12345, s, Path(d), (160, 120), 3) for s in range(a.scenes)], a.workers, "bench")
         dt = time.time() - t
     rate = 3 * a.scenes / dt
     print(json.dumps({"images_per_sec": round(rate, 1), "workers": a.workers, "scenes": a.scenes,

@@ -26,9 +26,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from python import judge as J
-from python.errors import UserError, cli
-from python.labels import CLASS_NAMES
+from python.core.diffusion import Schedule
+from python.core.errors import UserError, cli
+from python.core.labels import CLASS_NAMES
+from python.models.classifier import load_classifier
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator
+from python.models.judge import SHIPPED_JUDGES, judge_logits, load_judge
+from python.models.vae import Decoder, load_vae, require_latent_space
+from python.models.weights import SHIPPED
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "exports" / "default"
@@ -49,7 +55,7 @@ class JudgeForExport(nn.Module):
         self.net = net
 
     def forward(self, images):
-        z = J.logits(self.net, images)
+        z = judge_logits(self.net, images)
         return torch.sigmoid(z), z
 
 
@@ -192,17 +198,12 @@ def export_torchscript(module: nn.Module, inputs: dict[str, torch.Tensor], path:
 
 
 def _weights(weights: Path | None, name: str) -> Path:
-    return (Path(weights) if weights else REPO / "weights") / name
+    return (Path(weights) if weights else SHIPPED) / name
 
 
 def collect(weights: Path | None) -> dict:
     """{name: (module, example inputs, check inputs, output names, manifest extras)} for every network whose
     weights exist; a one-line notice for each that does not."""
-    from python import gan as G
-    from python import ldm as L
-    from python import vae as V
-    from python.latents import require_latent_space
-
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     conds = torch.zeros(5, 24)
@@ -210,21 +211,21 @@ def collect(weights: Path | None) -> dict:
         conds[i, torch.randperm(24, generator=gen)[: 1 + i % 3]] = 1
     found = {}
     for name, which in (("judge", "primary"), ("judge2", "second")):
-        path = _weights(weights, J.SHIPPED[which].parent.name) / "judge.safetensors"
+        path = _weights(weights, SHIPPED_JUDGES[which].parent.name) / "judge.safetensors"
         if path.exists():
             ex, chk = {"images": rand(2, 3, 64, 64)}, {"images": rand(5, 3, 64, 64).clamp(-1, 1)}
-            found[name] = (JudgeForExport(J.load(path)), ex, chk, ["probs", "logits"], {})
+            found[name] = (JudgeForExport(load_judge(path)), ex, chk, ["probs", "logits"], {})
         else:
             print(f"{name}: no weights at {path}; skipped")
     vae_dir = _weights(weights, "vae")
     if not (vae_dir / "config.json").exists():
         print(f"decoder, denoiser, generator: no VAE at {vae_dir}; skipped")
         return found
-    vae = V.load(vae_dir)
+    vae = load_vae(vae_dir)
     shape = vae.cfg.latent_shape
-    found["decoder"] = (V.Decoder(vae), {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["images"],
+    found["decoder"] = (Decoder(vae), {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["images"],
                         {"latent_shape": list(shape)})
-    for name, folder, loader in (("denoiser", "ldm", L.load), ("generator", "gan", G.load)):
+    for name, folder, loader in (("denoiser", "ldm", load_denoiser), ("generator", "gan", load_generator)):
         d = _weights(weights, folder)
         if not (d / "config.json").exists():
             print(f"{name}: no weights at {d}; skipped")
@@ -241,8 +242,6 @@ def collect(weights: Path | None) -> dict:
                            {"z_dim": z})
     d = _weights(weights, "classifier")
     if (d / "config.json").exists():
-        from python.train_classifier import load as load_classifier
-
         cls, cfg = load_classifier(d)
         require_latent_space(d, cfg, vae_dir)
         found["classifier"] = (cls, {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["logits"], {})
@@ -279,8 +278,6 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = 
         print(f"{name}: exported ({', '.join(formats)})")
     (out / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     if "denoiser" in nets:  # the schedule as a table, for the C++ sampler
-        from python.diffusion import Schedule
-
         s = Schedule(**nets["denoiser"][4]["schedule"])
         c, h, w = nets["decoder"][4]["latent_shape"]
         (out / "schedule.txt").write_text(f"{s.T} {c} {h} {w} {s.prediction}\n"

@@ -6,8 +6,8 @@
 Layout (Triton's): one folder per model with config.pbtxt and a version folder 1/.
 - judge, judge2, decoder, denoiser, generator: the ONNX files (onnxruntime_onnx backend), dynamic batching on,
   inputs and outputs read from the ONNX graphs.
-- ldm: a Python-backend model that runs the project's sampler maths (python/diffusion.py and python/noise.py,
-  copied beside model.py) and calls denoiser and decoder through Triton (BLS), so those two batch across
+- ldm: a Python-backend model that runs the project's sampling loop (the numpy core, python/core/, copied beside
+  model.py as core/) and calls denoiser and decoder through Triton (BLS), so those two batch across
   requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE; output IMAGES.
 - gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES).
 """
@@ -18,10 +18,10 @@ import json
 import shutil
 from pathlib import Path
 
-from python.diffusion import DEFAULT_GUIDANCE
-from python.errors import UserError
+from python.core.diffusion import DEFAULT_GUIDANCE
+from python.core.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
+CORE = Path(__file__).resolve().parent.parent / "python" / "core"
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16"}
 MAX_BATCH = 256
 
@@ -107,7 +107,7 @@ ensemble_scheduling {{
 
 LDM_MODEL = '''"""Triton Python backend: classifier-free-guided latent diffusion over the denoiser and decoder models.
 
-Written by export/triton_repo.py. The sampler maths is the project's own (diffusion.py, noise.py beside this
+Written by export/triton_repo.py. The sampling loop is the project's own (its numpy core, core/ beside this
 file); each step is one BLS call to "denoiser" with the conditional and unconditional halves together.
 Requests in one execute() call that share steps and guidance are sampled as one batch, each with its own
 seed's noise, so a request's images do not depend on its batch-mates.
@@ -121,8 +121,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from diffusion import Schedule, guide, make_sampler, sample_loop  # noqa: E402
-from noise import initial_noise, segments, step_noise_segments  # noqa: E402
+from core.diffusion import Schedule  # noqa: E402
+from core.sampling import diffusion_latents  # noqa: E402
 
 
 def _call(model, inputs, output):
@@ -153,17 +153,11 @@ class TritonPythonModel:
         return kind(values[0])
 
     def _sample(self, cond, parts, steps, guidance):
-        x_T = segments(initial_noise, parts, self.shape)
-        n = len(cond)
+        def denoiser(x, t, cond):  # per-sample t is [1] on the wire
+            return _call("denoiser", {"x": x, "t": t[:, None], "cond": cond}, "out")
 
-        def denoise(x, t):
-            out = _call("denoiser", {"x": np.concatenate([x, x]).astype(np.float32),
-                                     "t": np.full((2 * n, 1), t, np.int64),
-                                     "cond": np.concatenate([cond, np.zeros_like(cond)])}, "out")
-            return guide(out[:n], out[n:], guidance)
-
-        lat = sample_loop(make_sampler(self.sampler, self.schedule, steps), x_T, denoise,
-                          noise=step_noise_segments(parts, self.shape))
+        lat = diffusion_latents(denoiser, self.schedule, cond, self.shape, self.sampler, steps, guidance,
+                                seeds=parts, batch=len(cond))
         return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
 
     def execute(self, requests):
@@ -221,8 +215,8 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
     if "denoiser" in onnx_models:
         d = out / "ldm" / "1"
         d.mkdir(parents=True, exist_ok=True)
-        for f in ("diffusion.py", "noise.py"):  # the one copy of the maths, shipped beside the backend
-            shutil.copyfile(REPO / "python" / f, d / f)
+        shutil.rmtree(d / "core", ignore_errors=True)  # the one copy of the maths, shipped beside the backend
+        shutil.copytree(CORE, d / "core", ignore=shutil.ignore_patterns("__pycache__"))
         (d / "model.py").write_text(LDM_MODEL)
         manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
         (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE,

@@ -11,10 +11,24 @@ import json
 import time
 from pathlib import Path
 
-from python.diffusion import DEFAULT_GUIDANCE
-from python.errors import cli
+from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from python.core.diffusion import DEFAULT_GUIDANCE
+from python.core.errors import cli
+from python.core.images import image_grid, rows_grid
+from python.data.dataset import load_condition_file, load_split, to_model_range
+from python.data.synthetic import make_dataset
+from python.evaluation.generators import TorchGenerator
+from python.evaluation.metrics import psnr
+from python.models.judge import SHIPPED_JUDGES, judge_score, load_judge
+from python.models.vae import SHIPPED_VAE, load_vae, reconstruct
+from python.models.weights import SHIPPED
+from runtime.judge import accuracy
+from runtime.models import ExportFolder
+from bench.latency import main as bench
+from export.to_onnx import export_all
+
+REPO = SHIPPED.parent
 
 
 def _step(title: str) -> float:
@@ -33,8 +47,6 @@ def main(argv=None):
 
     t = _step("data")
     if not (a.data / "heldout_renders.json").exists():
-        from python.make_data import make_dataset
-
         stats = make_dataset(a.data, scenes=64, seed=0, heldout_images=500, heldout_conditions=1024)
         print(f"rendered {stats['train']['images']} training images and 500 held-out renders into {a.data} "
               f"({stats['train_images_per_sec']} img/s)")
@@ -42,38 +54,31 @@ def main(argv=None):
         print(f"using {a.data}")
     print(f"contact sheet: {a.data / 'contact_sheet.png'}  ({time.time() - t:.0f}s)")
 
-    from python import judge as J
-    from python.data import load_split, to_model_range
-
     held = load_split(a.data, "heldout_renders.json", images=a.data / "heldout_renders", progress=False)
     t = _step("judge (primary, resnet18, official layout)")
-    if J.SHIPPED["primary"].exists():
-        res = J.score(J.load(), to_model_range(held.images), held.labels)
+    if SHIPPED_JUDGES["primary"].exists():
+        res = judge_score(load_judge(), to_model_range(held.images), held.labels)
         summary["judge_heldout_accuracy"] = res["accuracy"]
         print(f"held-out renders: accuracy {res['accuracy']:.4f}; by number of objects "
               + ", ".join(f"{k}: {v:.4f}" for k, v in res["by_objects"].items()) + f"  ({time.time() - t:.0f}s)")
-        if J.SHIPPED["second"].exists():
-            res2 = J.score(J.load(which="second"), to_model_range(held.images), held.labels)
+        if SHIPPED_JUDGES["second"].exists():
+            res2 = judge_score(load_judge(which="second"), to_model_range(held.images), held.labels)
             summary["judge2_heldout_accuracy"] = res2["accuracy"]
             print(f"second judge: accuracy {res2['accuracy']:.4f}")
         else:
             print("second judge: not shipped yet")
     else:
-        print(f"not shipped yet ({J.SHIPPED['primary']} missing): train with `python -m python.train_evaluator`")
+        print(f"not shipped yet ({SHIPPED_JUDGES['primary']} missing): train with `python -m python.train_evaluator`")
 
     t = _step("VAE")
-    from python import vae as V
-
-    if (V.SHIPPED / "config.json").exists():
-        from python.train_vae import psnr, reconstruct, save_grid
-
-        vae = V.load()
+    if (SHIPPED_VAE / "config.json").exists():
+        vae = load_vae()
         rec = reconstruct(vae, held.images)
         summary["vae_psnr"] = float(psnr(to_model_range(held.images), rec).mean())
-        save_grid(a.out / "vae_reconstructions.png", to_model_range(held.images[:16]), rec[:16])
+        Image.fromarray(rows_grid(to_model_range(held.images[:16]), rec[:16])).save(a.out / "vae_reconstructions.png")
         line = f"held-out PSNR {summary['vae_psnr']:.2f} dB"
-        if J.SHIPPED["primary"].exists():
-            summary["vae_judge_recon"] = J.score(J.load(), rec, held.labels)["accuracy"]
+        if SHIPPED_JUDGES["primary"].exists():
+            summary["vae_judge_recon"] = judge_score(load_judge(), rec, held.labels)["accuracy"]
             line += f", judge on reconstructions {summary['vae_judge_recon']:.4f}"
         print(f"{line}; grid {a.out / 'vae_reconstructions.png'}  ({time.time() - t:.0f}s)")
     else:
@@ -81,40 +86,25 @@ def main(argv=None):
 
     for name in ("ldm", "gan"):
         t = _step(name.upper())
-        if not (REPO / "weights" / name / "config.json").exists() or not J.SHIPPED["primary"].exists():
+        if not (SHIPPED / name / "config.json").exists() or not SHIPPED_JUDGES["primary"].exists():
             print(f"not shipped yet: the conditional latent {name.upper()} is still to be trained; nothing to generate")
             continue
-        from PIL import Image
-
-        from python.data import image_grid, load_condition_file
-        from python.eval_gen import Generator
-
-        gen = Generator(name, REPO / "weights")
+        gen = TorchGenerator(name, SHIPPED)
         cond = load_condition_file(a.data, "test.json")
         images = gen.images(cond, seed=0, steps=25, guidance=DEFAULT_GUIDANCE) if name == "ldm" else gen.images(cond, seed=0)
-        summary[f"{name}_test_accuracy"] = J.score(J.load(), images, cond)["accuracy"]
+        summary[f"{name}_test_accuracy"] = judge_score(load_judge(), images, cond)["accuracy"]
         Image.fromarray(image_grid(images)).save(a.out / f"{name}_test.png")
         print(f"test.json ({len(cond)} conditions{f', DPM-Solver++ 25 steps, guidance {DEFAULT_GUIDANCE:g}' if name == 'ldm' else ', one forward pass'}): "
               f"accuracy {summary[f'{name}_test_accuracy']:.4f}; grid {a.out / f'{name}_test.png'}  "
               f"({time.time() - t:.0f}s)")
 
     t = _step("export + torch-free runtime")
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from export.to_onnx import export_all
-
     manifest = export_all(None, a.out / "export", formats=("onnx", "torchscript"))
     if "judge" in manifest["models"]:
-        from runtime.judge import accuracy
-        from runtime.models import ExportFolder
-
         acc = accuracy(ExportFolder(a.out / "export"), to_model_range(held.images).numpy(), held.labels)
         summary["onnx_judge_heldout_accuracy"] = acc
         print(f"ONNX judge (onnxruntime, no torch) on held-out renders: {acc:.4f}  ({time.time() - t:.0f}s)")
     t = _step("benchmark (bench/latency.py --quick)")
-    from bench.latency import main as bench
-
     res = bench(["--quick", "--export", str(a.out / "export"), "--data", str(a.data), "--json",
                  str(a.out / "bench.json"), "--plot", str(a.out / "bench.png")])
     summary["bench_results"] = len(res["results"])

@@ -4,10 +4,8 @@
     python -m python.distill train --data D --pairs ~/runs/pairs --run-dir ~/runs/distill   # the student
     python -m python.ship gan --run ~/runs/distill --out weights/gan                        # ships as the GAN
 
-Why: the latent GAN trained against a discriminator stalls at ~0.5 accuracy (weights/gan/MODEL_CARD.md), while
-the LDM reaches 0.87 plain and 0.95 with best-of-8 selection, at 20-160 network calls per image. The
-DPM-Solver++ sampler is deterministic: for a label set, the teacher is a function from the initial noise x_T to
-a latent x_0. A student learns that function for one call.
+The DPM-Solver++ sampler is deterministic: for a label set, the teacher is a function from the initial noise x_T
+to a latent x_0. A student (python/models/one_step.py) learns that function for one call.
 
 Teacher (`pairs`): the LDM (DPM-Solver++, --steps, guidance) on label sets drawn from the training set's; with
 --best-of N, the candidate that the latent classifier likes best (python/best_of.py; trained on real latents only,
@@ -15,23 +13,21 @@ no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seed
 run resumes by skipping the shards that exist, and adding shards adds data.
 
 Student (`train`; `--init` continues another run's student, e.g. on more pairs): a copy of the teacher's
-denoiser, called once at t = T-1 on x_T; its v-prediction gives x_0 = a x_T - s v (a, s: the schedule at T-1),
-which is where it starts (the teacher's own one-call guess) before it learns to map x_T to the teacher's x_0 (squared error on latents; EMA weights). The classifier-free guidance is
-in the targets, so the student needs no unconditional pass: one network call per image. --filter keeps only
+denoiser, called once at t = T-1 on x_T, trained to map x_T to the teacher's x_0 (squared error on latents; EMA
+weights). The classifier-free guidance is in the targets, so the student needs no unconditional pass: one network call per image. --filter keeps only
 the pairs whose x_0 the latent classifier reads as exactly the requested objects: the student then learns the
-teacher where the teacher succeeds (about half the pairs of the shipped LDM at 10 steps). Squared error alone
+teacher where the teacher succeeds. Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
-projection discriminator on latents (python.gan.Discriminator, hinge loss), with the teacher's latents as the
-real ones, weighted adaptively against the regression term as in python/train_decoder.py. --cls-weight adds a
+projection discriminator on latents (python.models.gan.Discriminator, hinge loss), with the teacher's latents as
+the real ones, weighted adaptively against the regression term as in python/train_decoder.py. --cls-weight adds a
 frozen latent classifier's binary cross-entropy for the requested labels on the student's latents (a classifier
 trained on real latents only; use another one than the best-of selector, --cls-classifier, or selection would
 read a network the student learnt to please; several are averaged, and a pixel one, train_classifier --pixels,
 reads the latent through the frozen VAE decoder). No judge in the loss: the judge scores the held-out accuracy logged
 every --eval-every steps.
 
-The student is saved as a generator (config.json with "distilled", generator.safetensors): `python.gan.load`
-loads it, and export, runtime, server, bench and eval_gen --model gan use it as they use the GAN, with
-z = x_T flattened (z_dim = C x H x W).
+The student is saved as a generator of kind "distilled" (python/models/generators.py): export, runtime, server,
+bench and eval_gen --model gan use it as they use the GAN, with z = x_T flattened (z_dim = C x H x W).
 """
 from __future__ import annotations
 
@@ -40,53 +36,31 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from tqdm import tqdm
 
-from python import ldm as L
-from python.diffusion import DEFAULT_GUIDANCE, Schedule
-from python.errors import UserError, cli
-
-
-class OneStep(nn.Module):
-    """(z: N x C*H*W noise, cond: N x 24) -> latents N x C x H x W, through one call of a denoiser at t = T-1."""
-
-    def __init__(self, dcfg: L.DenoiserConfig, schedule: dict):
-        super().__init__()
-        sch = Schedule(**schedule)
-        if sch.prediction != "v_prediction":
-            raise UserError(f"the one-step student needs a v-prediction teacher (x_0 = a x - s v is stable at t = T-1; "
-                            f"epsilon would divide by a ~ 0), got {sch.prediction!r}")
-        self.denoiser, self.schedule = L.Denoiser(dcfg), schedule
-        a, s = sch.coeffs(np.array([sch.T - 1]))
-        self.t, self.a, self.s = sch.T - 1, float(a[0]), float(s[0])
-        self.cfg = copy.copy(dcfg)
-        self.cfg.z_dim = dcfg.in_channels * dcfg.size * dcfg.size  # what the GAN path reads
-
-    def forward(self, z, cond):
-        c, h = self.denoiser.cfg.in_channels, self.denoiser.cfg.size
-        x = z.reshape(z.shape[0], c, h, h)
-        t = torch.full((z.shape[0],), self.t, dtype=torch.long, device=z.device)
-        return self.a * x - self.s * self.denoiser(x, t, cond)
-
-
-def save(model: OneStep, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    """Beside the GAN's: generator.safetensors and a config.json whose "distilled" entry python.gan.load reads."""
-    from python.rundir import save_weights
-
-    save_weights(folder, model, "generator.safetensors",
-                 {"distilled": {"denoiser": asdict(model.denoiser.cfg), "schedule": model.schedule}, **(extra or {})},
-                 half)
-
-
-def from_config(cfg: dict) -> OneStep:
-    d = cfg["distilled"]
-    return OneStep(L.DenoiserConfig(**d["denoiser"]), d["schedule"])
+from python.core.best_of import best_of as select_best, candidate_seed
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
+from python.core.errors import UserError, cli
+from python.core.labels import OBJECTS, load_objects
+from python.core.noise import initial_noise
+from python.data.dataset import load_condition_file, read_labelled
+from python.models.classifier import load_classifier_for
+from python.models.denoiser import SHIPPED_LDM, load_denoiser
+from python.models.gan import Discriminator, GANConfig
+from python.models.generators import generator_config, load_generator, save_generator
+from python.models.judge import judge_score, load_judge, topk_hits
+from python.models.one_step import OneStep
+from python.models.sampling import decode, gan_latents, ldm_latents
+from python.models.vae import SHIPPED_VAE, Decoder, load_vae
+from python.training.ema import ema_update
+from python.training.losses import adaptive_weight, class_term
+from python.training.loop import Progress
+from python.training.rundir import RunDir, load_checkpoint
+from python.training.schedules import warmup_cosine
 
 
 # ---------------------------------------------------------------------------------------------------- teacher
@@ -95,10 +69,6 @@ def from_config(cfg: dict) -> OneStep:
 def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps: int, guidance: float,
                   best_of: int = 1, classifier=None) -> tuple[np.ndarray, np.ndarray]:
     """(x_T, x_0) for each condition: the initial noise of the kept candidate and the latent it became."""
-    from python.best_of import best_of as select_best, candidate_seed
-    from python.noise import initial_noise
-    from python.sample import ldm_latents
-
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     run = lambda k: ldm_latents(model, schedule, cond, "dpmpp", steps, guidance,  # noqa: E731
                                 seed=candidate_seed(seed, k)).numpy()
@@ -114,9 +84,6 @@ def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps:
 
 def training_label_sets(data: Path) -> np.ndarray:
     """The distinct label sets of the dataset's train.json (the teacher is asked for what it was trained on)."""
-    from python.data import read_labelled
-    from python.labels import OBJECTS, load_objects
-
     data = Path(data)
     if not (data / "train.json").exists():
         raise UserError(f"{data}: no train.json (make a dataset with `python -m python.make_data --out {data}`)")
@@ -124,32 +91,11 @@ def training_label_sets(data: Path) -> np.ndarray:
     return np.unique(read_labelled(data / "train.json", objects)[1].astype(np.float32), axis=0)
 
 
-def latent_classifier(cls_dir: Path | None, vae_dir: Path | None):
-    """The latent classifier (default: weights/classifier), refused unless it reads vae_dir's latent space."""
-    from python.latents import require_latent_space
-    from python.train_classifier import load as load_classifier
-
-    cls_dir = cls_dir or L.REPO / "weights" / "classifier"
-    classifier, ccfg = load_classifier(cls_dir)
-    require_latent_space(cls_dir, ccfg, vae_dir or L.REPO / "weights" / "vae")
-    return classifier
-
-
-def loss_classifiers(dirs: list[Path] | None, vae_dir: Path | None) -> list:
-    """The frozen classifiers of a class term (default: weights/classifier), each checked against vae_dir."""
-    return [latent_classifier(c, vae_dir) for c in (dirs or [None])]
-
-
-def class_term(classifiers: list, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The mean over `classifiers` of their binary cross-entropy for the labels `cond` on `latents`."""
-    return sum(F.binary_cross_entropy_with_logits(c(latents), cond) for c in classifiers) / len(classifiers)
-
-
 def make_pairs(a) -> None:
-    ldm_dir = a.ldm or L.SHIPPED
-    model, cfg = L.load(ldm_dir)
+    ldm_dir = a.ldm or SHIPPED_LDM
+    model, cfg = load_denoiser(ldm_dir)
     schedule = Schedule(**cfg["schedule"])
-    classifier = latent_classifier(a.classifier, a.vae) if a.best_of > 1 else None
+    classifier = load_classifier_for(a.classifier, a.vae or SHIPPED_VAE) if a.best_of > 1 else None
     train_sets = training_label_sets(a.data)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": a.steps,
@@ -158,8 +104,6 @@ def make_pairs(a) -> None:
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
         raise UserError(f"{a.out} holds pairs made with other settings ({meta_file}); use another --out")
     meta_file.write_text(json.dumps(meta, indent=1))
-    from tqdm import tqdm
-
     shards = -(-a.count // a.shard)
     for i in tqdm(range(shards), unit="shard"):
         f = a.out / f"pairs-{i:05d}.npz"
@@ -191,17 +135,13 @@ def load_pairs(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _warm_start(src: Path, student: OneStep, ema: OneStep, disc) -> None:
     """Student (and EMA, and discriminator when the source has one) from another run's latest checkpoint or from
-    a saved student folder (python.gan.load's format, e.g. weights/gan): more teacher pairs, same student."""
-    from python.rundir import load_checkpoint
-
+    a saved student folder (e.g. weights/gan): more teacher pairs, same student."""
     src = Path(src)
     if ck := load_checkpoint(src):
         weights = ck[1]
         gen_sd, ema_sd, disc_sd = weights.get("generator"), weights.get("ema"), weights.get("disc")
     elif (src / "config.json").exists() and (src / "generator.safetensors").exists():
-        from python import gan as G
-
-        saved = G.load(src)[0]
+        saved = load_generator(src)[0]
         if not isinstance(saved, OneStep):
             raise UserError(f"--init {src}: a GAN generator, not a distilled student; nothing to warm-start from")
         gen_sd = ema_sd = saved.state_dict()
@@ -226,8 +166,6 @@ def _warm_start(src: Path, student: OneStep, ema: OneStep, disc) -> None:
 def classifier_agrees(classifier, pairs: dict[str, torch.Tensor], batch: int = 1024) -> torch.Tensor:
     """Per pair, whether the latent classifier's top k (k = objects requested) is exactly the requested set in the
     teacher's x_0: the official metric's all-hit case, read from the latent without decoding and without a judge."""
-    from python.judge import topk_hits
-
     x_0 = pairs["x_0"]
     logits = torch.cat([classifier(x_0[i:i + batch]) for i in range(0, len(x_0), batch)])
     hits, total = topk_hits(logits, pairs["cond"])
@@ -245,46 +183,34 @@ def mse_to_teacher(student: OneStep, pairs: dict[str, torch.Tensor], batch: int 
 
 
 def train(a) -> None:
-    from python import judge as J
-    from python import vae as V
-    from python.data import image_grid, load_condition_file
-    from python.ema import ema_update
-    from python.rundir import RunDir
-    from python.sample import decode
-    from python.train_decoder import adaptive_weight
-    from python.train_gan import gan_latents
-    from python.train_vae import warmup_cosine
-
     meta, pairs = load_pairs(a.pairs)
-    teacher, tcfg = L.load(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else a.ldm)
-    vae_dir = a.vae or V.SHIPPED
+    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else a.ldm)
+    vae_dir = a.vae or SHIPPED_VAE
     pairs_count = len(pairs["cond"])
     if a.filter:
-        keep = classifier_agrees(latent_classifier(a.classifier, vae_dir), pairs)
+        keep = classifier_agrees(load_classifier_for(a.classifier, vae_dir), pairs)
         if not keep.any():
             raise UserError(f"--filter: the latent classifier {a.classifier or 'weights/classifier'} agrees with none "
                             f"of the {pairs_count} pairs in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
-    cfg.update(distilled={"denoiser": asdict(teacher.cfg), "schedule": tcfg["schedule"]}, vae_sha=tcfg.get("vae_sha"),
-               teacher=meta, pairs_count=pairs_count, pairs_kept=len(pairs["cond"]))
-    run = RunDir(a.run_dir, cfg, a.resume)
     torch.manual_seed(a.seed)
     student = OneStep(teacher.cfg, tcfg["schedule"])
+    cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), teacher=meta, pairs_count=pairs_count,
+               pairs_kept=len(pairs["cond"]))
+    run = RunDir(a.run_dir, cfg, a.resume)
     student.denoiser.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
     cls_nets = []
     if a.cls_weight > 0:
-        cls_nets = loss_classifiers(a.cls_classifier, vae_dir)
+        cls_nets = [load_classifier_for(c, vae_dir) for c in a.cls_classifier or [None]]
         run.log(f"class loss: {a.cls_weight} x the mean BCE of the classifier(s) "
                 f"{', '.join(str(c) for c in a.cls_classifier or ['weights/classifier'])}")
     disc = d_opt = None
     if a.adv_weight > 0:
-        from python import gan as G
-
-        disc = G.Discriminator(G.GANConfig(latent_channels=teacher.cfg.in_channels, size=teacher.cfg.size))
+        disc = Discriminator(GANConfig(latent_channels=teacher.cfg.in_channels, size=teacher.cfg.size))
         d_opt = torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.0, 0.99))
     step = 0
     if a.init and not (a.resume and (run.path / "latest").exists()):
@@ -301,7 +227,7 @@ def train(a) -> None:
             disc.load_state_dict(weights["disc"])
             d_opt.load_state_dict(state["d_opt"])
         run.log(f"resumed at step {step}")
-    decoder, judge = V.Decoder(V.load(vae_dir)).eval(), J.load(a.judge)
+    decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(a.judge)
     eval_cond = load_condition_file(a.data, "heldout.json")[: a.eval_conditions]
     gen = torch.Generator().manual_seed(a.seed + step)
     # the first --val-pairs are never trained on (the over-fitting gauge); shards are appended, so they stay the
@@ -317,10 +243,7 @@ def train(a) -> None:
     pairs = {k: v[a.val_pairs:] for k, v in pairs.items()}
     run.log(f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {n} teacher pairs "
             f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {a.val_pairs} held out")
-    from tqdm import tqdm
-
-    bar = tqdm(total=a.steps, initial=step, unit="step", dynamic_ncols=True)
-    t_last, seen = time.time(), 0
+    progress = Progress(run, a.steps, step)
     student.train()
     while step < a.steps:
         idx = torch.randint(0, n, (a.batch,), generator=gen)
@@ -356,32 +279,24 @@ def train(a) -> None:
             extra["d_loss"] = d_loss.item()
         step += 1
         ema_update(ema, student, step, a.ema)
-        seen += a.batch
-        bar.update(1)
-        if step % 20 == 0 or step == a.steps:
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), images_per_sec=rate,
-                        lr=opt.param_groups[0]["lr"], **extra)
-            t_last, seen = time.time(), 0
+        progress.step(step, a.batch, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
+                                                  lr=opt.param_groups[0]["lr"], **extra))
         if step % a.eval_every == 0 or step == a.steps:
             with torch.no_grad():
                 images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
-            res = J.score(judge, images, eval_cond)
+            res = judge_score(judge, images, eval_cond)
             # the EMA's squared error to the teacher on pairs it never trained on (compare `reg`)
             val_mse = {"val_mse": mse_to_teacher(ema, val)} if a.val_pairs else {}
             run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
                         **val_mse)
-            bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions (EMA)")
-            from PIL import Image
-
-            Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+            progress.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions (EMA)")
+            run.sample_grid("heldout", step, images)
             run.save(step, {"generator": student.state_dict(), "ema": ema.state_dict(),
                             **({"disc": disc.state_dict()} if disc is not None else {})},
                      {"opt": opt.state_dict(), **({"sched": sched.state_dict()} if sched is not None else {}),
                       **({"d_opt": d_opt.state_dict()} if disc is not None else {})})
-    bar.close()
-    save(copy.deepcopy(ema).float(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step})
+    progress.close()
+    save_generator(copy.deepcopy(ema).float(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step})
     run.log(f"saved EMA student to {run.path / 'final'}")
 
 

@@ -22,124 +22,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from python import judge as J
-from python import vae as V
-from python.best_of import best_of as select_best, candidate_seed
-from python.data import image_grid, load_condition_file, to64, to_model_range
-from python.diffusion import DEFAULT_GUIDANCE, Schedule
-from python.errors import UserError, cli
-from python.labels import encode
-from python.memory import keep_freed_memory
-from python.sample import decode, ldm_latents
+from python.core.diffusion import DEFAULT_GUIDANCE
+from python.core.errors import UserError, cli
+from python.core.images import image_grid
+from python.core.labels import encode
+from python.core.memory import keep_freed_memory
+from python.data.dataset import load_condition_file, to_model_range
+from python.data.synthetic import render_conditions
+from python.evaluation.generators import MODELS, TorchGenerator
+from python.evaluation.metrics import spread, unrequested_rate
+from python.models.classifier import load_classifier_for
+from python.models.judge import judge_features, judge_score, load_judge
+from python.models.sampling import decode
 
-DIVERSITY = 4  # random stream for the reference renders (make_data uses 0..3 for its own)
 PROCESS_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
 
 
-class Generator:
-    """latents(cond, seed) for either model, from a weights folder."""
-
-    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu"):
-        from python.latents import require_latent_space
-
-        self.model, self.sampler = model, sampler
-        vae_dir = weights / "vae"
-        self.decoder = V.Decoder(V.load(vae_dir)).eval()
-        if model == "ldm":
-            from python import ldm as L
-
-            self.net, cfg = L.load(weights / "ldm")
-            self.schedule = Schedule(**cfg["schedule"])
-        elif model == "gan":
-            from python import gan as G
-
-            self.net, cfg = G.load(weights / "gan")
-        else:
-            raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        require_latent_space(weights / model, cfg, vae_dir)
-        self.net.eval()
-        if device != "cpu":  # the network runs there; sampler maths, decoder and judge stay on the host
-            from python.sample import OnDevice
-
-            self.net = OnDevice(self.net.to(device), device)
-
-    def latents(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None):
-        with torch.no_grad():
-            if self.model == "gan":
-                from python.train_gan import gan_latents
-
-                return gan_latents(self.net, cond, seed)
-            sampler = "ddpm" if steps == self.schedule.T else self.sampler
-            return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step)
-
-    def images(self, cond: np.ndarray, seed: int, steps: int = 25, guidance: float = DEFAULT_GUIDANCE, on_step=None,
-               best_of: int = 1, classifier=None):
-        """Decoded images; with best_of > 1, the best of that many candidates per condition by `classifier`
-        (python/best_of.py)."""
-        if best_of == 1:
-            return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step))
-        if classifier is None:
-            raise UserError("best-of-N selection needs the latent classifier (weights/classifier)")
-        with torch.no_grad():
-            lat, _ = select_best(best_of, lambda k: self.latents(cond, candidate_seed(seed, k), steps, guidance).numpy(),
-                                 lambda z: classifier(torch.from_numpy(z)).numpy(), cond)
-        return decode(self.decoder, torch.from_numpy(lat))
-
-
-def reference_renders(cond: np.ndarray, per: int, seed: int = 0) -> torch.Tensor:
-    """`per` fresh renders of each condition (rows of cond), as images in [-1, 1]."""
-    from PIL import Image
-
-    from python.make_data import RESOLUTION, scene_rng
-    from python.render import render, sample_scene
-
-    out = []
-    for i, c in enumerate(cond):
-        classes = [int(j) for j in np.flatnonzero(c)]
-        for k in range(per):
-            sc = sample_scene(scene_rng(seed, DIVERSITY, i * per + k), classes, *RESOLUTION)
-            out.append(to64(Image.fromarray(render(sc, *RESOLUTION))))
-    return to_model_range(np.stack(out))
-
-
-def spread(feats: torch.Tensor, groups: int) -> float:
-    """Mean pairwise L2 distance within each group of rows (groups of equal size), averaged over groups."""
-    f = feats.reshape(groups, -1, feats.shape[-1])
-    d = torch.cdist(f, f)
-    k = f.shape[1]
-    return float(d.sum((1, 2)).div(k * (k - 1)).mean())
-
-
-def diversity(gen: Generator, feature_judge, cond: np.ndarray, per: int, real: tuple[float, float], **kw) -> dict:
+def diversity(gen: TorchGenerator, feature_judge, cond: np.ndarray, per: int, real: tuple[float, float], **kw) -> dict:
     """Within-condition spread of generated images over that of real renders, in the judge's feature space
     (`ratio`) and in pixels (`pixel_ratio`). The two fail differently: a generator that varies only colours and
     artefacts can keep a high feature spread while its objects never move, which the pixel spread shows; extra or
     missing objects inflate the feature spread (a ratio far above 1 is not "more diverse", it is off the data)."""
     rows = np.repeat(cond, per, axis=0)  # each condition `per` times: distinct noise per row
     images = gen.images(rows, seed=0, **kw)
-    fake = spread(J.features(feature_judge, images), len(cond))
+    fake = spread(judge_features(feature_judge, images), len(cond))
     fake_px = spread(images.flatten(1), len(cond))
     sig = lambda x: float(f"{x:.4g}")  # noqa: E731
     return {"generated": sig(fake), "real": sig(real[0]), "ratio": sig(fake / real[0]),
             "pixel_generated": sig(fake_px), "pixel_real": sig(real[1]), "pixel_ratio": sig(fake_px / real[1])}
 
 
-def unrequested_rate(net, images: torch.Tensor, labels) -> float:
-    """Fraction of images in which the judge sees (p > 0.5) an object that was not asked for. The top-k metric
-    never looks beyond k, so an extra object costs accuracy only when it outranks a requested one."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
-    extra = (J.predict(net, images) > 0.5) & (labels < 0.5)
-    return float(extra.any(1).float().mean())
-
-
-def process_image(gen: Generator, steps: int, guidance: float, frames: int = 10) -> np.ndarray:
+def process_image(gen: TorchGenerator, steps: int, guidance: float, frames: int = 10) -> np.ndarray:
     """The denoising process for PROCESS_LABELS: the latent decoded at `frames` evenly spaced steps, then the end."""
     keep = set(np.linspace(0, steps - 2, frames).round().astype(int).tolist()) if steps > 1 else set()
     snaps = []
     final = gen.images(encode(PROCESS_LABELS)[None], seed=0, steps=steps, guidance=guidance,
-                       on_step=lambda i, x, sl: snaps.append(x.clone()) if i in keep else None)
-    frames_ = decode(gen.decoder, torch.cat(snaps)) if snaps else final[:0]
+                       on_step=lambda i, x, rows: snaps.append(x.copy()) if i in keep else None)
+    frames_ = decode(gen.decoder, torch.from_numpy(np.concatenate(snaps))) if snaps else final[:0]
     return image_grid(torch.cat([frames_, final]), cols=len(snaps) + 1)
 
 
@@ -165,25 +86,20 @@ def main(argv=None):
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
     a = p.parse_args(argv)
-    keep_freed_memory()  # batched inference: see python/memory.py
-    if a.model not in ("ldm", "gan"):
+    keep_freed_memory()  # batched inference: see python/core/memory.py
+    if a.model not in MODELS:
         raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
     if a.per_condition < 2 or a.diversity_conditions < 1:
         raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
     if a.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {a.best_of}")
-    gen = Generator(a.model, a.weights, a.sampler, a.device)
+    gen = TorchGenerator(a.model, a.weights, a.sampler, a.device)
     classifier = None
     if a.best_of > 1:
-        from python.latents import require_latent_space
-        from python.train_classifier import load as load_classifier
-
-        cls_dir = a.classifier or a.weights / "classifier"
-        classifier, cls_cfg = load_classifier(cls_dir)
-        require_latent_space(cls_dir, cls_cfg, a.weights / "vae")
-    judge = J.load(a.weights / "judge" / "judge.safetensors")
+        classifier = load_classifier_for(a.classifier or a.weights / "classifier", a.weights / "vae")
+    judge = load_judge(a.weights / "judge" / "judge.safetensors")
     second = a.weights / "judge2" / "judge.safetensors"
-    judge2 = J.load(second) if second.exists() else None
+    judge2 = load_judge(second) if second.exists() else None
     feature_judge = judge2 if judge2 is not None else judge
     if judge2 is None:
         print(f"no second judge at {second}: second-judge accuracy left out; diversity measured in the primary "
@@ -192,8 +108,8 @@ def main(argv=None):
     settings = [(s, g) for s in a.steps for g in a.guidance] if a.model == "ldm" else [(None, None)]
 
     div_cond = files[a.files[0]][: a.diversity_conditions]
-    real_images = reference_renders(div_cond, a.per_condition)
-    real_spread = (spread(J.features(feature_judge, real_images), len(div_cond)),
+    real_images = to_model_range(render_conditions(div_cond, a.per_condition))
+    real_spread = (spread(judge_features(feature_judge, real_images), len(div_cond)),
                    spread(real_images.flatten(1), len(div_cond)))
     report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
               "seeds": a.seeds, "limit": a.limit, "best_of": a.best_of, "results": []}
@@ -206,16 +122,14 @@ def main(argv=None):
             per_seed, per_seed2, by_obj, extra = [], [], {}, []
             for seed in a.seeds:
                 images = gen.images(cond, seed, **kw)
-                res = J.score(judge, images, cond)
+                res = judge_score(judge, images, cond)
                 per_seed.append(res["accuracy"])
                 extra.append(unrequested_rate(judge, images, cond))
                 for k, v in res["by_objects"].items():
                     by_obj.setdefault(k, []).append(v)
                 if judge2 is not None:
-                    per_seed2.append(J.score(judge2, images, cond)["accuracy"])
+                    per_seed2.append(judge_score(judge2, images, cond)["accuracy"])
                 if a.out and seed == a.seeds[0] and name in ("test.json", "new_test.json"):
-                    from PIL import Image
-
                     a.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{a.model}" + (f"_best_of_{a.best_of}" if a.best_of > 1 else "") + f"_{Path(name).stem}"
                            + (f"_s{steps}_g{guidance:g}" if steps else ""))  # best-of grids never overwrite plain ones
@@ -234,8 +148,6 @@ def main(argv=None):
             f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
             for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
     if a.out and a.model == "ldm":
-        from PIL import Image
-
         steps, guidance = settings[0]
         Image.fromarray(process_image(gen, min(steps, 50), guidance)).save(a.out / "ldm_denoising_process.png")
     if a.json:

@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from python import judge as J
-from python import vae as V
-from python.data import load_split, to_model_range
-from python.errors import UserError, cli
-from python.train_vae import psnr, reconstruct
+from python.core.errors import UserError, cli
+from python.data.dataset import load_split, to_model_range
+from python.evaluation.metrics import psnr
+from python.models.judge import judge_score, load_judge
+from python.models.vae import VAE, load_vae, reconstruct
 
 
-def decoder_flops(vae: V.VAE) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+def decoder_flops(vae: VAE) -> float:
     z = torch.zeros(1, *vae.cfg.latent_shape)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         vae.decode(z)
@@ -34,7 +33,7 @@ def decoder_flops(vae: V.VAE) -> float:
 
 
 @torch.no_grad()
-def decode_rate(vae: V.VAE, batch: int = 256, repeats: int = 5) -> float:
+def decode_rate(vae: VAE, batch: int = 256, repeats: int = 5) -> float:
     z = torch.randn(batch, *vae.cfg.latent_shape, generator=torch.Generator().manual_seed(0))
     vae.decode(z)
     times = []
@@ -45,7 +44,7 @@ def decode_rate(vae: V.VAE, batch: int = 256, repeats: int = 5) -> float:
     return batch / statistics.median(times)
 
 
-def evaluate(vae: V.VAE, data: Path, judge_path: Path | None = None, limit: int | None = None) -> dict:
+def evaluate(vae: VAE, data: Path, judge_path: Path | None = None, limit: int | None = None) -> dict:
     data = Path(data)
     if not (data / "heldout_renders.json").exists():
         raise UserError(f"{data}: no heldout_renders.json (render a dataset with `python -m python.make_data`)")
@@ -53,8 +52,8 @@ def evaluate(vae: V.VAE, data: Path, judge_path: Path | None = None, limit: int 
     images, labels = held.images[:limit], held.labels[:limit]
     x = to_model_range(images)
     rec = reconstruct(vae, images)
-    judge = J.load(judge_path)
-    acc_o, acc_r = J.score(judge, x, labels)["accuracy"], J.score(judge, rec, labels)["accuracy"]
+    judge = load_judge(judge_path)
+    acc_o, acc_r = judge_score(judge, x, labels)["accuracy"], judge_score(judge, rec, labels)["accuracy"]
     return {"psnr": round(float(psnr(x, rec).mean()), 3), "acc_orig": round(acc_o, 4), "acc_recon": round(acc_r, 4),
             "recon_over_orig": round(acc_r / max(acc_o, 1e-9), 4), "images": len(images),
             "decode_images_per_sec": round(decode_rate(vae), 1), "decoder_mflops": round(decoder_flops(vae) / 1e6, 1),
@@ -69,7 +68,7 @@ def main(argv=None):
     p.add_argument("--judge", type=Path, help="judge checkpoint; default: the shipped primary judge")
     p.add_argument("--limit", type=int, help="score only the first N held-out renders")
     a = p.parse_args(argv)
-    print(json.dumps(evaluate(V.load(a.vae), a.data, a.judge, a.limit)))
+    print(json.dumps(evaluate(load_vae(a.vae), a.data, a.judge, a.limit)))
 
 
 if __name__ == "__main__":

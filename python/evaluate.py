@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from python import judge as J
-from python.data import load_image64, to_model_range
-from python.errors import UserError, cli
-from python.labels import OBJECTS, load_conditions, load_objects
+from python.core.errors import UserError, cli
+from python.core.labels import OBJECTS, load_conditions, load_objects
+from python.data.dataset import load_image64, to_model_range
+from python.models.judge import judge_score, load_judge
 
 
 def load_numbered_images(folder: Path, n: int) -> np.ndarray:
@@ -50,9 +50,9 @@ def main(argv=None):
     objects = load_objects(a.objects) if a.objects else OBJECTS
     labels = load_conditions(a.conditions, objects)
     images = to_model_range(load_numbered_images(a.images, len(labels)))
-    res = {"conditions": str(a.conditions), **J.score(J.load(a.judge, a.device), images, labels)}
+    res = {"conditions": str(a.conditions), **judge_score(load_judge(a.judge, a.device), images, labels)}
     if a.second_judge:
-        res["second_judge"] = J.score(J.load(None, a.device, which="second"), images, labels)["accuracy"]
+        res["second_judge"] = judge_score(load_judge(None, a.device, which="second"), images, labels)["accuracy"]
     print(json.dumps(res))
 
 

@@ -13,8 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from python.errors import UserError, cli
-from python.rundir import load_checkpoint
+from python.core.errors import UserError, cli
+from python.models.denoiser import Denoiser, denoiser_config, save_denoiser
+from python.models.generators import build_generator, save_generator
+from python.training.rundir import load_checkpoint
 
 
 @cli
@@ -37,26 +39,17 @@ def main(argv=None):
     provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(a.run.resolve()),
                   "weights": "raw" if a.raw else "ema"}
     if a.kind == "ldm":
-        from python import ldm as L
-
         if "denoiser" not in cfg:
             raise UserError(f"{a.run}: not an LDM run (config.json has no 'denoiser')")
-        model = L.Denoiser(L.DenoiserConfig(**cfg["denoiser"]))
+        model = Denoiser(denoiser_config(cfg, a.run))
         model.load_state_dict(weights["model" if a.raw else "ema"])
-        L.save(model.eval(), a.out, {"schedule": cfg["schedule"], **provenance}, half=not a.fp32)
-    else:
-        from python import gan as G
-
-        if "distilled" in cfg:  # python/distill.py's one-step student ships as the GAN path's generator
-            from python import distill as D
-
-            gen, save = D.from_config(cfg), D.save
-        elif "gan" in cfg:
-            gen, save = G.Generator(G.GANConfig(**cfg["gan"])), G.save
-        else:
+        save_denoiser(model.eval(), a.out, {"schedule": cfg["schedule"], **provenance}, half=not a.fp32)
+    else:  # a GAN run's generator, or python/distill.py's one-step student: either ships as the GAN path's
+        if not {"kind", "gan", "distilled"} & set(cfg):
             raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
+        gen = build_generator(cfg, a.run / "config.json")
         gen.load_state_dict(weights["generator" if a.raw else "ema"])
-        save(gen.eval(), a.out, provenance, half=not a.fp32)
+        save_generator(gen.eval(), a.out, provenance, half=not a.fp32)
     print(json.dumps({"out": str(a.out), "step": step}))
 
 

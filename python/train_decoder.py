@@ -22,21 +22,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from python import judge as J
-from python import vae as V
-from python.data import load_split, to_model_range
-from python.errors import UserError, cli
-from python.latents import load_latents, vae_digest
-from python.rundir import RunDir
-from python.train_vae import heldout_or_train, psnr, reconstruct, save_grid, warmup_cosine
+from python.core.errors import UserError, cli
+from python.core.images import rows_grid
+from python.data.dataset import heldout_or_train, load_split, to_model_range
+from python.evaluation.metrics import psnr
+from python.models.gan import PatchDiscriminator
+from python.models.judge import SHIPPED_JUDGES, judge_score, load_judge
+from python.models.vae import SHIPPED_VAE, VAE, VAEConfig, load_vae, reconstruct, save_vae, vae_digest
+from python.training.latents import load_latents
+from python.training.loop import Progress, resolve_config
+from python.training.losses import adaptive_weight, gradient_l1
+from python.training.rundir import RunDir
+from python.training.schedules import warmup_cosine
 
 PRESETS = {
     "tiny": dict(steps=6, batch=8, eval_every=3, lr=1e-3, eval_images=16),
@@ -44,46 +49,15 @@ PRESETS = {
 }
 
 
-def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return (dx(x) - dx(y)).abs().mean() + (dy(x) - dy(y)).abs().mean()
-
-
-class PatchDiscriminator(torch.nn.Module):
-    """64x64 image -> 8x8 real/fake logits (three stride-2 convolutions: each logit sees a ~22-pixel patch)."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        nn = torch.nn
-        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
-        self.net = nn.Sequential(
-            nn.Conv2d(3, width, 4, 2, 1), act(),
-            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GroupNorm(8, 2 * width), act(),
-            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.GroupNorm(8, 4 * width), act(),
-            nn.Conv2d(4 * width, 1, 3, 1, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
-    """||d rec_loss / d last|| / ||d adv_loss / d last||: the scale at which the adversarial term pulls the last layer
-    as hard as the reconstruction loss does."""
-    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adv_loss, last, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-8)).clamp(max=cap).detach()
-
-
-def evaluate(vae: V.VAE, images_u8: np.ndarray, labels: np.ndarray, judge) -> dict:
+def evaluate(vae: VAE, images_u8: np.ndarray, labels: np.ndarray, judge) -> dict:
     vae.eval()
     x = to_model_range(images_u8)
     rec = reconstruct(vae, images_u8)
     vae.train()
     res = {"psnr": float(psnr(x, rec).mean())}
     if judge is not None:
-        res["acc_orig"] = J.score(judge, x, labels)["accuracy"]
-        res["acc_recon"] = J.score(judge, rec, labels)["accuracy"]
+        res["acc_orig"] = judge_score(judge, x, labels)["accuracy"]
+        res["acc_recon"] = judge_score(judge, rec, labels)["accuracy"]
         res["ratio"] = res["acc_recon"] / res["acc_orig"]
     return res
 
@@ -115,15 +89,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
-    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
-    src = a.vae or V.SHIPPED
-    base = V.load(src)
+    cfg = resolve_config(PRESETS[a.preset], a)
+    src = a.vae or SHIPPED_VAE
+    base = load_vae(src)
     if base.cfg.arch != "gdn":
         raise UserError(f"{src}: decoder-only training supports the gdn VAE, not {base.cfg.arch!r}")
-    vcfg = V.VAEConfig(**{**asdict(base.cfg), "decoder_up": a.decoder_up,
-                          "decoder_channels": a.decoder_channels or base.cfg.decoder_channels})
-    vae = V.VAE(vcfg)
+    vcfg = VAEConfig(**{**asdict(base.cfg), "decoder_up": a.decoder_up,
+                        "decoder_channels": a.decoder_channels or base.cfg.decoder_channels})
+    vae = VAE(vcfg)
     vae.net.encoder.load_state_dict(base.net.encoder.state_dict())
     if a.init:
         try:
@@ -140,8 +113,8 @@ def main(argv=None):
     n = len(train)
     held = heldout_or_train(a.data, train)
     eval_u8, eval_labels = held.images[: cfg["eval_images"]], held.labels[: cfg["eval_images"]]
-    judge_path = a.judge or J.SHIPPED["primary"]
-    judge = J.load(judge_path) if Path(judge_path).exists() else None
+    judge_path = a.judge or SHIPPED_JUDGES["primary"]
+    judge = load_judge(judge_path) if Path(judge_path).exists() else None
 
     torch.manual_seed(a.seed)
     params = list(vae.net.decoder.parameters())
@@ -165,11 +138,8 @@ def main(argv=None):
         run.log(f"resumed at step {step}")
     run.log(f"decoder {sum(p.numel() for p in params) / 1e6:.3f}M params ({vcfg.decoder_up}, "
             f"{vcfg.decoder_channels or vcfg.channels}), latent space {cfg['latent_digest']}, {n} training images")
-    from tqdm import tqdm
-
     vae.train()
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
-    t_last, seen = time.time(), 0
+    progress = Progress(run, steps, step, show=("mse", "grad_l1", "adv", "d_loss"))
     while step < steps:
         idx = torch.randint(0, len(lat), (cfg["batch"],), generator=gen)  # originals and mirrors alike
         mirrored = idx >= n
@@ -202,29 +172,22 @@ def main(argv=None):
             d_opt.step()
             extra["d_loss"] = d_loss.item()
         step += 1
-        seen += len(x)
-        bar.update(1)
-        if step % 20 == 0 or step == steps:
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(mse=f"{mse.item():.5f}", grad=f"{grad.item():.4f}", img_s=f"{rate:.0f}",
-                            **{k: f"{v:.3f}" for k, v in extra.items()})
-            run.metrics(step=step, loss=loss.item(), mse=mse.item(), grad_l1=grad.item(), lr=sched.get_last_lr()[0],
-                        images_per_sec=rate, **extra)
-            t_last, seen = time.time(), 0
+        progress.step(step, len(x), lambda: dict(loss=loss.item(), mse=mse.item(), grad_l1=grad.item(),
+                                                  lr=sched.get_last_lr()[0], **extra))
         if step % cfg["eval_every"] == 0 or step == steps:
             res = evaluate(vae, eval_u8, eval_labels, judge)
             run.metrics(step=step, heldout=res)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
             run.save(step, {"model": vae.state_dict(), **({"disc": disc.state_dict()} if disc else {})},
                      {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
                       **({"d_opt": d_opt.state_dict()} if disc else {})})
             vae.eval()
-            save_grid(run.path / "samples" / f"recon-{step:08d}.png", to_model_range(eval_u8[:16]),
-                      reconstruct(vae, eval_u8[:16]))
+            Image.fromarray(rows_grid(to_model_range(eval_u8[:16]), reconstruct(vae, eval_u8[:16]))).save(
+                run.path / "samples" / f"recon-{step:08d}.png")
             vae.train()
-    bar.close()
+    progress.close()
     vae.eval()
-    V.save(vae, run.path / "final")
+    save_vae(vae, run.path / "final")
     if vae_digest(run.path / "final") != cfg["latent_digest"]:  # the encoder must not have moved
         raise RuntimeError("latent space changed during decoder training")
     res = {**evaluate(vae, eval_u8, eval_labels, judge), "train_seconds": round(run.elapsed(), 1)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -22,10 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from python import judge as J
-from python.data import load_split, to_model_range
-from python.errors import cli
-from python.rundir import RunDir
+from python.core.errors import cli
+from python.data.dataset import load_split, to_model_range
+from python.data.synthetic import render_labelled_arrays
+from python.models.judge import ARCHS, build_judge, judge_logits, judge_score, load_judge, save_judge
+from python.training.loop import Progress, resolve_config
+from python.training.rundir import RunDir
+from python.training.schedules import warmup_cosine
 
 PRESETS = {
     "tiny": dict(train_images=64, steps=4, batch=16, eval_every=4, eval_images=32),
@@ -45,8 +47,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tens
 
 
 def training_data(seed: int, n: int, cache_dir: Path):
-    from python.make_data import render_labelled_arrays
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"judge-renders-seed{seed}-n{n}.npz"
     if path.exists():
@@ -61,7 +61,7 @@ def training_data(seed: int, n: int, cache_dir: Path):
 
 def evaluate(net, images, labels) -> dict:
     net.eval()
-    res = J.score(net, to_model_range(images), labels)
+    res = judge_score(net, to_model_range(images), labels)
     net.train()
     return res
 
@@ -69,7 +69,7 @@ def evaluate(net, images, labels) -> dict:
 @cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=J.ARCHS, default="resnet18")
+    p.add_argument("--arch", choices=ARCHS, default="resnet18")
     p.add_argument("--preset", choices=PRESETS, default="full")
     p.add_argument("--data-seed", type=int, default=1000, help="seed of the training renders")
     p.add_argument("--train-images", type=int)
@@ -87,8 +87,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+    cfg = resolve_config(PRESETS[a.preset], a)
     run = RunDir(a.run_dir, cfg, a.resume)
 
     held = load_split(a.eval_data, "heldout_renders.json", images=Path(a.eval_data) / "heldout_renders")
@@ -102,11 +101,10 @@ def main(argv=None):
     images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
     torch.manual_seed(a.seed)
-    net = J.build(a.arch).to(device, memory_format=torch.channels_last)
+    net = build_judge(a.arch).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    steps = cfg["steps"]
+    sched = warmup_cosine(opt, steps, floor=0.0)
     gen = torch.Generator(device=device).manual_seed(a.seed)
     step = 0
     if a.resume and (ck := run.load()):
@@ -116,41 +114,32 @@ def main(argv=None):
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         run.log(f"resumed at step {step}")
-    from tqdm import tqdm
-
     net.train()
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
-    t_last, seen = time.time(), 0
+    progress = Progress(run, steps, step)
     while step < steps:
         idx = torch.randint(0, len(images_t), (cfg["batch"],), generator=gen, device=device)
         x = augment(to_model_range(images_t[idx]), gen).contiguous(memory_format=torch.channels_last)
         y = labels_t[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            out = J.logits(net, x)
+            out = judge_logits(net, x)
         loss = F.binary_cross_entropy_with_logits(out.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        seen += len(idx)
-        bar.update(1)
-        if step % 20 == 0:
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), lr=sched.get_last_lr()[0], images_per_sec=rate)
-            t_last, seen = time.time(), 0
+        progress.step(step, len(idx), lambda: dict(loss=loss.item(), lr=sched.get_last_lr()[0]))
         if step % cfg["eval_every"] == 0 or step == steps:
             res = evaluate(net, eval_x, eval_y)
             run.metrics(step=step, heldout=res)
             run.log(f"step {step}: held-out accuracy {res['accuracy']:.4f} by objects {res['by_objects']}", echo=False)
-            bar.write(f"step {step}: held-out accuracy {res['accuracy']:.4f}")
+            progress.write(f"step {step}: held-out accuracy {res['accuracy']:.4f}")
             run.save(step, {"model": net.state_dict()},
                      {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()})
-    bar.close()
+    progress.close()
     net.eval().cpu()
-    J.save(net, run.path / "final")
-    res = evaluate(J.load(run.path / "final" / "judge.safetensors"), eval_x, eval_y)  # as shipped (fp16)
+    save_judge(net, run.path / "final")
+    res = evaluate(load_judge(run.path / "final" / "judge.safetensors"), eval_x, eval_y)  # as shipped (fp16)
     res["train_seconds"] = round(run.elapsed(), 1)
     (run.path / "final" / "heldout.json").write_text(json.dumps(res, indent=1))
     run.log(f"final (fp16 weights): {json.dumps(res)}")

@@ -7,7 +7,7 @@ Hinge loss with a projection discriminator on latents, an auxiliary multi-label 
 latents), lazy R1 on real latents, EMA of the generator. The generator's class loss comes from a separate
 latent classifier trained first on real latents only (phase 0, --cls-steps; saved in the run folder and reused
 on resume) and then frozen; --cls-steps 0 uses D's auxiliary head instead (measured too weak: see
-gan.LatentClassifier). Two guards against a generator that satisfies the classifier with latents the decoder
+models/classifier.py). Two guards against a generator that satisfies the classifier with latents the decoder
 does not draw as objects: --cls-noise smooths the classifier (trained on, and applied to, latents plus Gaussian
 noise of a random level up to the given std: its decision must rest on what survives noise, not on fine
 patterns), and --cls-fake keeps training it during the GAN on real latents (their labels) and generated ones
@@ -20,26 +20,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from python import gan as G
-from python import judge as J
-from python import vae as V
-from python.data import load_condition_file
-from python.ema import ema_update
-from python.errors import UserError, cli
-from python.latents import load_latents, vae_digest
-from python.noise import gan_noise
-from python.rundir import RunDir
-from python.data import image_grid
-from python.sample import OnDevice, decode
-from python.train_classifier import add_noise, train_classifier
+from python.core.errors import UserError, cli
+from python.data.dataset import load_condition_file
+from python.models.gan import Discriminator, GANConfig, Generator
+from python.models.generators import save_generator
+from python.models.judge import judge_score, load_judge
+from python.models.sampling import decode, gan_latents
+from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
+from python.training.classifier import train_classifier
+from python.training.ema import ema_update
+from python.training.latents import load_latents
+from python.training.loop import Progress, resolve_config
+from python.training.losses import noise_augment
+from python.training.rundir import RunDir
 
 PRESETS = {
     "tiny": dict(g_channels=[16, 16, 16], d_channels=[16, 16, 16], batch=8, steps=6, eval_every=3,
@@ -49,13 +48,6 @@ PRESETS = {
     "full": dict(g_channels=[256, 128, 64], d_channels=[64, 128, 256], batch=128, steps=60000, eval_every=2000,
                  eval_conditions=512, cls_steps=3000),
 }
-
-
-@torch.no_grad()
-def gan_latents(gen: G.Generator, cond, seed: int = 0, batch: int = 1024) -> torch.Tensor:
-    cond = torch.as_tensor(np.asarray(cond), dtype=torch.float32)
-    z = torch.from_numpy(gan_noise(seed, len(cond), gen.cfg.z_dim))
-    return torch.cat([gen(z[i:i + batch], cond[i:i + batch]) for i in range(0, len(cond), batch)])
 
 
 @cli
@@ -90,18 +82,17 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the generator")
     a = p.parse_args(argv)
-    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
-    vae_folder = a.vae or V.SHIPPED
+    cfg = resolve_config(PRESETS[a.preset], a)
+    vae_folder = a.vae or SHIPPED_VAE
     device = torch.device(a.device)
     lat = load_latents(a.data, vae_folder).to(device)
-    gcfg = G.GANConfig(latent_channels=lat.mean.shape[1], size=lat.mean.shape[2], g_channels=cfg["g_channels"],
+    gcfg = GANConfig(latent_channels=lat.mean.shape[1], size=lat.mean.shape[2], g_channels=cfg["g_channels"],
                        d_channels=cfg["d_channels"])
     cfg.update(gan=asdict(gcfg), vae_sha=vae_digest(vae_folder))
     run = RunDir(a.run_dir, cfg, a.resume)
 
     torch.manual_seed(a.seed)
-    gen, disc = G.Generator(gcfg).to(device), G.Discriminator(gcfg).to(device)
+    gen, disc = Generator(gcfg).to(device), Discriminator(gcfg).to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(gen.parameters(), lr=a.lr_g, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(disc.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
@@ -121,7 +112,7 @@ def main(argv=None):
         run.log(f"resumed at step {step}" + (" (EMA restarted from the generator)" if a.reset_ema else ""))
     if a.cls_fake > 0 and not cfg["cls_steps"]:
         raise UserError("--cls-fake needs the latent classifier (--cls-steps > 0)")
-    cls = train_classifier(lat, gcfg, cfg["cls_steps"], 256, a.seed, run, a.cls_noise, device) if cfg["cls_steps"] > 0 else None
+    cls = train_classifier(lat, cfg["cls_steps"], 256, a.seed, run, a.cls_noise, device) if cfg["cls_steps"] > 0 else None
     opt_c = None
     if a.cls_fake > 0:
         cls.requires_grad_(True)
@@ -132,14 +123,12 @@ def main(argv=None):
             for group in opt_c.param_groups:
                 group["lr"] = a.lr_d
     gen_rng = torch.Generator(device=device).manual_seed(a.seed * 1000003 + step)
-    judge, decoder = J.load(a.judge), V.Decoder(V.load(vae_folder)).eval()
+    judge, decoder = load_judge(a.judge), Decoder(load_vae(vae_folder)).eval()
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]]
     run.log(f"GAN: G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
             f"params, {len(lat)} latents")
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg["steps"], initial=step, unit="step", dynamic_ncols=True)
-    t_last, seen, bs = time.time(), 0, cfg["batch"]
+    progress = Progress(run, cfg["steps"], step, show=("loss_d", "loss_g"))
+    bs = cfg["batch"]
     while step < cfg["steps"]:
         idx = torch.randint(0, len(lat), (bs,), generator=gen_rng, device=device)
         real, cond = lat.sample(idx, gen_rng), lat.labels[idx]
@@ -161,7 +150,7 @@ def main(argv=None):
         opt_d.step()
         if opt_c is not None:  # the classifier: real latents carry their labels, generated ones none
             cls.train()
-            logits = cls(add_noise(torch.cat([real.detach(), fake]), a.cls_noise, gen_rng))
+            logits = cls(noise_augment(torch.cat([real.detach(), fake]), a.cls_noise, gen_rng))
             bce = F.binary_cross_entropy_with_logits(logits, torch.cat([cond, torch.zeros_like(cond)]),
                                                      reduction="none").mean(1)
             loss_c = bce[:bs].mean() + a.cls_fake * bce[bs:].mean()
@@ -172,42 +161,34 @@ def main(argv=None):
         # generator: fool the projection head, satisfy the auxiliary classifier
         fake = gen(z, cond)
         d_fake, aux_fake = disc(fake, cond)
-        class_logits = cls(add_noise(fake, a.cls_noise, gen_rng)) if cls is not None else aux_fake
+        class_logits = cls(noise_augment(fake, a.cls_noise, gen_rng)) if cls is not None else aux_fake
         loss_g = -d_fake.mean() + a.cls_weight * F.binary_cross_entropy_with_logits(class_logits, cond)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         step += 1
         ema_update(ema, gen, step, a.ema)
-        seen += bs
-        bar.update(1)
-        if step % 20 == 0 or step == cfg["steps"]:
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}", img_s=f"{rate:.0f}")
-            extra = {"loss_cls": loss_c.item()} if opt_c is not None else {}
-            run.metrics(step=step, loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=d_real.mean().item(),
-                        d_fake=d_fake.mean().item(), images_per_sec=rate, **extra)
-            t_last, seen = time.time(), 0
+        progress.step(step, bs, lambda: dict(loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=d_real.mean().item(),
+                                             d_fake=d_fake.mean().item(),
+                                             **({"loss_cls": loss_c.item()} if opt_c is not None else {})))
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            raw = J.score(judge, decode(decoder, gan_latents(OnDevice(gen.eval(), device), eval_cond)), eval_cond)
+            raw = judge_score(judge, decode(decoder, gan_latents(gen.eval(), eval_cond, device=device)), eval_cond)
             gen.train()
-            images = decode(decoder, gan_latents(OnDevice(ema, device), eval_cond))
-            res = J.score(judge, images, eval_cond)
+            images = decode(decoder, gan_latents(ema, eval_cond, device=device))
+            res = judge_score(judge, images, eval_cond)
             run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
                         heldout_subset_raw={"accuracy": raw["accuracy"], "by_objects": raw["by_objects"]})
-            bar.write(f"step {step}: accuracy EMA {res['accuracy']:.4f}, raw {raw['accuracy']:.4f} on "
+            progress.write(f"step {step}: accuracy EMA {res['accuracy']:.4f}, raw {raw['accuracy']:.4f} on "
                       f"{len(eval_cond)} held-out conditions")
-            from PIL import Image
-
-            Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+            run.sample_grid("heldout", step, images)
             weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict()}
             state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
             if opt_c is not None:
                 weights["classifier"], state["opt_c"] = cls.state_dict(), opt_c.state_dict()
             run.save(step, weights, state, keep=a.keep)
-    bar.close()
-    G.save(ema.cpu(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
-                                     "train_seconds": round(run.elapsed(), 1)})
+    progress.close()
+    save_generator(ema.cpu(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
+                                                   "train_seconds": round(run.elapsed(), 1)})
     run.log(f"saved EMA generator to {run.path / 'final'}")
     print(json.dumps({"final": str(run.path / "final"), "steps": step}))
 

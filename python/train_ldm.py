@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,16 +29,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from python import judge as J
-from python import ldm as L
-from python import vae as V
-from python.data import image_grid, load_condition_file
-from python.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
-from python.ema import ema_update
-from python.errors import UserError, cli
-from python.latents import load_latents, vae_digest
-from python.rundir import RunDir, load_checkpoint
-from python.sample import OnDevice, decode, ldm_latents
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
+from python.core.errors import UserError, cli
+from python.data.dataset import load_condition_file
+from python.models.classifier import load_classifier_for
+from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
+from python.models.judge import judge_score, load_judge
+from python.models.sampling import decode, ldm_latents
+from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
+from python.training.ema import ema_update
+from python.training.latents import load_latents
+from python.training.loop import Progress, resolve_config
+from python.training.losses import class_term, min_snr_weight
+from python.training.rundir import RunDir, load_checkpoint
+from python.training.schedules import warmup_cosine
 
 PRESETS = {
     "tiny": dict(width=32, depth=2, heads=2, batch=8, steps=6, eval_every=3, eval_conditions=8, eval_steps=4,
@@ -52,19 +54,10 @@ PRESETS = {
 }
 
 
-def loss_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min-SNR-gamma weight for the eps (or v) objective; gamma <= 0 -> plain (weight 1)."""
-    if gamma <= 0:
-        return torch.ones(len(t))
-    snr = torch.from_numpy(schedule.snr(t.numpy())).float()
-    clipped = snr.clamp(max=gamma)
-    return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
-
-
-def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    lat = ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed)
-    images = decode(decoder, lat)
-    return J.score(judge, images, cond), images
+def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0):
+    """(the judge's score, the images) of `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance`)."""
+    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device))
+    return judge_score(judge, images, cond), images
 
 
 @cli
@@ -112,8 +105,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {a.cls_weight}")
-    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+    cfg = resolve_config(PRESETS[a.preset], a)
     if cfg.get("bf16") is None:
         cfg["bf16"] = a.device == "cuda"
 
@@ -125,10 +117,10 @@ def main(argv=None):
     if cfg["batch"] % world:
         raise UserError(f"--batch {cfg['batch']} must be divisible by the number of processes ({world})")
 
-    vae_folder = a.vae or V.SHIPPED
+    vae_folder = a.vae or SHIPPED_VAE
     lat = load_latents(a.data, vae_folder)
     schedule = Schedule(a.schedule, prediction=a.prediction)
-    dcfg = L.DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
+    dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
                             depth=cfg["depth"], heads=cfg["heads"], cond=a.cond, pooled=a.pooled)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
     # the class term's inputs are checked before the run folder is made
@@ -137,15 +129,13 @@ def main(argv=None):
         raise UserError(f"--cls-max-t must be in 1..{schedule.T} (the class term applies where t < it), got {cls_max_t}")
     cls_nets = []
     if a.cls_weight > 0:
-        from python.distill import class_term, loss_classifiers
-
-        cls_nets = [c.to(device) for c in loss_classifiers(a.cls_classifier, vae_folder)]
+        cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in a.cls_classifier or [None]]
     run = RunDir(a.run_dir, cfg, a.resume) if rank == 0 else None
 
     torch.manual_seed(a.seed)
-    model = L.Denoiser(dcfg)
+    model = Denoiser(dcfg)
     if a.init:
-        init, _ = L.load(a.init)
+        init, _ = load_denoiser(a.init)
         shape = lambda c: dict(width=c.width, depth=c.depth, heads=c.heads, patch=c.patch, cond=c.cond,  # noqa: E731
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
@@ -157,9 +147,8 @@ def main(argv=None):
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
-    steps, warmup = cfg["steps"], cfg["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    steps = cfg["steps"]
+    sched = warmup_cosine(opt, steps, cfg["warmup"], floor=0.1)
     step = 0
     if a.resume and (ck := load_checkpoint(a.run_dir)):  # every rank reads the same checkpoint
         step, weights, state = ck
@@ -176,23 +165,20 @@ def main(argv=None):
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)
     ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
-    w_tab = loss_weight(schedule, all_t, a.min_snr).to(device)
+    w_tab = min_snr_weight(schedule, all_t, a.min_snr).to(device)
 
-    judge = J.load(a.judge) if rank == 0 else None
-    decoder = V.Decoder(V.load(vae_folder)).eval() if rank == 0 else None
+    judge = load_judge(a.judge) if rank == 0 else None
+    decoder = Decoder(load_vae(vae_folder)).eval() if rank == 0 else None
     eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
     per_rank = cfg["batch"] // world
     if run:
         run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "
                 f"world {world}, device {device}")
-    from tqdm import tqdm
-
     def save(step):
         run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
                  {"opt": opt.state_dict(), "sched": sched.state_dict()})
 
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=rank != 0)
-    t_last, seen = time.time(), 0
+    progress = Progress(run, steps, step)
     model.train()
     while step < steps:
         # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
@@ -222,35 +208,26 @@ def main(argv=None):
         sched.step()
         step += 1
         ema_update(ema, model, step, a.ema)
-        seen += per_rank * world
-        bar.update(1)
-        if run and (step % 20 == 0 or step == steps):
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), grad_norm=float(gnorm), lr=sched.get_last_lr()[0],
-                        images_per_sec=rate, **extra)
-            t_last, seen = time.time(), 0
+        progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
+                                                           lr=sched.get_last_lr()[0], **extra))
         evaluating = step % cfg["eval_every"] == 0 or step == steps
         if run and not evaluating and step % cfg["save_every"] == 0:
             save(step)
         if evaluating:
             if run:
-                res, images = evaluate(OnDevice(ema, device), schedule, decoder, judge, eval_cond, cfg["eval_steps"],
-                                       a.guidance)
+                res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], a.guidance, device)
                 res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"]}
                 run.metrics(step=step, heldout_subset=res, guidance=a.guidance, sampler_steps=cfg["eval_steps"])
-                bar.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
-                from PIL import Image
-
-                Image.fromarray(image_grid(images[:64])).save(run.path / "samples" / f"heldout-{step:08d}.png")
+                progress.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
+                run.sample_grid("heldout", step, images)
                 save(step)
             if world > 1:
                 dist.barrier()
-    bar.close()
+    progress.close()
     if run:
         extra = {"schedule": schedule.config(), "vae_sha": cfg["vae_sha"], "trained_steps": step,
                  "train_seconds": round(run.elapsed(), 1)}
-        L.save(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
+        save_denoiser(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
         run.log(f"saved EMA weights to {run.path / 'final'}")
         print(json.dumps({"final": str(run.path / "final"), "steps": step}))
     if world > 1:

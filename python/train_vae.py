@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from python import vae as V
-from python.data import load_split, to_model_range, to_uint8
-from python.errors import cli
-from python.rundir import RunDir
+from python.core.errors import cli
+from python.core.images import rows_grid
+from python.data.dataset import heldout_or_train, load_split, to_model_range
+from python.evaluation.metrics import psnr
+from python.models.vae import VAE, VAEConfig, reconstruct, save_vae
+from python.training.latents import load_latents
+from python.training.loop import Progress, resolve_config
+from python.training.rundir import RunDir
+from python.training.schedules import warmup_cosine
 
 
 PRESETS = {
@@ -35,46 +39,7 @@ PRESETS = {
 }
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-@torch.no_grad()
-def reconstruct(vae: V.VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images_u8), batch):
-        x = to_model_range(images_u8[i:i + batch])
-        out.append(vae.decode(vae.encode(x)[0]).clamp(-1, 1))
-    return torch.cat(out)
-
-
-def warmup_cosine(opt, steps: int, floor: float = 0.05):
-    """Linear warm-up over the first 2% of steps, then cosine decay to `floor` x the base learning rate."""
-    warmup = max(1, steps // 50)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-
-
-def heldout_or_train(data: Path, train):
-    """The labelled held-out renders of a dataset folder for evaluation, or the training split if it has none."""
-    root = Path(data)
-    if (root / "heldout_renders.json").exists():
-        return load_split(root, "heldout_renders.json", images=root / "heldout_renders")
-    return train
-
-
-def save_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor, n: int = 16) -> None:
-    """Originals (top row) over reconstructions (bottom row)."""
-    from PIL import Image
-
-    top = np.concatenate(list(to_uint8(originals[:n])), axis=1)
-    bottom = np.concatenate(list(to_uint8(recon[:n])), axis=1)
-    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(path)
-
-
-def evaluate(vae: V.VAE, images_u8: np.ndarray) -> dict:
+def evaluate(vae: VAE, images_u8: np.ndarray) -> dict:
     vae.eval()
     rec = reconstruct(vae, images_u8)
     vae.train()
@@ -103,9 +68,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="skip building the latent cache")
     a = p.parse_args(argv)
-    cfg = {**PRESETS[a.preset], **{k: v for k, v in vars(a).items() if v is not None}}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
-    vcfg = V.VAEConfig(arch=a.arch, latent_channels=a.latent_channels, downsample=a.downsample,
+    cfg = resolve_config(PRESETS[a.preset], a)
+    vcfg = VAEConfig(arch=a.arch, latent_channels=a.latent_channels, downsample=a.downsample,
                        channels=cfg["channels"], **({"kl_channels": a.kl_channels} if a.kl_channels else {}))
     cfg["vae"] = asdict(vcfg)
     run = RunDir(a.run_dir, cfg, a.resume)
@@ -115,7 +79,7 @@ def main(argv=None):
     images_t = torch.from_numpy(np.ascontiguousarray(train.images))
 
     torch.manual_seed(a.seed)
-    vae = V.VAE(vcfg)
+    vae = VAE(vcfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"], weight_decay=0.0)
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps)
@@ -130,11 +94,8 @@ def main(argv=None):
         run.log(f"resumed at step {step}")
     run.log(f"VAE {vcfg.arch} {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, latent {vcfg.latent_shape}, "
             f"{len(train)} training images")
-    from tqdm import tqdm
-
     vae.train()
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True)
-    t_last, seen = time.time(), 0
+    progress = Progress(run, steps, step, show=("mse", "kl"))
     while step < steps:
         idx = torch.randint(0, len(images_t), (cfg["batch"],), generator=gen)
         x = to_model_range(images_t[idx])
@@ -151,36 +112,28 @@ def main(argv=None):
         opt.step()
         sched.step()
         step += 1
-        seen += len(x)
-        bar.update(1)
-        if step % 20 == 0 or step == steps:
-            rate = seen / (time.time() - t_last)
-            bar.set_postfix(mse=f"{mse.item():.5f}", kl=f"{kl.item():.2f}", img_s=f"{rate:.0f}")
-            run.metrics(step=step, loss=loss.item(), mse=mse.item(), kl=kl.item(), lr=sched.get_last_lr()[0],
-                        images_per_sec=rate)
-            t_last, seen = time.time(), 0
+        progress.step(step, len(x), lambda: dict(loss=loss.item(), mse=mse.item(), kl=kl.item(),
+                                                  lr=sched.get_last_lr()[0]))
         if step % cfg["eval_every"] == 0 or step == steps:
             res = evaluate(vae, eval_u8)
             run.metrics(step=step, heldout=res)
-            bar.write(f"step {step}: held-out PSNR {res['psnr']:.2f} dB")
+            progress.write(f"step {step}: held-out PSNR {res['psnr']:.2f} dB")
             run.save(step, {"model": vae.state_dict()},
                      {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()})
             vae.eval()
-            save_grid(run.path / "samples" / f"recon-{step:08d}.png", to_model_range(eval_u8[:16]),
-                      reconstruct(vae, eval_u8[:16]))
+            Image.fromarray(rows_grid(to_model_range(eval_u8[:16]), reconstruct(vae, eval_u8[:16]))).save(
+                run.path / "samples" / f"recon-{step:08d}.png")
             vae.train()
-    bar.close()
+    progress.close()
 
     vae.eval()
-    V.save(vae, run.path / "final")
+    save_vae(vae, run.path / "final")
     if a.no_cache:  # comparison runs: the scale factor from a subset, no cache
         mean = vae.encode(to_model_range(train.images[:2048]))[0].detach()
     else:  # the cache is keyed by the weights, not config.json, so setting the scale factor after keeps it valid
-        from python.latents import load_latents
-
         mean = load_latents(a.data, run.path / "final").mean.float()
     vae.cfg.scale_factor = float(1.0 / mean.std())
-    V.save(vae, run.path / "final")
+    save_vae(vae, run.path / "final")
     res = {**evaluate(vae, eval_u8), "scale_factor": vae.cfg.scale_factor, "train_seconds": round(run.elapsed(), 1)}
     (run.path / "final" / "train_result.json").write_text(json.dumps(res, indent=1))
     run.log(f"final: {json.dumps(res)}")

@@ -3,11 +3,11 @@
     python -m runtime.generate --labels "red sphere,yellow cube" -n 16 --model ldm --steps 20 --out grid.png
     python -m runtime.generate --conditions data/iclevr/test.json --model gan --out out/test_gan/
 
-The LDM path runs the shared sampler maths (python/diffusion.py) with the exported denoiser; the
-conditional and unconditional passes of classifier-free guidance go through one denoiser call per
-step; large batches are cut into chunks of --batch; then the exported VAE decoder, then (when the
-export has one) the judge. Noise comes from python/noise.py, so a seed gives the same images here
-and in torch.
+Both paths run the core sampling loop (python/core/sampling.py) with ONNX Runtime sessions as its model calls:
+the LDM's DPM-Solver++ / DDIM / DDPM with classifier-free guidance (conditional and unconditional passes in one
+denoiser call per step, chunks of --batch), or the GAN path's one generator call; then the exported VAE decoder,
+then (when the export has one) the judge. Noise comes from python/core/noise.py, so a seed gives the same images
+here and in torch.
 """
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from python.best_of import best_of as select_best, candidate_seed
-from python.diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
-from python.errors import UserError, cli
-from python.labels import load_conditions, parse_label_arg
-from python.memory import keep_freed_memory
-from python.noise import gan_noise, initial_noise, segments, step_noise_segments
+from python.core.best_of import best_of_latents
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
+from python.core.errors import UserError, cli
+from python.core.images import image_grid, to_uint8
+from python.core.labels import load_conditions, parse_label_arg
+from python.core.memory import keep_freed_memory
+from python.core.sampling import diffusion_latents, one_step_latents
+from runtime.judge import accuracy
 from runtime.models import ExportFolder
 
 
@@ -45,39 +48,15 @@ class Pipeline:
         """Latents for multi-hot conditions. x_T (optional) replaces the seed's initial noise; seeds (optional,
         [(seed, count), ...] covering the rows in order) gives each batched request its own noise."""
         self._need("denoiser", "the LDM")
-        cond = np.asarray(cond, np.float32)
-        parts = seeds or [(seed, len(cond))]
-        if sum(n for _, n in parts) != len(cond):
-            raise UserError(f"seeds cover {sum(n for _, n in parts)} rows but there are {len(cond)} conditions")
-        x_T = segments(initial_noise, parts, self.latent_shape) if x_T is None else np.asarray(x_T, np.float32)
-        noise = step_noise_segments(parts, self.latent_shape)
-        out = []
-        for s in range(0, len(cond), batch):
-            sl = slice(s, s + batch)
-            c = cond[sl]
-            feed_cond = np.concatenate([c, np.zeros_like(c)]) if guidance != 1.0 else c
-
-            def denoise(x, t, c=c, feed_cond=feed_cond):
-                xin = np.concatenate([x, x]) if guidance != 1.0 else x
-                o = self.ex.run("denoiser", {"x": xin.astype(np.float32), "t": np.full(len(xin), t, np.int64),
-                                             "cond": feed_cond})[0]
-                return guide(o[:len(c)], o[len(c):], guidance) if guidance != 1.0 else o
-
-            out.append(sample_loop(make_sampler(sampler, self.schedule, steps, eta), x_T[sl], denoise,
-                                   noise=lambda i, sl=sl: noise(i)[sl],
-                                   on_step=(lambda i, x, sl=sl: on_step(i, x, sl)) if on_step else None))
-        return np.concatenate(out).astype(np.float32)
+        denoiser = lambda x, t, cond: self.ex.run("denoiser", {"x": x, "t": t, "cond": cond})[0]  # noqa: E731
+        return diffusion_latents(denoiser, self.schedule, cond, self.latent_shape, sampler, steps, guidance, eta,
+                                 seed, seeds, batch, x_T, on_step)
 
     def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024,
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
         self._need("generator", "the GAN")
-        cond = np.asarray(cond, np.float32)
-        parts = seeds or [(seed, len(cond))]
-        if sum(n for _, n in parts) != len(cond):
-            raise UserError(f"seeds cover {sum(n for _, n in parts)} rows but there are {len(cond)} conditions")
-        z = segments(gan_noise, parts, self.ex.manifest["models"]["generator"]["z_dim"])
-        return np.concatenate([self.ex.run("generator", {"z": z[i:i + batch], "cond": cond[i:i + batch]})[0]
-                               for i in range(0, len(cond), batch)])
+        generator = lambda z, cond: self.ex.run("generator", {"z": z, "cond": cond})[0]  # noqa: E731
+        return one_step_latents(generator, cond, self.ex.manifest["models"]["generator"]["z_dim"], seed, seeds, batch)
 
     def decode(self, latents: np.ndarray, batch: int = 256) -> np.ndarray:
         self._need("decoder", "the VAE")
@@ -91,33 +70,20 @@ class Pipeline:
 
     def generate(self, cond, model: str = "ldm", best_of: int = 1, **kw) -> np.ndarray:
         """Images (N, 3, 64, 64) in [-1, 1] for multi-hot conditions; best_of > 1 keeps the best of that many
-        candidates per condition by the latent classifier (python/best_of.py)."""
+        candidates per condition by the latent classifier (python/core/best_of.py)."""
         if model not in ("ldm", "gan"):
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        if model == "gan":
-            kw = {k: v for k, v in kw.items() if k in ("seed", "seeds")}
         if best_of > 1:
             self._need("classifier", "the latent classifier for best-of-N selection")
-
-        # All candidates in one batched call (candidate k = the rows drawn with candidate_seed(seed, k)): a small
-        # request with best-of-N runs as one batch of N x its size, not N small ones.
-        cond = np.asarray(cond, np.float32)
-        kw = dict(kw)
-        seed, parts = kw.pop("seed", 0), kw.pop("seeds", None)
-        parts = parts or [(seed, len(cond))]
-        seeds = [(candidate_seed(s, k), n) for k in range(best_of) for s, n in parts]
-        every = np.tile(cond, (best_of, 1))
-        lat = self.ldm_latents(every, seeds=seeds, **kw) if model == "ldm" else self.gan_latents(every, seeds=seeds)
-        cands = lat.reshape(best_of, len(cond), *lat.shape[1:])
-        lat, _ = select_best(best_of, lambda k: cands[k], self.classifier_logits, cond)
-        return self.decode(lat)
+        seed, seeds = kw.pop("seed", 0), kw.pop("seeds", None)
+        if model == "ldm":
+            sample = lambda c, s: self.ldm_latents(c, seeds=s, **kw)  # noqa: E731
+        else:
+            sample = lambda c, s: self.gan_latents(c, seeds=s)  # noqa: E731
+        return self.decode(best_of_latents(sample, cond, best_of, self.classifier_logits, seed, seeds))
 
 
 def save_images(images: np.ndarray, folder: Path) -> None:
-    from PIL import Image
-
-    from python.data import image_grid, to_uint8
-
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(to_uint8(images)):
         Image.fromarray(im).save(folder / f"{i}.png")
@@ -147,7 +113,7 @@ def main(argv=None):
                    help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
     p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     a = p.parse_args(argv)
-    keep_freed_memory()  # batched inference: see python/memory.py
+    keep_freed_memory()  # batched inference: see python/core/memory.py
     if min(a.n, a.steps, a.batch, a.best_of) < 1:
         raise UserError("-n, --steps, --batch and --best-of must be >= 1")
     pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads, a.precision))
@@ -158,16 +124,10 @@ def main(argv=None):
         images = pipe.generate(cond, a.model, a.best_of, **kw)
     except ValueError as e:  # sampler name / steps out of range, from the shared maths
         raise UserError(str(e)) from None
-    from PIL import Image
-
-    from python.data import image_grid
-
     if a.conditions:
         save_images(images, a.out)
         res = {"images": len(images), "out": str(a.out)}
         if pipe.ex.has("judge"):
-            from runtime.judge import accuracy
-
             res["accuracy"] = accuracy(pipe.ex, images, cond)
             if pipe.ex.has("judge2"):
                 res["second_judge"] = accuracy(pipe.ex, images, cond, "judge2")

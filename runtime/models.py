@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.errors import UserError
+from python.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EXPORT = REPO / "exports" / "default"

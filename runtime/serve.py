@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from python.diffusion import DEFAULT_GUIDANCE, SAMPLERS
-from python.errors import UserError, cli
-from python.labels import OBJECTS
-from python.memory import keep_freed_memory
+from python.core.diffusion import DEFAULT_GUIDANCE, SAMPLERS
+from python.core.errors import UserError, cli
+from python.core.images import image_grid, to_uint8
+from python.core.labels import OBJECTS
+from python.core.memory import keep_freed_memory
 from runtime.generate import Pipeline
+from runtime.judge import judge_scores, topk_hits
 from runtime.models import ExportFolder
 
 MODELS = ("ldm", "gan")
@@ -243,8 +245,6 @@ def png_bytes(image_u8: np.ndarray) -> bytes:
 
 
 def judge_report(pipe: Pipeline, images: np.ndarray, cond: np.ndarray) -> list[dict]:
-    from runtime.judge import judge_scores, topk_hits
-
     logits = judge_scores(pipe.ex, images)
     hits, k = topk_hits(logits, cond)
     probs = 1 / (1 + np.exp(-logits))
@@ -262,8 +262,6 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
-
-    from python.data import image_grid, to_uint8
 
     limits = limits or Limits()
     pipe = Pipeline(ExportFolder(export, providers, threads))
@@ -367,7 +365,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     a = p.parse_args(argv)
-    keep_freed_memory()  # batched inference: see python/memory.py
+    keep_freed_memory()  # batched inference: see python/core/memory.py
     if a.window_ms < 0 or a.max_batch < 1 or a.max_queue < 1 or a.max_n < 1:
         raise UserError("--window-ms must be >= 0 and --max-batch, --max-queue, --max-n >= 1")
     import uvicorn

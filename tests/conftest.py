@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small rendered dataset in the official format, shared by the whole session."""
-    from python.make_data import make_dataset
+    from python.data.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("iclevr")
     make_dataset(root, scenes=12, seed=7, heldout_images=24, heldout_conditions=40, workers=1)
@@ -22,31 +22,51 @@ def tiny_weights(tmp_path_factory) -> Path:
     outputs depend on every input: enough to test export and the runtime end to end."""
     import torch
 
-    from python import gan as G
-    from python import judge as J
-    from python import ldm as L
-    from python import vae as V
-    from python.diffusion import Schedule
-    from python.latents import vae_digest
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
+    from python.core.diffusion import Schedule
+    from python.models.vae import vae_digest
 
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    J.save(J.build("resnet18").eval(), root / "judge")
-    J.save(J.build("vgg").eval(), root / "judge2")
-    vae = V.VAE(V.VAEConfig(channels=[16, 8]))
+    save_judge(build_judge("resnet18").eval(), root / "judge")
+    save_judge(build_judge("vgg").eval(), root / "judge2")
+    vae = VAE(VAEConfig(channels=[16, 8]))
     vae.cfg.scale_factor = 1.7
-    V.save(vae, root / "vae")
-    den = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
+    save_vae(vae, root / "vae")
+    den = Denoiser(DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
     with torch.no_grad():
         for p in den.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     sch = Schedule("cosine", prediction="v_prediction")
-    L.save(den, root / "ldm", {"schedule": sch.config(), "vae_sha": vae_digest(root / "vae")})
-    gen = G.Generator(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))).eval()
-    G.save(gen, root / "gan", {"vae_sha": vae_digest(root / "vae")})
-    from python.train_classifier import save as save_classifier
+    save_denoiser(den, root / "ldm", {"schedule": sch.config(), "vae_sha": vae_digest(root / "vae")})
+    gen = Generator(GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))).eval()
+    save_generator(gen, root / "gan", {"vae_sha": vae_digest(root / "vae")})
+    from python.models.classifier import save_classifier
 
-    cls = G.LatentClassifier(G.GANConfig(latent_channels=vae.cfg.latent_channels)).eval()
+    cls = LatentClassifier(vae.cfg.latent_channels).eval()
     with torch.no_grad():
         for p in cls.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -59,13 +79,23 @@ def parts(tmp_path_factory) -> Path:
     """A tiny untrained VAE and judge: enough to exercise the LDM and GAN training loops."""
     import torch
 
-    from python import judge as J
-    from python import vae as V
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae
 
     d = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), d / "vae")
-    J.save(J.build("vgg").eval(), d / "judge")
+    save_vae(VAE(VAEConfig(channels=[16, 8])), d / "vae")
+    save_judge(build_judge("vgg").eval(), d / "judge")
     return d
 
 

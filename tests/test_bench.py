@@ -69,7 +69,7 @@ def test_matrix_restriction_and_its_errors():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from latency import FULL, restrict
 
-    from python.errors import UserError
+    from python.core.errors import UserError
 
     def args(**kw):
         base = dict(samplers=None, steps=None, backends=None, batches=None, files=None, no_latency=False)

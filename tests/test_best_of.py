@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from python.best_of import SEED_STRIDE, best_of, candidate_seed, label_set_loglik
-from python.errors import UserError
+from python.core.best_of import SEED_STRIDE, best_of, candidate_seed, label_set_loglik
+from python.core.errors import UserError
 
 
 def test_label_set_loglik_by_hand():
@@ -80,7 +80,8 @@ def test_runtime_generate_cli_best_of(onnx_export, tmp_path, capsys):
 
 
 def test_train_classifier_cli_trains_saves_reloads_and_resumes(tiny_data, parts, tmp_path):
-    from python.train_classifier import load, main
+    from python.models.classifier import load_classifier
+    from python.train_classifier import main
 
     run, out = tmp_path / "run", tmp_path / "weights"
     args = ["--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run), "--steps", "3",
@@ -88,8 +89,8 @@ def test_train_classifier_cli_trains_saves_reloads_and_resumes(tiny_data, parts,
     main(args)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["steps"] == 3 and 0 <= cfg["heldout_accuracy"] <= 1 and len(cfg["vae_sha"]) == 12
-    cls, _ = load(out)
-    ref, _ = load(run / "final")
+    cls, _ = load_classifier(out)
+    ref, _ = load_classifier(run / "final")
     z = torch.randn(2, cfg["latent_channels"], 16, 16)
     assert torch.equal(cls(z), ref(z)) and cls(z).shape == (2, 24)
     main(args)  # again: the trained classifier in the run folder is reused, not retrained
@@ -97,7 +98,7 @@ def test_train_classifier_cli_trains_saves_reloads_and_resumes(tiny_data, parts,
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     assert sum("classifier" in m for m in metrics) == 1
     with pytest.raises(UserError, match="no latent classifier here"):
-        load(tmp_path / "nothing")
+        load_classifier(tmp_path / "nothing")
 
 
 def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data, tmp_path):
@@ -119,24 +120,25 @@ def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data,
 
 
 def test_pixel_classifier_reads_the_vaes_decoded_image_and_reloads(tiny_data, parts, tmp_path):
-    from python import vae as V
-    from python.train_classifier import PixelClassifier, load, main
+    from python.models.vae import Decoder, load_vae
+    from python.models.classifier import PixelClassifier, load_classifier
+    from python.train_classifier import main
 
     run, out = tmp_path / "run", tmp_path / "weights"
     main(["--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run), "--steps", "2",
           "--batch", "4", "--pixels", "--out", str(out)])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["input"] == "pixels" and cfg["vae"]["channels"] == [16, 8]
-    cls, _ = load(out)
+    cls, _ = load_classifier(out)
     assert isinstance(cls, PixelClassifier)
     z = torch.randn(3, cfg["latent_channels"], 16, 16, requires_grad=True)
     # its first stage is the VAE's decoder (stored in fp16 with it), frozen
-    ref = V.Decoder(V.load(parts / "vae"))
+    ref = Decoder(load_vae(parts / "vae"))
     assert torch.allclose(cls.decoder(z), ref(z), atol=2e-2)
     assert not any(p.requires_grad for p in cls.parameters())
     logits = cls(z)
     assert logits.shape == (3, 24)
     logits.sum().backward()  # what distill's class term needs: a gradient on the latent through the decoder
     assert z.grad is not None and z.grad.abs().sum() > 0
-    again, _ = load(run / "final")
+    again, _ = load_classifier(run / "final")
     assert torch.equal(again(z.detach()), cls(z.detach()))

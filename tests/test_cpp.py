@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from export.to_onnx import export_all
-from python.labels import encode
+from python.core.labels import encode
 
 REPO = Path(__file__).resolve().parent.parent
 BINARY = REPO / "build" / "ldm_sample"
@@ -63,7 +63,7 @@ def test_cpp_default_guidance_is_the_python_default():
     import re
     from pathlib import Path
 
-    from python.diffusion import DEFAULT_GUIDANCE
+    from python.core.diffusion import DEFAULT_GUIDANCE
 
     src = (Path(__file__).resolve().parent.parent / "runtime" / "cpp" / "ldm_sample.cpp").read_text()
     assert float(re.search(r"double w = ([0-9.]+);", src).group(1)) == DEFAULT_GUIDANCE

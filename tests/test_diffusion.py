@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from python.diffusion import (DDIM, DDPM, DPMSolverPP, Schedule, add_noise, guide, make_sampler, sample_loop, target,
+from python.core.diffusion import (DDIM, DDPM, DPMSolverPP, Schedule, add_noise, guide, make_sampler, sample_loop, target, 
                               x0_eps)
 
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from python.errors import UserError
-from python.eval_gen import main, spread
+from python.core.errors import UserError
+from python.eval_gen import main
+from python.evaluation.metrics import spread
 
 
 def test_spread_is_mean_pairwise_distance_within_groups():
@@ -62,7 +63,7 @@ def test_unrequested_rate_counts_objects_beyond_the_label_set():
     """A stand-in judge with fixed outputs: image 0 shows exactly its label, image 1 one extra object."""
     import torch
 
-    from python.eval_gen import unrequested_rate
+    from python.evaluation.metrics import unrequested_rate
 
     class Fixed(torch.nn.Module):
         def __init__(self):

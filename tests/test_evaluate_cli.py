@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from python import judge as J
-from python.data import load_image64, to_model_range
+from python.models.judge import build_judge, load_judge, save_judge, topk_accuracy
+from python.data.dataset import load_image64, to_model_range
 from python.evaluate import main as evaluate
-from python.labels import load_conditions
+from python.core.labels import load_conditions
 from python.train_evaluator import main as train_evaluator
 
 
@@ -18,7 +18,7 @@ from python.train_evaluator import main as train_evaluator
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("judge")
     torch.manual_seed(0)
-    J.save(J.build("resnet18").eval(), d)
+    save_judge(build_judge("resnet18").eval(), d)
     return d / "checkpoint.pth"
 
 
@@ -40,7 +40,7 @@ def test_scores_a_folder_like_the_course(tiny_data, tmp_path, ckpt, capsys):
     evaluate(["--images", str(images), "--conditions", str(cond), "--judge", str(ckpt)])
     res = json.loads(capsys.readouterr().out)
     x = to_model_range(np.stack([load_image64(images / f"{i}.png") for i in range(6)]))
-    expected = J.accuracy(J.load(ckpt)(x), torch.from_numpy(load_conditions(cond)))
+    expected = topk_accuracy(load_judge(ckpt)(x), torch.from_numpy(load_conditions(cond)))
     assert res["accuracy"] == pytest.approx(expected) and res["n"] == 6
 
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from export.to_onnx import export_all
-from python import judge as J
-from python.errors import UserError
+from python.models.judge import build_judge, judge_probs, load_judge, save_judge, topk_hits
+from python.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def judge_weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    J.save(J.build("resnet18").eval(), root / "judge")
-    J.save(J.build("vgg").eval(), root / "judge2")
+    save_judge(build_judge("resnet18").eval(), root / "judge")
+    save_judge(build_judge("vgg").eval(), root / "judge2")
     return root
 
 
@@ -24,7 +24,7 @@ def test_judge_onnx_and_torchscript_match_torch(judge_weights, tmp_path):
     assert {"judge", "judge2", "judge_ts", "judge2_ts"} <= set(m["models"])
     assert all(e["verified_max_rel_err"] <= 1e-4 for e in m["models"].values())
     assert m["labels"][0] == "gray cube" and len(m["labels"]) == 24
-    from runtime.judge import topk_hits
+    from runtime.judge import topk_hits as runtime_topk_hits
     from runtime.models import ExportFolder
 
     ex = ExportFolder(tmp_path)
@@ -34,12 +34,12 @@ def test_judge_onnx_and_torchscript_match_torch(judge_weights, tmp_path):
     for i in range(40):
         labels[i, torch.randperm(24, generator=g)[: 1 + i % 5]] = 1
     for name, which in (("judge", "judge"), ("judge2", "judge2")):
-        net = J.load(judge_weights / which / "judge.safetensors")
+        net = load_judge(judge_weights / which / "judge.safetensors")
         logits = ex.run(name, {"images": images.numpy()})[1]
         probs = ex.run(name, {"images": images.numpy()})[0]
-        assert np.abs(probs - J.predict(net, images).numpy()).max() < 1e-4
-        ours, k = topk_hits(logits, labels)
-        ref, k_ref = J.topk_hits(J.predict(net, images), torch.from_numpy(labels))
+        assert np.abs(probs - judge_probs(net, images).numpy()).max() < 1e-4
+        ours, k = runtime_topk_hits(logits, labels)
+        ref, k_ref = topk_hits(judge_probs(net, images), torch.from_numpy(labels))
         assert (ours == ref).all() and (k == k_ref).all()
 
 

@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from python import gan as G
-from python.errors import UserError
+from python.models.classifier import LatentClassifier
+from python.models.gan import Discriminator, GANConfig, Generator
+from python.models.generators import load_generator
+from python.core.errors import UserError
 from python.ship import main as ship
-from python.train_gan import gan_latents
+from python.models.sampling import gan_latents
 from python.train_gan import main as train_gan
 
 
 def test_shapes_projection_and_condition():
-    cfg = G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))
-    gen, disc = G.Generator(cfg).eval(), G.Discriminator(cfg)
+    cfg = GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16))
+    gen, disc = Generator(cfg).eval(), Discriminator(cfg)
     z = torch.randn(3, cfg.z_dim)
     a, b = torch.zeros(3, 24), torch.zeros(3, 24)
     a[:, [1, 9]], b[:, 20] = 1, 1
@@ -22,12 +24,12 @@ def test_shapes_projection_and_condition():
     score, aux = disc(x, a)
     assert score.shape == (3,) and aux.shape == (3, 24)
     with pytest.raises(UserError, match="g_channels"):
-        G.GANConfig(g_channels=(16, 16))
-    assert G.LatentClassifier(cfg)(x).shape == (3, 24)
+        GANConfig(g_channels=(16, 16))
+    assert LatentClassifier(cfg.latent_channels)(x).shape == (3, 24)
 
 
 def test_classifier_holdout_rows_are_originals_and_their_mirrors():
-    from python.train_classifier import heldout_rows
+    from python.training.classifier import heldout_rows
 
     rows = heldout_rows(40000, held=1000)
     assert len(rows) == 2000 and set(rows[:1000].tolist()) == set(range(19000, 20000))
@@ -45,7 +47,7 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     assert "resumed at step 3 (EMA restarted" in log and "latent classifier loaded" in log  # phase 0 ran once
     assert "'lr_g': (0.0002, 0.0001)" in log  # the changed setting is logged (and applied to the optimiser)
     assert "'gan'" not in log  # tuples in the config are not mistaken for changes
-    from python.rundir import load_checkpoint
+    from python.training.rundir import load_checkpoint
 
     state = load_checkpoint(run)[2]
     assert state["opt_g"]["param_groups"][0]["lr"] == 1e-4 and state["opt_d"]["param_groups"][0]["lr"] == 2e-4
@@ -54,20 +56,20 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     assert len(cls) == 1 and cls[0]["steps"] == 4 and 0 <= cls[0]["accuracy"] <= 1
     evals = [m for m in metrics if "heldout_subset" in m]
     assert [e["step"] for e in evals] == [3, 6] and all("heldout_subset_raw" in e for e in evals)
-    gen, cfg = G.load(run / "final")
+    gen, cfg = load_generator(run / "final")
     cond = np.zeros((5, 24), np.float32)
     cond[:, 3] = 1
     lat = gan_latents(gen, cond, seed=4)
     assert lat.shape == (5, 4, 16, 16) and torch.equal(lat, gan_latents(gen, cond, seed=4))
     assert cfg["trained_steps"] == 6
     with pytest.raises(UserError, match="no GAN here"):
-        G.load(tmp_path)
+        load_generator(tmp_path)
     ship(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
-    shipped, scfg = G.load(tmp_path / "shipped")
+    shipped, scfg = load_generator(tmp_path / "shipped")
     assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"]
     torch.testing.assert_close(gan_latents(shipped, cond, seed=4), lat, atol=2e-2, rtol=2e-2)
     ship(["gan", "--run", str(run), "--out", str(tmp_path / "raw"), "--raw"])
-    raw, rcfg = G.load(tmp_path / "raw")
+    raw, rcfg = load_generator(tmp_path / "raw")
     assert rcfg["weights"] == "raw" and scfg["weights"] == "ema"
     assert not torch.allclose(gan_latents(raw, cond, seed=4), lat, atol=1e-3)  # the live weights, not the EMA
     with pytest.raises(SystemExit):
@@ -76,25 +78,25 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
 
 def test_minibatch_std_sees_collapse():
     same = torch.randn(1, 16, 4, 4).expand(8, -1, -1, -1)
-    assert torch.equal(G.Discriminator.minibatch_std(same), torch.zeros(8, 1))
-    varied = G.Discriminator.minibatch_std(torch.randn(8, 16, 4, 4))
+    assert torch.equal(Discriminator.minibatch_std(same), torch.zeros(8, 1))
+    varied = Discriminator.minibatch_std(torch.randn(8, 16, 4, 4))
     assert varied.shape == (8, 1) and (varied > 0.5).all()
-    assert G.Discriminator.minibatch_std(torch.randn(3, 16, 4, 4)).shape == (3, 1)  # odd batches group by 3
+    assert Discriminator.minibatch_std(torch.randn(3, 16, 4, 4)).shape == (3, 1)  # odd batches group by 3
 
 
 def test_add_noise_levels():
-    from python.train_classifier import add_noise
+    from python.training.losses import noise_augment
 
     x = torch.zeros(4000, 2, 4, 4)
-    assert add_noise(x, 0.0) is x
-    y = add_noise(x, 1.0, torch.Generator().manual_seed(0))
+    assert noise_augment(x, 0.0) is x
+    y = noise_augment(x, 1.0, torch.Generator().manual_seed(0))
     per_sample = y.flatten(1).std(1)
     assert per_sample.max() <= 1.3 and per_sample.min() < 0.1  # a random level in [0, max] per sample
     assert abs(per_sample.mean().item() - 0.5) < 0.05
 
 
 def test_online_classifier_is_checkpointed_and_resumed(tiny_data, parts, tmp_path, capsys):
-    from python.rundir import load_checkpoint
+    from python.training.rundir import load_checkpoint
 
     run = tmp_path / "run"
     args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--eval-every", "2",
@@ -103,7 +105,7 @@ def test_online_classifier_is_checkpointed_and_resumed(tiny_data, parts, tmp_pat
     train_gan([*args, "--steps", "4"])
     assert len(list(run.glob("ckpt-*"))) == 2
     step, weights, state = load_checkpoint(run)
-    phase0 = G.LatentClassifier(G.GANConfig(g_channels=(16, 16, 16), d_channels=(16, 16, 16)))
+    phase0 = LatentClassifier(4)
     from safetensors.torch import load_file
 
     phase0.load_state_dict(load_file(str(run / "classifier.safetensors")))

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from python import judge as J
-from python.errors import UserError
+from python.models.judge import build_judge, judge_score, load_judge, save_judge, topk_accuracy, topk_hits
+from python.core.errors import UserError
 
 
 def _reference_accuracy(out, onehot):
@@ -27,19 +27,19 @@ def test_checkpoint_round_trip_official_layout(tmp_path):
     ref.fc = torch.nn.Sequential(torch.nn.Linear(512, 24), torch.nn.Sigmoid())
     ref.eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "checkpoint.pth")
-    net = J.load(tmp_path / "checkpoint.pth")
+    net = load_judge(tmp_path / "checkpoint.pth")
     x = torch.randn(3, 3, 64, 64)
     assert torch.equal(net(x), ref(x))
-    J.save(net, tmp_path / "out")  # ours -> official layout and fp16 safetensors
-    assert torch.equal(J.load(tmp_path / "out" / "checkpoint.pth")(x), ref(x))
-    assert (J.load(tmp_path / "out" / "judge.safetensors")(x) - ref(x)).abs().max() < 2e-3
+    save_judge(net, tmp_path / "out")  # ours -> official layout and fp16 safetensors
+    assert torch.equal(load_judge(tmp_path / "out" / "checkpoint.pth")(x), ref(x))
+    assert (load_judge(tmp_path / "out" / "judge.safetensors")(x) - ref(x)).abs().max() < 2e-3
 
 
 def test_second_judge_round_trip(tmp_path):
-    net = J.build("vgg").eval()
-    J.save(net, tmp_path)
+    net = build_judge("vgg").eval()
+    save_judge(net, tmp_path)
     x = torch.randn(2, 3, 64, 64)
-    assert torch.equal(J.load(tmp_path / "checkpoint.pth")(x), net(x))
+    assert torch.equal(load_judge(tmp_path / "checkpoint.pth")(x), net(x))
 
 
 def test_accuracy_hand_computed():
@@ -50,9 +50,9 @@ def test_accuracy_hand_computed():
     labels[2, [0, 1, 2]] = 1; out[2, [7, 8, 9]] = 0.9  # k=3, 0 hits                  # noqa: E702
     labels[3, [0, 1, 2, 3]] = 1; out[3, [0, 1, 2, 3]] = 0.7  # k=4, 4 hits            # noqa: E702
     labels[4, [4, 5, 6, 7, 8]] = 1; out[4, [4, 5, 6, 10, 11]] = 0.6  # k=5, 3 hits   # noqa: E702
-    hits, total = J.topk_hits(out, labels)
+    hits, total = topk_hits(out, labels)
     assert hits.tolist() == [1, 1, 0, 4, 3] and total.tolist() == [1, 2, 3, 4, 5]
-    assert J.accuracy(out, labels) == pytest.approx(9 / 15)
+    assert topk_accuracy(out, labels) == pytest.approx(9 / 15)
 
 
 def test_accuracy_matches_official_with_ties():
@@ -62,22 +62,22 @@ def test_accuracy_matches_official_with_ties():
         labels[i, torch.randperm(24, generator=g)[: 1 + i % 5]] = 1
     # saturated sigmoid outputs: many exact ties at 1.0 and 0.0, as a confident judge produces
     out = torch.sigmoid(torch.randint(-3, 4, (300, 24), generator=g).float() * 40)
-    assert J.accuracy(out, labels) == _reference_accuracy(out, labels)
+    assert topk_accuracy(out, labels) == _reference_accuracy(out, labels)
 
 
 def test_score_by_objects():
-    net = J.build("vgg").eval()
+    net = build_judge("vgg").eval()
     labels = np.zeros((4, 24), np.float32)
     labels[0, 0] = labels[1, :2] = labels[2, :2] = labels[3, :3] = 1
-    res = J.score(net, torch.zeros(4, 3, 64, 64), labels)
+    res = judge_score(net, torch.zeros(4, 3, 64, 64), labels)
     assert set(res["by_objects"]) == {1, 2, 3} and 0 <= res["accuracy"] <= 1 and res["n"] == 4
     with pytest.raises(UserError, match=r"shape \(N, 3, 64, 64\)"):
-        J.score(net, torch.zeros(4, 3, 32, 32), labels)
+        judge_score(net, torch.zeros(4, 3, 32, 32), labels)
 
 
 def test_loads_checkpoint_saved_from_another_device_map(tmp_path):
     """A checkpoint whose tensors are tagged with a CUDA device loads on a CPU-only machine."""
-    net = J.build("resnet18")
+    net = build_judge("resnet18")
     state = net.state_dict()
     torch.save({"model": state}, tmp_path / "c.pth")
     import io
@@ -94,7 +94,7 @@ def test_loads_checkpoint_saved_from_another_device_map(tmp_path):
         assert b"cuda:0" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     with pytest.raises(RuntimeError):  # torch itself cannot load it without a map_location
         torch.load(io.BytesIO((tmp_path / "cuda.pth").read_bytes()), weights_only=True)
-    loaded = J.load(tmp_path / "cuda.pth")
+    loaded = load_judge(tmp_path / "cuda.pth")
     assert next(loaded.parameters()).device.type == "cpu"
 
 
@@ -108,6 +108,6 @@ def test_bad_checkpoints(tmp_path, content, msg):
     p = tmp_path / "checkpoint.pth"
     content(p)
     with pytest.raises(UserError, match=msg):
-        J.load(p)
+        load_judge(p)
     with pytest.raises(UserError, match="not found"):
-        J.load(tmp_path / "nope.pth")
+        load_judge(tmp_path / "nope.pth")

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from python.errors import UserError
-from python.labels import (CLASS_NAMES, OBJECTS, decode, encode, encode_many, load_conditions, load_objects,
+from python.core.errors import UserError
+from python.core.labels import (CLASS_NAMES, OBJECTS, decode, encode, encode_many, load_conditions, load_objects, 
                            parse_label_arg)
 
 

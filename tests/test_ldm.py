@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from python import ldm as L
-from python import vae as V
-from python.diffusion import Schedule
-from python.errors import UserError
+from python.models.classifier import LatentClassifier
+from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
+from python.models.vae import Decoder, load_vae
+from python.core.diffusion import Schedule
+from python.core.errors import UserError
 from python.ship import main as ship
-from python.data import image_grid
-from python.sample import decode, ldm_latents
-from python.train_ldm import loss_weight
+from python.core.images import image_grid
+from python.models.sampling import decode, ldm_latents
+from python.training.losses import min_snr_weight
 from python.train_ldm import main as train_ldm
 
 
@@ -25,7 +26,7 @@ def _args(tiny_data, parts, run, *extra):
 
 @pytest.mark.parametrize("cond, pooled", [("tokens", False), ("tokens", True), ("sum", False)])
 def test_denoiser_shapes_and_condition_matters(cond, pooled):
-    m = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, cond=cond, pooled=pooled))
+    m = Denoiser(DenoiserConfig(width=32, depth=2, heads=2, cond=cond, pooled=pooled))
     for p in m.parameters():  # adaLN-zero starts at zero output; perturb so the condition can show
         torch.nn.init.normal_(p, std=0.05)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 900])
@@ -39,10 +40,10 @@ def test_denoiser_shapes_and_condition_matters(cond, pooled):
 def test_min_snr_weights():
     sch = Schedule("cosine", prediction="epsilon")
     t = torch.tensor([0, 500, 999])
-    w = loss_weight(sch, t, 5.0)
+    w = min_snr_weight(sch, t, 5.0)
     snr = sch.snr(t.numpy())
     assert np.allclose(w.numpy(), np.minimum(snr, 5) / snr, rtol=1e-5) and w[2] == pytest.approx(1.0)
-    assert torch.equal(loss_weight(sch, t, 0.0), torch.ones(3))
+    assert torch.equal(min_snr_weight(sch, t, 0.0), torch.ones(3))
 
 
 def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
@@ -55,7 +56,7 @@ def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
     evals = [m for m in metrics if "heldout_subset" in m]
     assert [m["step"] for m in evals] == [3, 6] and 0 <= evals[-1]["heldout_subset"]["accuracy"] <= 1
     assert (run / "samples" / "heldout-00000006.png").exists()
-    model, cfg = L.load(run / "final")
+    model, cfg = load_denoiser(run / "final")
     sch = Schedule(**cfg["schedule"])
     cond = np.zeros((3, 24), np.float32)
     cond[:, [9, 7, 22]] = 1  # red sphere, yellow cube, cyan cylinder
@@ -64,13 +65,13 @@ def test_train_resume_and_sample(tiny_data, parts, tmp_path, capsys):
     assert lat.shape == (3, 4, 16, 16) and seen == list(range(5))
     assert torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=1))  # deterministic for a seed
     assert not torch.equal(lat, ldm_latents(model, sch, cond, "ddim", 5, 2.0, seed=2))
-    images = decode(V.Decoder(V.load(parts / "vae")), lat)
+    images = decode(Decoder(load_vae(parts / "vae")), lat)
     assert images.shape == (3, 3, 64, 64) and images.abs().max() <= 1
     assert image_grid(images, cols=8).shape == (2 + 66, 2 + 3 * 66, 3)  # fewer than 8: one row of 3
     with pytest.raises(UserError, match="no LDM here"):
-        L.load(tmp_path)
+        load_denoiser(tmp_path)
     ship(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])
-    shipped, scfg = L.load(tmp_path / "shipped")
+    shipped, scfg = load_denoiser(tmp_path / "shipped")
     assert scfg["trained_steps"] == 6 and scfg["vae_sha"] == cfg["vae_sha"] and scfg["schedule"] == cfg["schedule"]
     for (k, a), b in zip(model.state_dict().items(), shipped.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)  # the EMA weights, through fp16
@@ -81,10 +82,10 @@ def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data
     tokens splits its weight; the pooled embedding adds a linear map of the whole set to the time embedding. It
     starts at zero, so --init from a model without it computes the same function until training moves it."""
     torch.manual_seed(0)
-    plain = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2))
+    plain = Denoiser(DenoiserConfig(width=32, depth=2, heads=2))
     for p in plain.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    pooled = L.Denoiser(L.DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
+    pooled = Denoiser(DenoiserConfig(width=32, depth=2, heads=2, pooled=True))
     assert pooled.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["cond_emb.weight", "cond_emb.bias"]
     x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([3, 900]), torch.zeros(2, 24)
     cond[0, 1], cond[1, [1, 5]] = 1, 1
@@ -93,16 +94,16 @@ def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data
     assert not torch.allclose(pooled(x, t, cond), plain(x, t, cond))
 
     # train_ldm --init: a saved model without the pooled embedding warm-starts one with it (the default)
-    L.save(plain, tmp_path / "plain", {"schedule": Schedule("cosine", prediction="v_prediction").config()})
+    save_denoiser(plain, tmp_path / "plain", {"schedule": Schedule("cosine", prediction="v_prediction").config()})
     run = tmp_path / "warm"
     train_ldm(_args(tiny_data, parts, run, "--steps", "2", "--eval-every", "2", "--no-bf16", "--init",
                     str(tmp_path / "plain"), "--lr", "0"))
-    warm, _ = L.load(run / "final")
+    warm, _ = load_denoiser(run / "final")
     assert warm.cfg.pooled and warm.cond_emb.weight.abs().max() == 0  # lr 0: nothing moved, the new part is zero
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(warm.state_dict()[k], v, msg=k)
-    big = L.Denoiser(L.DenoiserConfig(width=64, depth=2, heads=2))
-    L.save(big, tmp_path / "big", {})
+    big = Denoiser(DenoiserConfig(width=64, depth=2, heads=2))
+    save_denoiser(big, tmp_path / "big", {})
     with pytest.raises(SystemExit):
         train_ldm(_args(tiny_data, parts, tmp_path / "bad", "--init", str(tmp_path / "big"), "--no-bf16"))
     assert "its denoiser {'width': 64" in capsys.readouterr().err
@@ -119,21 +120,20 @@ def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):
     assert (run / "final" / "denoiser.safetensors").exists()
 
 
-def test_on_device_wrapper_and_latent_set_move():
-    """The trainers' GPU path in miniature: OnDevice takes host tensors and returns fp32 host tensors equal to the
+def test_torch_call_and_latent_set_move():
+    """The trainers' GPU path in miniature: torch_call takes numpy arrays and returns the float32 numpy of the
     model's own output; a LatentSet moved with .to() samples on its device from a generator living there."""
-    from python.latents import LatentSet
-    from python.sample import OnDevice
+    from python.models.sampling import torch_call
+    from python.training.latents import LatentSet
 
     torch.manual_seed(0)
-    model = L.Denoiser(L.DenoiserConfig(in_channels=8, width=32, depth=1, heads=2)).eval()
+    model = Denoiser(DenoiserConfig(in_channels=8, width=32, depth=1, heads=2)).eval()
     x, t = torch.randn(3, 8, 16, 16), torch.tensor([1, 500, 999])
     cond = torch.zeros(3, 24)
     cond[:, 5] = 1
-    wrapped = OnDevice(model, "cpu")
-    assert wrapped.cfg is model.cfg
+    out = torch_call(model, "cpu")(x.numpy(), t.numpy(), cond.numpy())
     with torch.no_grad():
-        assert torch.equal(wrapped(x, t, cond), model(x, t, cond))
+        assert out.dtype == np.float32 and np.array_equal(out, model(x, t, cond).numpy())
     lat = LatentSet(torch.randn(10, 8, 16, 16).half(), torch.rand(10, 8, 16, 16).half(), torch.eye(10, 24), 0.5).to("cpu")
     idx = torch.tensor([0, 3])
     a = lat.sample(idx, torch.Generator().manual_seed(1))
@@ -149,13 +149,13 @@ def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts,
     with a lower BCE of that classifier on the x_0 the denoiser predicts, and logs the term."""
     import torch.nn.functional as F
 
-    from python import gan as G
-    from python.diffusion import x0_eps
-    from python.latents import load_latents, vae_digest
-    from python.train_classifier import load as load_classifier, save as save_classifier
+    from python.core.diffusion import x0_eps
+    from python.training.latents import load_latents
+    from python.models.vae import vae_digest
+    from python.models.classifier import load_classifier, save_classifier
 
     torch.manual_seed(0)
-    cls = G.LatentClassifier(G.GANConfig(latent_channels=4)).eval()
+    cls = LatentClassifier(4).eval()
     with torch.no_grad():
         for p in cls.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -172,7 +172,7 @@ def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts,
         run = tmp_path / f"run-{weight}"
         train_ldm(_args(tiny_data, parts, run, "--no-bf16", "--ema", "0", "--lr", "3e-3", "--steps", "8",
                         "--eval-every", "8", "--cls-weight", weight, "--cls-classifier", str(tmp_path / "cls")))
-        model = L.load(run / "final")[0].eval()
+        model = load_denoiser(run / "final")[0].eval()
         with torch.no_grad():
             x0 = x0_eps(x_t, model(x_t, t, cond), a, s, "v_prediction")[0]
             bce[weight] = F.binary_cross_entropy_with_logits(cls(x0), cond).item()

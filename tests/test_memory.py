@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from python.memory import keep_freed_memory
+from python.core.memory import keep_freed_memory
 
 PROBE = """
 import sys
 import numpy as np
 from pathlib import Path
-from python.memory import keep_freed_memory
+from python.core.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     print(keep_freed_memory(), file=sys.stderr)
 rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * 4096 >> 20  # MiB

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from export.to_onnx import export_all
-from python import gan as G
-from python import ldm as L
-from python import vae as V
-from python.diffusion import Schedule
-from python.errors import UserError
-from python.labels import encode
-from python.sample import decode, ldm_latents
-from python.train_gan import gan_latents
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator
+from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
+from python.core.diffusion import Schedule
+from python.core.errors import UserError
+from python.core.labels import encode
+from python.models.sampling import decode, ldm_latents
+from python.models.sampling import gan_latents
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance):
     pipe = Pipeline(ExportFolder(out))
     cond = _conditions()
     ours = pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, seed=5, batch=2))  # chunked: 2 + 1
-    model, cfg = L.load(tiny_weights / "ldm")
-    ref = decode(V.Decoder(V.load(tiny_weights / "vae")),
+    model, cfg = load_denoiser(tiny_weights / "ldm")
+    ref = decode(Decoder(load_vae(tiny_weights / "vae")),
                  ldm_latents(model, Schedule(**cfg["schedule"]), cond, sampler, steps, guidance, seed=5))
     assert ours.shape == (3, 3, 64, 64)
     assert np.abs(ours - ref.numpy()).max() <= 1e-3
@@ -63,8 +63,8 @@ def test_gan_parity_with_torch(export, tiny_weights):
     out, _ = export
     pipe = Pipeline(ExportFolder(out))
     cond = _conditions()
-    gen, _ = G.load(tiny_weights / "gan")
-    ref = decode(V.Decoder(V.load(tiny_weights / "vae")), gan_latents(gen, cond, seed=3))
+    gen, _ = load_generator(tiny_weights / "gan")
+    ref = decode(Decoder(load_vae(tiny_weights / "vae")), gan_latents(gen, cond, seed=3))
     assert np.abs(pipe.generate(cond, "gan", seed=3) - ref.numpy()).max() <= 1e-3
 
 
@@ -72,7 +72,7 @@ def test_torchscript_matches(export, tiny_weights):
     out, _ = export
     dec = torch.jit.load(str(out / "decoder.ts"))
     z = torch.randn(3, 4, 16, 16)
-    assert torch.allclose(dec(z), V.Decoder(V.load(tiny_weights / "vae"))(z), atol=1e-5)
+    assert torch.allclose(dec(z), Decoder(load_vae(tiny_weights / "vae"))(z), atol=1e-5)
 
 
 def _cli(*args):
@@ -120,7 +120,7 @@ def test_missing_generator_and_mismatched_vae(tiny_weights, tmp_path):
     with pytest.raises(UserError, match="no denoiser"):
         Pipeline(ExportFolder(tmp_path / "e")).ldm_latents(_conditions())
     shutil.copytree(tiny_weights / "ldm", w / "ldm")
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), w / "vae")  # a different VAE than the LDM was trained on
+    save_vae(VAE(VAEConfig(channels=[16, 8])), w / "vae")  # a different VAE than the LDM was trained on
     with pytest.raises(UserError, match="trained on VAE"):
         export_all(w, tmp_path / "e2")
 

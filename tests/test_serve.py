@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from python.data import to_uint8
+from python.core.images import to_uint8
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
 from runtime.serve import Batcher, Limits, build_app, condition, parse_request

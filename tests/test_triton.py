@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from export.triton_repo import io_of, write_repository
-from python.errors import UserError
-from python.labels import encode
+from python.core.errors import UserError
+from python.core.labels import encode
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
 
@@ -42,7 +42,7 @@ def test_layout_and_configs_match_the_onnx_graphs(repo, onnx_export):
     assert 'reshape: { shape: [  ] }' in (out / "denoiser" / "config.pbtxt").read_text()  # per-sample t
     gan = (out / "gan" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in gan and gan.index('"generator"') < gan.index('"decoder"')
-    for f in ("model.py", "diffusion.py", "noise.py"):
+    for f in ("model.py", "core/diffusion.py", "core/noise.py", "core/sampling.py"):
         compile((out / "ldm" / "1" / f).read_text(), f, "exec")
 
 

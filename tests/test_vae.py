@@ -4,45 +4,47 @@ import numpy as np
 import pytest
 import torch
 
-from python import vae as V
-from python.errors import UserError
+from python.models.judge import build_judge, save_judge
+from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
+from python.core.errors import UserError
 from python.train_vae import main as train_vae
 
 
 @pytest.mark.parametrize("arch", ["gdn", "kl"])
 @pytest.mark.parametrize("downsample", [2, 4, 8])
 def test_shapes_and_round_trip(arch, downsample, tmp_path):
-    cfg = V.VAEConfig(arch=arch, downsample=downsample, latent_channels=3, channels=[16, 8], kl_channels=[8, 16, 16, 16])
-    vae = V.VAE(cfg).eval()
+    cfg = VAEConfig(arch=arch, downsample=downsample, latent_channels=3, channels=[16, 8], kl_channels=[8, 16, 16, 16])
+    vae = VAE(cfg).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     mean, logvar = vae.encode(x)
     assert mean.shape == logvar.shape == (2, *cfg.latent_shape) == (2, 3, 64 // downsample, 64 // downsample)
     assert vae.decode(mean).shape == x.shape
     vae.cfg.scale_factor = 2.5
-    V.save(vae, tmp_path)
-    back = V.load(tmp_path)
+    save_vae(vae, tmp_path)
+    back = load_vae(tmp_path)
     assert back.cfg.scale_factor == 2.5 and torch.equal(back.decode(mean), vae.decode(mean))
-    dec = V.Decoder(back)
+    dec = Decoder(back)
     assert torch.allclose(dec(mean * 2.5), vae.decode(mean).clamp(-1, 1), atol=1e-4)
 
 
 def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="no VAE here"):
-        V.load(tmp_path)
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), tmp_path)
+        load_vae(tmp_path)
+    save_vae(VAE(VAEConfig(channels=[16, 8])), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "channels": [32, 8]}))
     with pytest.raises(UserError, match="weights do not match config.json"):
-        V.load(tmp_path)
+        load_vae(tmp_path)
     with pytest.raises(UserError, match="arch 'vq' unknown"):
-        V.VAEConfig(arch="vq")
+        VAEConfig(arch="vq")
 
 
 def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     train_vae(["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run)])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    from python.latents import encoder_digest, load_latents
+    from python.models.vae import encoder_digest
+    from python.training.latents import load_latents
 
     digest = encoder_digest(run / "final")
     cache_files = lambda: sorted((tiny_data / ".cache").glob(f"latents-train-{digest}-*.npz"))  # noqa: E731
@@ -55,9 +57,9 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
     assert torch.equal(lat.labels[:36], lat.labels[36:])  # originals, then their mirror images
     # scale factor: 1 / std of the training latents, stored with the weights
     assert res["scale_factor"] == pytest.approx(1 / mean.std(), rel=2e-3)
-    vae = V.load(run / "final")
+    vae = load_vae(run / "final")
     assert vae.cfg.scale_factor == pytest.approx(res["scale_factor"]) == lat.scale_factor
-    from python.data import load_split, to_model_range
+    from python.data.dataset import load_split, to_model_range
 
     imgs = load_split(tiny_data, progress=False).images[:4]
     with torch.no_grad():  # the cache holds what the encoder gives
@@ -83,11 +85,12 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
 
 
 def test_eval_vae_prints_one_json_line(tiny_data, tmp_path, capsys):
-    from python import judge as J
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
     from python.eval_vae import main as eval_vae
 
-    V.save(V.VAE(V.VAEConfig(channels=[16, 8])), tmp_path / "vae")
-    J.save(J.build("resnet18").eval(), tmp_path / "judge")
+    save_vae(VAE(VAEConfig(channels=[16, 8])), tmp_path / "vae")
+    save_judge(build_judge("resnet18").eval(), tmp_path / "judge")
     eval_vae(["--data", str(tiny_data), "--vae", str(tmp_path / "vae"), "--judge", str(tmp_path / "judge" / "checkpoint.pth")])
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
@@ -100,14 +103,14 @@ def test_decoder_only_training_keeps_the_latent_space(tiny_data, parts, tmp_path
     import json
 
     from python import train_decoder
-    from python.latents import vae_digest
+    from python.models.vae import vae_digest
 
     run = tmp_path / "dec"
     args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run),
             "--decoder-channels", "24", "12", "--decoder-up", "nearest", "--judge",
             str(parts / "judge" / "judge.safetensors")]
     train_decoder.main(args)
-    new, old = V.load(run / "final"), V.load(parts / "vae")
+    new, old = load_vae(run / "final"), load_vae(parts / "vae")
     assert vae_digest(run / "final") == vae_digest(parts / "vae")  # same encoder, same scale: same latent space
     assert new.cfg.decoder_channels == [24, 12] and new.cfg.scale_factor == old.cfg.scale_factor
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -124,11 +127,13 @@ def test_decoder_adversarial_term_trains_and_resumes(tiny_data, parts, tmp_path)
     import json
 
     from python import train_decoder
+    from python.models.gan import PatchDiscriminator
+    from python.training.losses import adaptive_weight
 
     w = torch.nn.Parameter(torch.randn(3, 3))
-    scale = train_decoder.adaptive_weight((3 * w).sum(), w.sum(), w)  # gradients 3 and 1 everywhere
+    scale = adaptive_weight((3 * w).sum(), w.sum(), w)  # gradients 3 and 1 everywhere
     assert scale.item() == pytest.approx(3.0)
-    assert train_decoder.PatchDiscriminator()(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 8, 8)
+    assert PatchDiscriminator()(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 8, 8)
 
     run = tmp_path / "adv"
     args = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--run-dir", str(run),

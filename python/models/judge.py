@@ -6,7 +6,7 @@ Sequential(Linear(512, 24), Sigmoid()), stored in the official layout {"model": 
 Second judge = a different architecture (a plain VGG-style CNN that keeps full resolution in its
 first stage), trained on disjoint renders; generated images must convince both.
 
-The metric (`accuracy`) is the official one: for each image take the top-k outputs, k = its number
+The metric (`topk_accuracy`) is the official one: for each image take the top-k outputs, k = its number
 of objects, and count how many are among its labels; accuracy = hits / total k. It uses torch.topk
 row by row, exactly like the course's code, so ties resolve the same way.
 """
@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
+from safetensors.torch import save_file
 
-from python.errors import UserError
-from python.labels import NUM_CLASSES
+from python.core.errors import UserError
+from python.core.labels import NUM_CLASSES
+from python.models.weights import SHIPPED, read_state
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = {"primary": REPO / "weights" / "judge" / "judge.safetensors",
-           "second": REPO / "weights" / "judge2" / "judge.safetensors"}
+SHIPPED_JUDGES = {"primary": SHIPPED / "judge" / "judge.safetensors",
+                  "second": SHIPPED / "judge2" / "judge.safetensors"}
 ARCHS = ("resnet18", "vgg")
 
 
@@ -54,7 +55,7 @@ class VGGJudge(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def build(arch: str) -> nn.Module:
+def build_judge(arch: str) -> nn.Module:
     if arch == "resnet18":
         return official_resnet18()
     if arch == "vgg":
@@ -62,7 +63,7 @@ def build(arch: str) -> nn.Module:
     raise UserError(f"unknown judge architecture {arch!r}; valid: {', '.join(ARCHS)}")
 
 
-def logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def judge_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pre-sigmoid scores (for a numerically sound BCE during training)."""
     fc, sig = net.fc[0], net.fc[1]
     assert isinstance(sig, nn.Sigmoid)
@@ -74,7 +75,7 @@ def logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def judge_features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The pooled features the judge's last layer reads (512 for resnet18, 256 for vgg): a space in which
     distances between images measure what the judge sees (used for the diversity figure)."""
     fc = net.fc
@@ -89,23 +90,18 @@ def _arch_of(state: dict) -> str:
     return "resnet18" if "conv1.weight" in state else "vgg"
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "cpu", which: str = "primary") -> nn.Module:
+def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu", which: str = "primary") -> nn.Module:
     """A judge from an official-layout .pth ({"model": state_dict}) or our .safetensors, in eval mode.
 
     Loads on the CPU first (map_location), so checkpoints saved on any device load anywhere."""
-    path = Path(path) if path else SHIPPED[which]
+    path = Path(path) if path else SHIPPED_JUDGES[which]
     if not path.exists():
         raise UserError(f"{path}: judge checkpoint not found"
-                        + (" (train one with `python -m python.train_evaluator`)" if path in SHIPPED.values() else ""))
+                        + (" (train one with `python -m python.train_evaluator`)" if path in SHIPPED_JUDGES.values() else ""))
     expected = ("expected the official layout: a torch file holding a dict with key 'model' = the state_dict "
                 "of torchvision resnet18 with fc = Sequential(Linear(512, 24), Sigmoid()), or our .safetensors")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        state = read_state(path)
     else:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -115,7 +111,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", whi
             keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise UserError(f"{path}: found {keys}; {expected}")
         state = ckpt["model"]
-    net = build(_arch_of(state))
+    net = build_judge(_arch_of(state))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -124,10 +120,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", whi
     return net.to(device).eval()
 
 
-def save(net: nn.Module, out_dir: Path, fp16_safetensors: bool = True) -> None:
+def save_judge(net: nn.Module, out_dir: Path, fp16_safetensors: bool = True) -> None:
     """Write checkpoint.pth (official layout, fp32) and judge.safetensors (fp16 for shipping)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -136,7 +130,7 @@ def save(net: nn.Module, out_dir: Path, fp16_safetensors: bool = True) -> None:
     save_file(half, str(out_dir / "judge.safetensors"))
 
 
-def accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+def topk_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     """The official metric: per image top-k (k = number of labels) hits over total k."""
     hits, total = topk_hits(outputs, labels)
     return hits.sum() / max(total.sum(), 1)
@@ -158,21 +152,21 @@ def topk_hits(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
 
 
 @torch.no_grad()
-def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def judge_probs(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Judge outputs (sigmoid probabilities) for (N, 3, 64, 64) images in [-1, 1]."""
     device = next(net.parameters()).device
     outs = [net(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0, NUM_CLASSES)
 
 
-def score(net: nn.Module, images: torch.Tensor, labels) -> dict:
+def judge_score(net: nn.Module, images: torch.Tensor, labels) -> dict:
     """Accuracy overall and by number of objects, for images in [-1, 1] and multi-hot labels."""
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     if images.shape[1:] != (3, 64, 64):
         raise UserError(f"judge expects images of shape (N, 3, 64, 64) in [-1, 1], got {tuple(images.shape)}")
     if len(images) != len(labels):
         raise UserError(f"{len(images)} images but {len(labels)} label sets")
-    hits, total = topk_hits(predict(net, images), labels)
+    hits, total = topk_hits(judge_probs(net, images), labels)
     res = {"accuracy": float(hits.sum() / max(total.sum(), 1)), "n": len(labels)}
     res["by_objects"] = {int(k): float(hits[total == k].sum() / (k * (total == k).sum()))
                          for k in np.unique(total) if k > 0}

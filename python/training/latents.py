@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from python import vae as V
-from python.data import _cache_dir, load_split, to_model_range
-from python.errors import UserError
+from python.data.dataset import cache_dir, load_split, to_model_range
+from python.models.vae import SHIPPED_VAE, VAE, encoder_digest, load_vae
 
 
 @dataclass
@@ -44,7 +43,7 @@ class LatentSet:
 
 
 @torch.no_grad()
-def _encode(vae: V.VAE, images_u8: np.ndarray, batch: int = 256):
+def _encode(vae: VAE, images_u8: np.ndarray, batch: int = 256):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = vae.to(device)
     means, stds = [], []
@@ -60,51 +59,13 @@ def _encode(vae: V.VAE, images_u8: np.ndarray, batch: int = 256):
     return torch.cat([orig[0], flip[0]]), torch.cat([orig[1], flip[1]])
 
 
-ENCODER_KEYS = ("net.encoder.", "net.ae.encoder.", "net.ae.quant_conv.")
-
-
-def vae_digest(folder: Path) -> str:
-    """Checksum of the latent space the generators see: the encoder's weights and the scale factor, not the
-    decoder's. Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
-    for the same latents), and are refused against a VAE with another encoder or scale."""
-    return _encoder_hash(Path(folder), with_scale=True)
-
-
-def require_latent_space(generator_dir: Path, cfg: dict, vae_dir: Path) -> None:
-    """UserError unless a generator's saved config (its 'vae_sha') matches the latent space of vae_dir."""
-    digest = vae_digest(vae_dir)
-    if cfg.get("vae_sha") not in (None, digest):
-        raise UserError(f"{generator_dir}: trained on VAE {cfg['vae_sha']} but {vae_dir} holds VAE {digest} (another "
-                        f"latent space); use the VAE it was trained with, from one weights folder")
-
-
-def encoder_digest(folder: Path) -> str:
-    """Checksum of the encoder alone: the key of the (unscaled) latent cache, which the scale factor,
-    computed from that cache, must not change."""
-    return _encoder_hash(Path(folder), with_scale=False)
-
-
-def _encoder_hash(folder: Path, with_scale: bool) -> str:
-    from safetensors.torch import load_file
-
-    cfg = V.load_config(folder)
-    h = hashlib.sha1(f"{cfg.arch}/{cfg.latent_channels}".encode())
-    if with_scale:
-        h.update(f"/{cfg.scale_factor:.6g}".encode())
-    state = load_file(str(folder / "vae.safetensors"))
-    for k in sorted(k for k in state if k.startswith(ENCODER_KEYS)):
-        h.update(k.encode())
-        h.update(state[k].half().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = "train.json") -> LatentSet:
     """The cached latents of a dataset under a VAE, built on first use (a few minutes on 2 cores)."""
-    vae_folder = Path(vae_folder) if vae_folder else V.SHIPPED
-    vae = V.load(vae_folder)
+    vae_folder = Path(vae_folder) if vae_folder else SHIPPED_VAE
+    vae = load_vae(vae_folder)
     split = load_split(data, labels_file)
     key = hashlib.sha1(("".join(split.names) + str(split.images.shape)).encode()).hexdigest()[:12]
-    path = _cache_dir(Path(data)) / f"latents-{Path(labels_file).stem}-{encoder_digest(vae_folder)}-{key}.npz"
+    path = cache_dir(Path(data)) / f"latents-{Path(labels_file).stem}-{encoder_digest(vae_folder)}-{key}.npz"
     if not path.exists():
         print(f"encoding {len(split)} images (and their mirror images) into the latent cache {path}", flush=True)
         mean, std = _encode(vae, split.images)

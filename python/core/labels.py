@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.errors import UserError
+from .errors import UserError
 
 COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
 SHAPES = ("cube", "sphere", "cylinder")

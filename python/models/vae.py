@@ -12,18 +12,22 @@ A model is saved as a folder: config.json (architecture + scale_factor) and vae.
 """
 from __future__ import annotations
 
-import json
+import copy
+import hashlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from python.errors import UserError
+from python.core.errors import UserError
+from python.data.dataset import to_model_range
+from python.models.weights import SHIPPED, load_state_into, read_config, read_state, save_weights
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "weights" / "vae"
+SHIPPED_VAE = SHIPPED / "vae"
 
 
 @dataclass
@@ -57,8 +61,6 @@ class VAEConfig:
 
 def _gdn_class():
     """compressai's GDN; importing compressai warns about torch.jit.script, which is not ours to fix."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         from compressai.layers import GDN
@@ -163,8 +165,6 @@ class Decoder(nn.Module):
 
     def __init__(self, vae: VAE):
         super().__init__()
-        import copy
-
         GDN = _gdn_class()
         self.scale = float(vae.cfg.scale_factor)
         self.net = copy.deepcopy(vae.net).eval()
@@ -180,31 +180,67 @@ class Decoder(nn.Module):
         return self.net.decode(z).clamp(-1, 1).contiguous()
 
 
-def save(vae: VAE, folder: Path, half: bool = False) -> None:
-    from python.rundir import save_weights
-
+def save_vae(vae: VAE, folder: Path, half: bool = False) -> None:
     save_weights(folder, vae, "vae.safetensors", asdict(vae.cfg), half)
 
 
-def load_config(folder: Path | None = None) -> VAEConfig:
-    folder = Path(folder) if folder else SHIPPED
-    if not (folder / "config.json").exists() or not (folder / "vae.safetensors").exists():
-        raise UserError(f"{folder}: no VAE here (expected config.json and vae.safetensors; train one with "
-                        f"`python -m python.train_vae`)")
+def load_vae_config(folder: Path | None = None) -> VAEConfig:
+    folder = Path(folder) if folder else SHIPPED_VAE
+    cfg = read_config(folder, "vae.safetensors", "VAE", "python -m python.train_vae")
     try:
-        return VAEConfig(**json.loads((folder / "config.json").read_text()))
+        return VAEConfig(**cfg)
     except TypeError as e:
         raise UserError(f"{folder / 'config.json'}: not a VAE config ({e})") from None
 
 
-def load(folder: Path | None = None, device="cpu") -> VAE:
-    from safetensors.torch import load_file
+def load_vae(folder: Path | None = None, device="cpu") -> VAE:
+    folder = Path(folder) if folder else SHIPPED_VAE
+    return load_state_into(VAE(load_vae_config(folder)), folder / "vae.safetensors").to(device).eval()
 
-    folder = Path(folder) if folder else SHIPPED
-    vae = VAE(load_config(folder))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "vae.safetensors")).items()}
-    try:
-        vae.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
-    return vae.to(device).eval()
+
+@torch.no_grad()
+def reconstruct(vae: VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """uint8 images (N, 64, 64, 3) -> their reconstructions through the posterior means, in [-1, 1]."""
+    out = []
+    for i in range(0, len(images_u8), batch):
+        x = to_model_range(images_u8[i:i + batch])
+        out.append(vae.decode(vae.encode(x)[0]).clamp(-1, 1))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- the latent space
+
+ENCODER_KEYS = ("net.encoder.", "net.ae.encoder.", "net.ae.quant_conv.")
+
+
+def vae_digest(folder: Path) -> str:
+    """Checksum of the latent space the generators see: the encoder's weights and the scale factor, not the
+    decoder's. Generators trained on latents stay valid when only the decoder is retrained (a sharper decoder
+    for the same latents), and are refused against a VAE with another encoder or scale."""
+    return _encoder_hash(Path(folder), with_scale=True)
+
+
+def encoder_digest(folder: Path) -> str:
+    """Checksum of the encoder alone: the key of the (unscaled) latent cache, which the scale factor,
+    computed from that cache, must not change."""
+    return _encoder_hash(Path(folder), with_scale=False)
+
+
+def _encoder_hash(folder: Path, with_scale: bool) -> str:
+    cfg = load_vae_config(folder)
+    h = hashlib.sha1(f"{cfg.arch}/{cfg.latent_channels}".encode())
+    if with_scale:
+        h.update(f"/{cfg.scale_factor:.6g}".encode())
+    state = read_state(folder / "vae.safetensors")
+    for k in sorted(k for k in state if k.startswith(ENCODER_KEYS)):
+        h.update(k.encode())
+        h.update(state[k].half().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def require_latent_space(generator_dir: Path, cfg: dict, vae_dir: Path) -> None:
+    """UserError unless a network's saved config (its 'vae_sha') matches the latent space of vae_dir."""
+    digest = vae_digest(vae_dir)
+    if cfg.get("vae_sha") not in (None, digest):
+        raise UserError(f"{generator_dir}: trained on VAE {cfg['vae_sha']} but {vae_dir} holds VAE {digest} (another "
+                        f"latent space); use the VAE it was trained with, from one weights folder")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from python.errors import UserError
-from python.labels import OBJECTS, encode, load_conditions, load_objects, read_json
+from python.core.errors import UserError
+from python.core.labels import OBJECTS, encode, load_conditions, load_objects, read_json
 
 IMAGE_SIZE = 64
 
@@ -46,12 +46,6 @@ def to_model_range(images_u8):
 
     x = images_u8 if isinstance(images_u8, torch.Tensor) else torch.from_numpy(np.array(images_u8, np.uint8))
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] (torch or numpy) -> (N, H, W, 3) uint8 for saving."""
-    x = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
-    return np.clip((x.transpose(0, 2, 3, 1) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def image_dir(root: Path) -> Path:
@@ -80,7 +74,7 @@ def _cache_key(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_dir(root: Path) -> Path:
+def cache_dir(root: Path) -> Path:
     d = Path(root) / ".cache"
     try:
         d.mkdir(exist_ok=True)
@@ -133,8 +127,16 @@ def load_split(root: Path, labels_file: str = "train.json", images: Path | None 
     folder = Path(images) if images else image_dir(root)
     paths = [folder / n for n in names]
     tag = Path(labels_file).stem
-    arr = load_images_cached(paths, _cache_dir(root), tag, progress)
+    arr = load_images_cached(paths, cache_dir(root), tag, progress)
     return LabelledImages(np.asarray(arr), labels, names)
+
+
+def heldout_or_train(root: Path, train: LabelledImages) -> LabelledImages:
+    """The labelled held-out renders of a dataset folder for evaluation, or the training split if it has none."""
+    root = Path(root)
+    if (root / "heldout_renders.json").exists():
+        return load_split(root, "heldout_renders.json", images=root / "heldout_renders")
+    return train
 
 
 def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarray:
@@ -143,17 +145,3 @@ def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarr
     objects_path = path.parent / "objects.json"
     objects = load_objects(objects_path) if objects_path.exists() else OBJECTS
     return load_conditions(path, objects)
-
-
-def image_grid(images, cols: int = 8, pad: int = 2) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> one uint8 RGB grid image, `cols` per row (the course shows 8); fewer
-    images than `cols` make one row of that many, as torchvision's make_grid does."""
-    imgs = to_uint8(images)
-    n, h, w, _ = imgs.shape
-    cols = max(1, min(cols, n))
-    rows = (n + cols - 1) // cols
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return out

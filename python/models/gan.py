@@ -12,23 +12,20 @@ linear(h) + <sum of the present classes' embeddings, h> / number of objects (pro
 discriminator, Miyato & Koyama 2018, extended to label sets), plus an auxiliary head that predicts
 the multi-hot labels (trained on real latents only, as in AC-GAN), whose judgement the generator
 also has to satisfy.
+
+PatchDiscriminator: the same game on decoded 64x64 images, patch by patch (the decoder's adversarial term).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from python.errors import UserError
-from python.labels import NUM_CLASSES
-
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "weights" / "gan"
+from python.core.errors import UserError
+from python.core.labels import NUM_CLASSES
 
 
 @dataclass
@@ -128,51 +125,17 @@ class Discriminator(nn.Module):
         return self.linear(torch.cat([h, self.minibatch_std(f)], 1)).squeeze(1) + proj, self.aux(h)
 
 
-class LatentClassifier(nn.Module):
-    """latent -> 24 label logits. Trained on real latents only (never on the judge's outputs, never on generated
-    latents), then frozen: the generator's class loss. Measured on the 8-channel latents: the discriminator's own
-    auxiliary head (spectral-normed features shared with the realness score) reached only 0.35 top-k accuracy on
-    real latents after 5,000 steps, too weak a signal to steer the generator (it drew empty floors); this network
-    with batch norm and no spectral norm learns the labels on its own."""
+class PatchDiscriminator(nn.Module):
+    """64x64 image -> 8x8 real/fake logits (three stride-2 convolutions: each logit sees a ~22-pixel patch)."""
 
-    def __init__(self, cfg: GANConfig, widths: tuple = (48, 96, 192)):
+    def __init__(self, width: int = 32):
         super().__init__()
-        layers, cin = [], cfg.latent_channels
-        for i, w in enumerate(widths):
-            for j in range(2):
-                layers += [nn.Conv2d(cin, w, 3, 2 if (i and not j) else 1, 1, bias=False), nn.BatchNorm2d(w),
-                           nn.ReLU(inplace=True)]
-                cin = w
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, cfg.num_classes)
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 4, 2, 1), act(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.GroupNorm(8, 2 * width), act(),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.GroupNorm(8, 4 * width), act(),
+            nn.Conv2d(4 * width, 1, 3, 1, 1))
 
     def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-def save(gen: Generator, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    from python.rundir import save_weights
-
-    save_weights(folder, gen, "generator.safetensors", {"gan": asdict(gen.cfg), **(extra or {})}, half)
-
-
-def load(folder: Path | None = None, device="cpu") -> tuple[Generator, dict]:
-    from safetensors.torch import load_file
-
-    folder = Path(folder) if folder else SHIPPED
-    if not (folder / "config.json").exists() or not (folder / "generator.safetensors").exists():
-        raise UserError(f"{folder}: no GAN here (expected config.json and generator.safetensors; train one with "
-                        f"`python -m python.train_gan`)")
-    cfg = json.loads((folder / "config.json").read_text())
-    if "distilled" in cfg:  # a one-step student of the LDM (python/distill.py), used like a generator
-        from python.distill import from_config
-
-        gen = from_config(cfg)
-    else:
-        gen = Generator(GANConfig(**cfg["gan"]))
-    try:
-        gen.load_state_dict({k: v.float() if v.is_floating_point() else v
-                             for k, v in load_file(str(folder / "generator.safetensors")).items()})
-    except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
-    return gen.to(device).eval(), cfg
+        return self.net(x)

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from python.errors import UserError
+from python.core.errors import UserError
+from python.core.images import image_grid
 
 
 class RunDir:
@@ -73,23 +75,17 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return ckpt
 
+    def sample_grid(self, tag: str, step: int, images) -> Path:
+        """samples/<tag>-<step>.png: the first 64 images (in [-1, 1]) as a grid of 8 per row."""
+        path = self.path / "samples" / f"{tag}-{step:08d}.png"
+        Image.fromarray(image_grid(images[:64])).save(path)
+        return path
+
     def load(self):
         return load_checkpoint(self.path)
 
     def elapsed(self) -> float:
         return time.time() - self.t0
-
-
-def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: dict, half: bool = False) -> None:
-    """A shippable weights folder: `filename` (safetensors; floating tensors as fp16 with half) and config.json,
-    the config written to a temporary file and swapped in, so a reader never sees half of it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}, str(folder / filename))
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, folder / "config.json")
 
 
 def load_checkpoint(run_path: Path):

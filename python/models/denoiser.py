@@ -16,7 +16,6 @@ Both take the condition as the multi-hot vector itself, so ONNX export needs no 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,11 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from python.errors import UserError
-from python.labels import NUM_CLASSES
+from python.core.errors import UserError
+from python.core.labels import NUM_CLASSES
+from python.models.weights import SHIPPED, load_state_into, read_config, save_weights
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "weights" / "ldm"
+SHIPPED_LDM = SHIPPED / "ldm"
 
 
 @dataclass
@@ -94,20 +93,21 @@ class Block(nn.Module):
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x, emb, ctx=None, ctx_bias=None):
-        """ctx: the class tokens (1, 25, d), the same for every sample, so their keys and values are computed
-        once per call and broadcast; ctx_bias: (N, 1, 1, 25) additive mask, 0 where present, -1e4 where absent."""
+        """x: (N, L, d) patch tokens; emb: (N, d) time (and pooled label) embedding; ctx: the class tokens
+        (1, 25, d), the same for every sample, so their keys and values are computed once per call and broadcast;
+        ctx_bias: (N, 1, 1, 25) additive mask, 0 where present, -1e4 where absent."""
         b, n, d = x.shape
         scale = 1.0 / math.sqrt(d // self.heads)  # a constant, so an ONNX export needs no shape arithmetic
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb)).chunk(6, dim=1)
-        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, dim=-1)
-        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), scale=scale)
-        x = x + g1[:, None] * self.proj(a.transpose(1, 2).reshape(b, n, d))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb)).chunk(6, dim=1)  # 6 x (N, d)
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, dim=-1)  # 3 x (N, L, d)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), scale=scale)  # (N, H, L, d/H)
+        x = x + g1[:, None] * self.proj(a.transpose(1, 2).reshape(b, n, d))  # (N, L, d)
         if self.cross:
-            k, v = (self._split(z).expand(b, -1, -1, -1) for z in self.kv_c(ctx).chunk(2, dim=-1))
+            k, v = (self._split(z).expand(b, -1, -1, -1) for z in self.kv_c(ctx).chunk(2, dim=-1))  # (N, H, 25, d/H)
             a = F.scaled_dot_product_attention(self._split(self.q_c(self.norm_c(x))), k, v, attn_mask=ctx_bias,
-                                               scale=scale)
-            x = x + self.proj_c(a.transpose(1, 2).reshape(b, n, d))
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+                                               scale=scale)  # (N, H, L, d/H)
+            x = x + self.proj_c(a.transpose(1, 2).reshape(b, n, d))  # (N, L, d)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (N, L, d)
 
 
 class Denoiser(nn.Module):
@@ -134,49 +134,45 @@ class Denoiser(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, cond):
+        """x: (N, C, H, W) noisy latents, t: (N,) integer timesteps, cond: (N, 24) multi-hot."""
         cfg = self.cfg
         n = x.shape[0]
-        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
-        emb = self.t_mlp(timestep_embedding(t, cfg.width))
+        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (N, L, d), L = (H / p)^2 tokens
+        emb = self.t_mlp(timestep_embedding(t, cfg.width))  # (N, d)
         ctx = mask = None
         if cfg.cond == "sum":
-            emb = emb + cond @ self.class_emb[:-1] + self.class_emb[-1]
+            emb = emb + cond @ self.class_emb[:-1] + self.class_emb[-1]  # (N, d)
         else:
-            ctx = self.class_emb[None]
+            ctx = self.class_emb[None]  # (1, 25, d): 24 classes and the null token
             if cfg.pooled:
-                emb = emb + self.cond_emb(cond.to(emb.dtype))
+                emb = emb + self.cond_emb(cond.to(emb.dtype))  # (N, d)
             present = torch.cat([(cond > 0.5).to(h.dtype), torch.ones_like(cond[:, :1], dtype=h.dtype)], dim=1)
             # (N, 1, 1, 25): attend to the present objects and the null token (always present, so no row is
             # empty). An additive mask rather than a boolean one: exp(-1e4) is exactly 0 in fp32 and fp16, and
             # the ONNX graph needs no NaN guard for fully masked rows.
             mask = ((present - 1.0) * 1e4)[:, None, None, :]
         for blk in self.blocks:
-            h = blk(h, emb, ctx, mask)
-        sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)
-        h = self.out(modulate(self.norm_out(h), sh, sc))
+            h = blk(h, emb, ctx, mask)  # (N, L, d)
+        sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)  # 2 x (N, d)
+        h = self.out(modulate(self.norm_out(h), sh, sc))  # (N, L, p * p * C)
         g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
-        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)
+        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)  # (N, C, H, W)
 
 
-def save(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    from python.rundir import save_weights
-
+def save_denoiser(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:
     save_weights(folder, model, "denoiser.safetensors", {"denoiser": asdict(model.cfg), **(extra or {})}, half)
 
 
-def load(folder: Path | None = None, device="cpu") -> tuple[Denoiser, dict]:
-    """(denoiser, config dict with the schedule and anything else saved beside it)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder) if folder else SHIPPED
-    if not (folder / "config.json").exists() or not (folder / "denoiser.safetensors").exists():
-        raise UserError(f"{folder}: no LDM here (expected config.json and denoiser.safetensors; train one with "
-                        f"`python -m python.train_ldm`)")
-    cfg = json.loads((folder / "config.json").read_text())
-    model = Denoiser(DenoiserConfig(**cfg["denoiser"]))
-    state = {k: v.float() for k, v in load_file(str(folder / "denoiser.safetensors")).items()}
+def denoiser_config(cfg: dict, where: Path) -> DenoiserConfig:
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        return DenoiserConfig(**cfg["denoiser"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{where / 'config.json'}: not a denoiser config ({type(e).__name__}: {e})") from None
+
+
+def load_denoiser(folder: Path | None = None, device="cpu") -> tuple[Denoiser, dict]:
+    """(denoiser, config dict with the schedule and anything else saved beside it)."""
+    folder = Path(folder) if folder else SHIPPED_LDM
+    cfg = read_config(folder, "denoiser.safetensors", "LDM", "python -m python.train_ldm")
+    model = load_state_into(Denoiser(denoiser_config(cfg, folder)), folder / "denoiser.safetensors")
     return model.to(device).eval(), cfg

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from python.labels import COLORS, OBJECTS, SHAPES
+from python.core.labels import COLORS, OBJECTS, SHAPES
 
 # CLEVR's published palette (sRGB 0-255), in labels.COLORS order.
 PALETTE = np.array(

@@ -1,0 +1,70 @@
+"""The one sampling loop: guided, chunked and seeded, for any backend.
+
+A backend is a model call on numpy arrays, `call(*inputs) -> output` (float32): a torch network through
+python.models.sampling.torch_call, an ONNX Runtime session in runtime/generate.py, a Triton BLS call. Everything
+else (noise from seeds, classifier-free guidance, chunks of `batch` rows, the sampler's steps) is here, once.
+
+Seeds: `seeds=[(seed, count), ...]` covering the rows in order gives each part (a batched request, a best-of
+candidate) the noise it would get alone, so an image never depends on its batch-mates.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
+from .errors import UserError
+from .noise import gan_noise, initial_noise, segments, step_noise_segments
+
+ModelCall = Callable[..., np.ndarray]
+
+
+def seed_parts(n: int, seed: int = 0, seeds: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """[(seed, count), ...] covering n rows: `seeds` as given (checked), else one seed for all."""
+    parts = seeds or [(seed, n)]
+    if sum(count for _, count in parts) != n:
+        raise UserError(f"seeds cover {sum(count for _, count in parts)} rows but there are {n} conditions")
+    return parts
+
+
+def guided(denoiser: ModelCall, cond: np.ndarray, scale: float):
+    """denoise(x, t) for sample_loop: the conditional and unconditional passes of classifier-free guidance batched
+    into one denoiser(x, t, cond) call (scale 1: the conditional pass alone)."""
+    n = len(cond)
+    both = np.concatenate([cond, np.zeros_like(cond)]) if scale != 1.0 else cond
+
+    def denoise(x, t):
+        x_in = np.concatenate([x, x]) if scale != 1.0 else x
+        out = denoiser(x_in.astype(np.float32, copy=False), np.full(len(x_in), t, np.int64), both)
+        return guide(out[:n], out[n:], scale) if scale != 1.0 else out
+
+    return denoise
+
+
+def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shape, sampler: str = "dpmpp",
+                      steps: int = 20, guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0, seed: int = 0,
+                      seeds: list[tuple[int, int]] | None = None, batch: int = 256, x_T=None,
+                      on_step=None) -> np.ndarray:
+    """Latents (generator scale) for multi-hot conditions (N, 24). x_T (optional) replaces the seeds' initial
+    noise; on_step(i, x, rows) sees every intermediate sample of each chunk (the denoising-process grid)."""
+    cond = np.asarray(cond, np.float32)
+    parts = seed_parts(len(cond), seed, seeds)
+    x_T = segments(initial_noise, parts, latent_shape) if x_T is None else np.asarray(x_T, np.float32)
+    noise = step_noise_segments(parts, latent_shape)
+    out = []
+    for start in range(0, len(cond), batch):
+        rows = slice(start, start + batch)
+        out.append(sample_loop(make_sampler(sampler, schedule, steps, eta), x_T[rows],
+                               guided(denoiser, cond[rows], guidance),
+                               noise=lambda i, rows=rows: noise(i)[rows],
+                               on_step=(lambda i, x, rows=rows: on_step(i, x, rows)) if on_step else None))
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def one_step_latents(generator: ModelCall, cond, z_dim: int, seed: int = 0,
+                     seeds: list[tuple[int, int]] | None = None, batch: int = 1024) -> np.ndarray:
+    """Latents of a one-call generator(z, cond) (the GAN path), in chunks of `batch` rows."""
+    cond = np.asarray(cond, np.float32)
+    z = segments(gan_noise, seed_parts(len(cond), seed, seeds), z_dim)
+    return np.concatenate([generator(z[i:i + batch], cond[i:i + batch]) for i in range(0, len(cond), batch)])

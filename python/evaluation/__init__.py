@@ -1,0 +1,1 @@
+"""Scoring generators with torch: the generator of a weights folder, reference renders, diversity and fidelity."""

@@ -1,0 +1,55 @@
+"""Either generator of a weights folder (LDM or GAN path) with its VAE decoder, in torch: images for conditions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from python.core.best_of import best_of_latents
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
+from python.core.errors import UserError
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator
+from python.models.sampling import decode, gan_latents, ldm_latents
+from python.models.vae import Decoder, load_vae, require_latent_space
+
+MODELS = ("ldm", "gan")
+
+
+class TorchGenerator:
+    """latents(cond, seed) and images(cond, seed) for the `model` ("ldm" or "gan") of a weights folder holding
+    vae/ and ldm/ or gan/. The network runs on `device`; sampler maths, decoder and judge stay on the host."""
+
+    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu"):
+        if model not in MODELS:
+            raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
+        self.model, self.sampler, self.device = model, sampler, device
+        vae_dir = Path(weights) / "vae"
+        self.decoder = Decoder(load_vae(vae_dir)).eval()
+        if model == "ldm":
+            self.net, cfg = load_denoiser(Path(weights) / "ldm", device)
+            self.schedule = Schedule(**cfg["schedule"])
+        else:
+            self.net, cfg = load_generator(Path(weights) / "gan", device)
+        require_latent_space(Path(weights) / model, cfg, vae_dir)
+
+    def latents(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
+                on_step=None, seeds=None) -> torch.Tensor:
+        if self.model == "gan":
+            return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
+        sampler = "ddpm" if steps == self.schedule.T else self.sampler
+        return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step,
+                           device=self.device, seeds=seeds)
+
+    def images(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
+               on_step=None, best_of: int = 1, classifier=None) -> torch.Tensor:
+        """Decoded images in [-1, 1]; with best_of > 1, the best of that many candidates per condition by the
+        latent `classifier` (python/core/best_of.py)."""
+        if best_of == 1:
+            return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step))
+        logits = (lambda z: classifier(torch.from_numpy(z)).numpy()) if classifier is not None else None
+        with torch.no_grad():
+            lat = best_of_latents(lambda c, seeds: self.latents(c, steps=steps, guidance=guidance, seeds=seeds).numpy(),
+                                  cond, best_of, logits, seed)
+        return decode(self.decoder, torch.from_numpy(lat))

@@ -1,0 +1,96 @@
+"""Label classifiers of latents, trained on real latents only (python/training/classifier.py trains them).
+
+Two users: best-of-N selection reads the shipped one (python/core/best_of.py), and training freezes one as a class
+term (train_gan, distill, train_ldm --cls-weight). Neither judge takes part in training them, and they never see a
+generated latent, so the judges that score the result stay independent of them.
+
+- LatentClassifier: a small CNN on the latent grid itself.
+- PixelClassifier: the latent through the frozen VAE decoder, then a CNN on the 64x64 image. Still a classifier of
+  latents trained on real latents only (the decoder is its frozen first stage), but it sees what the decoder draws:
+  stricter about shape (a sphere without its highlight reads as a cube in the image, not in the latent). Decoder
+  103 MFLOPs + CNN ~115 MFLOPs per latent; the decoder's weights are stored with it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.nn as nn
+
+from python.core.labels import NUM_CLASSES
+from python.models.vae import VAE, Decoder, VAEConfig, load_vae, require_latent_space
+from python.models.weights import SHIPPED, load_state_into, read_config, save_weights
+
+SHIPPED_CLASSIFIER = SHIPPED / "classifier"
+
+
+class LatentClassifier(nn.Module):
+    """latent (N, C, 16, 16) -> 24 label logits. Batch norm, no spectral norm: a discriminator's auxiliary head
+    (spectral-normed features shared with the realness score) learns the labels too weakly to steer a generator."""
+
+    def __init__(self, latent_channels: int, num_classes: int = NUM_CLASSES, widths: tuple = (48, 96, 192)):
+        super().__init__()
+        layers, cin = [], latent_channels
+        for i, w in enumerate(widths):
+            for j in range(2):
+                layers += [nn.Conv2d(cin, w, 3, 2 if (i and not j) else 1, 1, bias=False), nn.BatchNorm2d(w),
+                           nn.ReLU(inplace=True)]
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))  # (N, 24)
+
+
+class PixelClassifier(nn.Module):
+    """latent -> the frozen VAE decoder -> 64x64 image -> a small CNN -> 24 label logits."""
+
+    def __init__(self, vae_cfg: VAEConfig, num_classes: int = NUM_CLASSES, widths: tuple = (32, 64, 128, 256)):
+        super().__init__()
+        self.vae_cfg = vae_cfg
+        self.decoder = Decoder(VAE(vae_cfg))
+        layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        cin = widths[0]
+        for w in widths:
+            for stride in (2, 1):
+                layers += [nn.Conv2d(cin, w, 3, stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    @classmethod
+    def from_vae(cls, vae_folder: Path) -> "PixelClassifier":
+        vae = load_vae(vae_folder)
+        net = cls(vae.cfg)
+        net.decoder.load_state_dict(Decoder(vae).state_dict())
+        return net
+
+    def forward(self, z):
+        return self.head(self.features(self.decoder(z)).mean(dim=(2, 3)))  # (N, 24)
+
+
+def save_classifier(cls: nn.Module, folder: Path, extra: dict) -> None:
+    """fp16 weights + config.json (the classifier's input and whatever provenance `extra` holds)."""
+    if isinstance(cls, PixelClassifier):
+        head = {"latent_channels": cls.vae_cfg.latent_channels, "input": "pixels", "vae": asdict(cls.vae_cfg)}
+    else:
+        head = {"latent_channels": cls.features[0].in_channels}
+    save_weights(folder, cls, "classifier.safetensors", {**head, **extra}, half=True)
+
+
+def load_classifier(folder: Path | None = None) -> tuple[nn.Module, dict]:
+    folder = Path(folder) if folder else SHIPPED_CLASSIFIER
+    cfg = read_config(folder, "classifier.safetensors", "latent classifier", "python -m python.train_classifier")
+    cls = PixelClassifier(VAEConfig(**cfg["vae"])) if cfg.get("input") == "pixels" else \
+        LatentClassifier(cfg["latent_channels"])
+    load_state_into(cls, folder / "classifier.safetensors")
+    return cls.eval().requires_grad_(False), cfg
+
+
+def load_classifier_for(folder: Path | None, vae_dir: Path) -> nn.Module:
+    """The classifier of `folder` (default: the shipped one), refused unless it reads vae_dir's latent space."""
+    folder = Path(folder) if folder else SHIPPED_CLASSIFIER
+    cls, cfg = load_classifier(folder)
+    require_latent_space(folder, cfg, vae_dir)
+    return cls

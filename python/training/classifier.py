@@ -1,0 +1,68 @@
+"""Training a label classifier of latents on real latents only (python/models/classifier.py has the networks)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from python.models.classifier import LatentClassifier, PixelClassifier
+from python.models.judge import topk_accuracy
+from python.models.weights import load_state_into
+from python.training.latents import LatentSet
+from python.training.losses import noise_augment
+from python.training.rundir import RunDir
+
+
+def heldout_rows(n: int, held: int = 1000) -> torch.Tensor:
+    """Latent-cache rows kept out of the classifier's training: the last `held` originals and their mirror
+    images (the cache stores all originals, then all mirrors)."""
+    half = n // 2
+    held = min(held, max(half // 10, 1))
+    return torch.cat([torch.arange(half - held, half), torch.arange(n - held, n)])
+
+
+def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: RunDir, noise: float = 0.0,
+                     device: torch.device = torch.device("cpu"), pixels_vae=None) -> nn.Module:
+    """The latent classifier on real latents (posterior samples), AdamW with a one-cycle schedule; its top-k
+    accuracy on held-out latents goes to metrics.jsonl (and `cls.heldout_accuracy`). Saved to the run folder
+    atomically; reused if there. With `pixels_vae` (a VAE folder), a PixelClassifier reading that VAE's decoded
+    images instead of the LatentClassifier."""
+    cls = (PixelClassifier.from_vae(pixels_vae) if pixels_vae else LatentClassifier(lat.mean.shape[1])).to(device)
+    kind = "pixel classifier" if pixels_vae else "latent classifier"
+    path = run.path / "classifier.safetensors"
+    held = heldout_rows(len(lat)).to(device)
+    rng = torch.Generator(device=device).manual_seed(seed + 17)
+    if path.exists():
+        load_state_into(cls, path)
+        run.log(f"{kind} loaded from {path}")
+    else:
+        mask = torch.ones(len(lat), dtype=torch.bool, device=device)
+        mask[held] = False
+        train_rows = mask.nonzero().squeeze(1)
+        opt = torch.optim.AdamW([q for q in cls.parameters() if q.requires_grad], lr=2e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+        cls.train()
+        for _ in tqdm(range(steps), desc=kind, unit="step", dynamic_ncols=True):
+            idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
+            loss = F.binary_cross_entropy_with_logits(cls(noise_augment(lat.sample(idx, rng), noise, rng)),
+                                                      lat.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    cls.eval().requires_grad_(False)
+    with torch.no_grad():
+        logits = torch.cat([cls(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)])
+    cls.heldout_accuracy = float(topk_accuracy(logits, lat.labels[held]))
+    if not path.exists():
+        run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": cls.heldout_accuracy})
+        run.log(f"{kind}: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} "
+                f"held-out latents")
+        tmp = run.path / ".classifier.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return cls

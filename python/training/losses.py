@@ -1,0 +1,44 @@
+"""Loss terms the trainers share, each a small function of tensors."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from python.core.diffusion import Schedule
+
+
+def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weight (Hang et al. 2023) of the eps (or v) objective at timesteps t; gamma <= 0 -> 1."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    snr = torch.from_numpy(schedule.snr(t.numpy())).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
+
+
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
+    """||d rec_loss / d last|| / ||d adv_loss / d last||: the scale at which an adversarial term pulls the last layer
+    as hard as the reconstruction (or regression) loss does (Esser et al. 2021)."""
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-8)).clamp(max=cap).detach()
+
+
+def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the images' finite-difference gradients: weighs edges and corners over flat areas."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(x) - dx(y)).abs().mean() + (dy(x) - dy(y)).abs().mean()
+
+
+def class_term(classifiers: list, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The mean over frozen `classifiers` of their binary cross-entropy for the labels `cond` on `latents`."""
+    return sum(F.binary_cross_entropy_with_logits(c(latents), cond) for c in classifiers) / len(classifiers)
+
+
+def noise_augment(x: torch.Tensor, max_std: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """x + s * eps with s ~ U[0, max_std] per sample (a classifier's smoothing); x itself if max_std is 0."""
+    if max_std <= 0:
+        return x
+    s = torch.rand(x.shape[0], 1, 1, 1, generator=gen, device=x.device) * max_std
+    return x + s * torch.randn(x.shape, generator=gen, device=x.device)
