@@ -53,25 +53,25 @@ FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
 BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp")
 
 
-def restrict(cfg: dict, a) -> dict:
+def restrict(cfg: dict, args) -> dict:
     """The matrix narrowed by the command line (the full matrix takes about an hour and a half on 2 cores)."""
-    if a.samplers or a.steps:
-        cfg["ldm"] = [(s, n) for s, n in cfg["ldm"] if (not a.samplers or s in a.samplers)]
-        if a.steps:
-            cfg["ldm"] = sorted({(s, n) for s, _ in cfg["ldm"] for n in a.steps})
+    if args.samplers or args.steps:
+        cfg["ldm"] = [(s, n) for s, n in cfg["ldm"] if (not args.samplers or s in args.samplers)]
+        if args.steps:
+            cfg["ldm"] = sorted({(s, n) for s, _ in cfg["ldm"] for n in args.steps})
         if not cfg["ldm"]:
             raise UserError("--samplers/--steps leave no LDM setting to measure")
-    if a.backends:
-        cfg["ldm_backends"] = list(a.backends)
-        cfg["gan_backends"] = [b for b in a.backends if b != "cpp"]  # the C++ path is the LDM's
-        cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b in a.backends]
-    if a.batches:
-        if min(a.batches) < 1:
+    if args.backends:
+        cfg["ldm_backends"] = list(args.backends)
+        cfg["gan_backends"] = [b for b in args.backends if b != "cpp"]  # the C++ path is the LDM's
+        cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b in args.backends]
+    if args.batches:
+        if min(args.batches) < 1:
             raise UserError("--batches must be >= 1")
-        cfg["ldm_batches"] = cfg["gan_batches"] = sorted(set(a.batches))
-    if a.files:
-        cfg["files"] = tuple(a.files)
-    if a.no_latency:
+        cfg["ldm_batches"] = cfg["gan_batches"] = sorted(set(args.batches))
+    if args.files:
+        cfg["files"] = tuple(args.files)
+    if args.no_latency:
         cfg["latency_backends"] = []
     return cfg
 
@@ -408,84 +408,84 @@ def plot(results: list[dict], path: Path, title: str):
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="reduced matrix (under 2 minutes)")
-    p.add_argument("--weights", type=Path, default=REPO / "weights")
-    p.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced matrix (under 2 minutes)")
+    parser.add_argument("--weights", type=Path, default=REPO / "weights")
+    parser.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
                                                "the weights to a temporary folder first)")
-    p.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="folder with the condition files")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
-    p.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README)")
-    p.add_argument("--samplers", nargs="+", choices=("ddim", "dpmpp"), help="restrict the LDM samplers")
-    p.add_argument("--steps", type=int, nargs="+", help="restrict the LDM step counts")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, help="restrict the backends")
-    p.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
-    p.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
-    p.add_argument("--best-of", type=int, nargs="+", default=[1],
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="folder with the condition files")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README)")
+    parser.add_argument("--samplers", nargs="+", choices=("ddim", "dpmpp"), help="restrict the LDM samplers")
+    parser.add_argument("--steps", type=int, nargs="+", help="restrict the LDM step counts")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, help="restrict the backends")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes for throughput (batch 1 latency is separate)")
+    parser.add_argument("--files", nargs="+", choices=CONDITION_FILES, help="condition files for accuracy")
+    parser.add_argument("--best-of", type=int, nargs="+", default=[1],
                    help="best-of-N selection by the latent classifier, for the LDM (at each sampler's smallest step "
                         "count) and the GAN; N > 1 is measured on onnxruntime (its cost is N times that setting's)")
-    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
-    p.add_argument("--replot", type=Path, metavar="JSON",
+    parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw --plot and rewrite --markdown from an earlier run's JSON")
-    a = p.parse_args(argv)
-    if a.replot:
+    args = parser.parse_args(argv)
+    if args.replot:
         try:
-            out = json.loads(a.replot.read_text())
+            out = json.loads(args.replot.read_text())
             out["results"], out["machine"]["processor"], out["machine"]["threads"], out["date"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--replot {a.replot}: not a bench/latency.py JSON ({e})") from None
-        write_reports(out, a.markdown, a.plot)
+            raise UserError(f"--replot {args.replot}: not a bench/latency.py JSON ({e})") from None
+        write_reports(out, args.markdown, args.plot)
         return out
-    cfg = restrict(dict(QUICK if a.quick else FULL), a)
-    if a.runs:
-        if a.runs < 1:
+    cfg = restrict(dict(QUICK if args.quick else FULL), args)
+    if args.runs:
+        if args.runs < 1:
             raise UserError("--runs must be >= 1")
-        cfg["runs"] = cfg["latency_runs"] = a.runs
-    if not (a.weights / "vae" / "config.json").exists():
-        raise UserError(f"{a.weights}: no VAE weights (vae/config.json); nothing to benchmark")
+        cfg["runs"] = cfg["latency_runs"] = args.runs
+    if not (args.weights / "vae" / "config.json").exists():
+        raise UserError(f"{args.weights}: no VAE weights (vae/config.json); nothing to benchmark")
     malloc = keep_freed_memory()  # before anything is timed, so no backend's figure depends on what ran first
     import torch
 
-    m = Models(a.weights, a.export, a.threads)
+    m = Models(args.weights, args.export, args.threads)
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "threads": a.threads, "torch": torch.__version__,
+               "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None,
                "malloc": malloc}
     peak = {"fp32": peak_matmul("fp32"), "bf16": peak_matmul("bf16")}
-    print(f"peak matmul (2048^3, {a.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+    print(f"peak matmul (2048^3, {args.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     base = baseline(cfg["baseline_batch"], cfg["runs"])
     print(f"baseline (pixel UNet {base['params_m']}M, 1000 DDPM steps, batch {base['batch']}): "
           f"{base['images_per_sec']:.4f} images/s", flush=True)
 
-    if min(a.best_of) < 1:
+    if min(args.best_of) < 1:
         raise UserError("--best-of must be >= 1")
-    if max(a.best_of) > 1 and not m.pipe.ex.has("classifier"):
-        raise UserError(f"--best-of > 1 needs the latent classifier, which {a.weights / 'classifier'} does not hold")
-    best_ofs = sorted(set(a.best_of))
+    if max(args.best_of) > 1 and not m.pipe.ex.has("classifier"):
+        raise UserError(f"--best-of > 1 needs the latent classifier, which {args.weights / 'classifier'} does not hold")
+    best_ofs = sorted(set(args.best_of))
     fewest = {s: min(n for s2, n in cfg["ldm"] if s2 == s) for s, _ in cfg["ldm"]}
     ldm_settings = [(s, n, b) for s, n in cfg["ldm"] for b in best_ofs if b == 1 or n == fewest[s]]
     settings = (([("ldm", *c) for c in ldm_settings] if m.ldm else []) +
                 ([("gan", None, None, b) for b in best_ofs] if m.gan else []))
     if not settings:
-        print(f"{a.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
-    acc = accuracy_table(m, a.data, cfg["files"], settings, a.guidance)
+        print(f"{args.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
+    acc = accuracy_table(m, args.data, cfg["files"], settings, args.guidance)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
     if max(best_ofs) > 1:
         from python.models.classifier import load_classifier
 
-        cls_flops = flops_per_item(load_classifier(a.weights / "classifier")[0], torch.randn(2, *m.shape))
+        cls_flops = flops_per_item(load_classifier(args.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:
         den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
         for sampler, steps, best_of in ldm_settings:
-            flops = (den_flops * steps * (2 if a.guidance != 1.0 else 1) + cls_flops * (best_of > 1)) * best_of + dec_flops
+            flops = (den_flops * steps * (2 if args.guidance != 1.0 else 1) + cls_flops * (best_of > 1)) * best_of + dec_flops
             for backend in cfg["ldm_backends"] if best_of == 1 else ["onnxruntime"]:
                 if backend == "cpp" and sampler != "ddim" and "ddim" in [s for s, _ in cfg["ldm"]]:
                     continue
@@ -495,11 +495,11 @@ def main(argv=None):
                     runs = cfg["latency_runs"] if batch == 1 else cfg["runs"]
                     with PeakRSS() as mem:
                         if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
-                            secs = cpp_times(m, steps, a.guidance, cond, runs)
+                            secs = cpp_times(m, steps, args.guidance, cond, runs)
                             if secs is None:
                                 continue
                         else:
-                            secs = timed(ldm_runner(m, backend, sampler, steps, a.guidance, cond, best_of), runs)
+                            secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of), runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = "bf16" if backend == "torch-bf16" else "fp32"
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
@@ -528,8 +528,8 @@ def main(argv=None):
     profile = {}
     if m.ldm:  # where the time goes, at the first LDM setting and the largest batch
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
-        profile["ldm_onnxruntime"] = breakdown(m, sampler, steps, a.guidance, batch, cfg["runs"])
-        feeds = denoiser_feeds(m, batch, a.guidance)
+        profile["ldm_onnxruntime"] = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"])
+        feeds = denoiser_feeds(m, batch, args.guidance)
         profile["denoiser_ops_torch"] = op_profile(m.ldm, *(torch.from_numpy(feeds[k]) for k in ("x", "t", "cond")))
         sh = profile["ldm_onnxruntime"]["shares"]
         print(f"LDM time (onnxruntime, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
@@ -544,14 +544,14 @@ def main(argv=None):
     for name in ("denoiser_ops_torch", "decoder_ops_torch"):
         if name in profile:
             print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": a.quick, "machine": machine,
-           "peak_flops": peak, "guidance": a.guidance, "weights": str(a.weights), "baseline": base,
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
+           "peak_flops": peak, "guidance": args.guidance, "weights": str(args.weights), "baseline": base,
            "decoder_flops_per_image": dec_flops, "results": results, "profile": profile}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
-        print(f"wrote {a.json}")
-    write_reports(out, a.markdown, a.plot)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    write_reports(out, args.markdown, args.plot)
     return out
 
 

@@ -103,21 +103,21 @@ def decode_png(s: str) -> np.ndarray:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--export", type=Path, default=REPO / "exports" / "default")
-    p.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="for heldout.json label sets")
-    p.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--window-ms", type=float, default=10.0)
-    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per run; later requests are skipped")
-    p.add_argument("--check", type=int, default=8, help="responses per run compared with a direct generation")
-    p.add_argument("--threads", type=int, help="server's ONNX Runtime threads")
-    p.add_argument("--modes", nargs="+", default=["batching", "no-batching"], choices=["batching", "no-batching"])
-    p.add_argument("--json", type=Path)
-    a = p.parse_args(argv)
-    if a.requests < 1 or min(a.concurrency) < 1:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", type=Path, default=REPO / "exports" / "default")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="for heldout.json label sets")
+    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--window-ms", type=float, default=10.0)
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per run; later requests are skipped")
+    parser.add_argument("--check", type=int, default=8, help="responses per run compared with a direct generation")
+    parser.add_argument("--threads", type=int, help="server's ONNX Runtime threads")
+    parser.add_argument("--modes", nargs="+", default=["batching", "no-batching"], choices=["batching", "no-batching"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or min(args.concurrency) < 1:
         raise UserError("--requests and --concurrency must be >= 1")
 
     from python.core.images import to_uint8
@@ -125,28 +125,28 @@ def main(argv=None):
     from runtime.judge import judge_scores, topk_hits
     from runtime.models import ExportFolder
 
-    ex = ExportFolder(a.export, threads=a.threads)
+    ex = ExportFolder(args.export, threads=args.threads)
     pipe = Pipeline(ex)
-    sets = label_sets(a.requests, a.data)
-    bodies = [{"labels": s, "n": 1, "steps": a.steps, "guidance": a.guidance, "seed": i} for i, s in enumerate(sets)]
+    sets = label_sets(args.requests, args.data)
+    bodies = [{"labels": s, "n": 1, "steps": args.steps, "guidance": args.guidance, "seed": i} for i, s in enumerate(sets)]
     cond = np.zeros((len(sets), len(OBJECTS)), np.float32)
     for i, s in enumerate(sets):
         cond[i, [OBJECTS[x] for x in s]] = 1
 
     # the runtime's own rate at batch 64, no HTTP: the figure the served throughput is held against
-    pipe.generate(cond[:8], steps=a.steps, guidance=a.guidance)  # warm-up
+    pipe.generate(cond[:8], steps=args.steps, guidance=args.guidance)  # warm-up
     t0 = time.perf_counter()
-    ref = pipe.generate(np.resize(cond, (64, cond.shape[1])), steps=a.steps, guidance=a.guidance, batch=64)
+    ref = pipe.generate(np.resize(cond, (64, cond.shape[1])), steps=args.steps, guidance=args.guidance, batch=64)
     direct_rate = 64 / (time.perf_counter() - t0)
     del ref
     print(f"runtime alone, batch 64: {direct_rate:.1f} images/s")
 
     rows = []
-    for mode in a.modes:
-        proc, url = start_server(a.export, mode == "batching", a.window_ms, a.threads)
+    for mode in args.modes:
+        proc, url = start_server(args.export, mode == "batching", args.window_ms, args.threads)
         try:
-            for conc in a.concurrency:
-                results, wall = asyncio.run(fire(url, bodies, conc, a.time_limit))
+            for conc in args.concurrency:
+                results, wall = asyncio.run(fire(url, bodies, conc, args.time_limit))
                 done = [(i, r) for i, r in enumerate(results) if r is not None]
                 errors = [r for _, r in done if r[0] != 200 or len(r[2]["images"]) != 1]
                 ok = [(i, r) for i, r in done if r[0] == 200 and len(r[2]["images"]) == 1]
@@ -159,10 +159,10 @@ def main(argv=None):
                     if ex.has("judge"):
                         hits, k = topk_hits(judge_scores(ex, x), cond[idx])
                         acc = float(hits.sum() / k.sum())
-                    pick = idx[np.linspace(0, len(idx) - 1, min(a.check, len(idx))).astype(int)]
+                    pick = idx[np.linspace(0, len(idx) - 1, min(args.check, len(idx))).astype(int)]
                     mismatched = 0
                     for i in pick:
-                        alone = to_uint8(pipe.generate(cond[i:i + 1], steps=a.steps, guidance=a.guidance, seed=i))[0]
+                        alone = to_uint8(pipe.generate(cond[i:i + 1], steps=args.steps, guidance=args.guidance, seed=i))[0]
                         got = images[list(idx).index(i)]
                         mismatched += int(np.abs(alone.astype(int) - got.astype(int)).max() > 1)
                 row = dict(mode=mode, concurrency=conc, requests=len(bodies), answered=len(ok), errors=len(errors),
@@ -172,7 +172,7 @@ def main(argv=None):
                            p95_ms=round(1000 * float(np.percentile(lat, 95)), 1),
                            p99_ms=round(1000 * float(np.percentile(lat, 99)), 1),
                            fraction_of_direct=round(len(ok) / wall / direct_rate, 3),
-                           judge_accuracy=acc, checked=min(a.check, len(ok)), mismatched=mismatched)
+                           judge_accuracy=acc, checked=min(args.check, len(ok)), mismatched=mismatched)
                 rows.append(row)
                 print(f"{mode:>11} c={conc:<3} {row['images_per_sec']:7.1f} img/s  p50 {row['p50_ms']:8.1f} ms  "
                       f"p95 {row['p95_ms']:8.1f}  p99 {row['p99_ms']:8.1f}  errors {row['errors']}  "
@@ -182,11 +182,11 @@ def main(argv=None):
             proc.terminate()
             proc.wait(30)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-           "export": str(a.export), "steps": a.steps, "guidance": a.guidance, "window_ms": a.window_ms,
+           "export": str(args.export), "steps": args.steps, "guidance": args.guidance, "window_ms": args.window_ms,
            "direct_batch64_images_per_sec": round(direct_rate, 2), "runs": rows}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
     return out
 
 

@@ -23,16 +23,16 @@ from python.data.synthetic import pool_map, render_train_scene  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenes", type=int, default=300)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    a = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         t = time.time()
-        pool_map(render_train_scene, [(12345, s, Path(d), (160, 120), 3) for s in range(a.scenes)], a.workers, "bench")
+        pool_map(render_train_scene, [(12345, s, Path(d), (160, 120), 3) for s in range(args.scenes)], args.workers, "bench")
         dt = time.time() - t
-    rate = 3 * a.scenes / dt
-    print(json.dumps({"images_per_sec": round(rate, 1), "workers": a.workers, "scenes": a.scenes,
+    rate = 3 * args.scenes / dt
+    print(json.dumps({"images_per_sec": round(rate, 1), "workers": args.workers, "scenes": args.scenes,
                       "projected_default_dataset_seconds": round(18009 / rate, 1),
                       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}))
 

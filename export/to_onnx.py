@@ -292,24 +292,24 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = 
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", type=Path, help="weights folder (default: the shipped weights/)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
-    p.add_argument("--fp16", action="store_true", help="also write float16 ONNX copies (for GPU providers)")
-    p.add_argument("--triton", type=Path, metavar="DIR", help="also write a Triton Inference Server model repository")
-    p.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
-    a = p.parse_args(argv)
-    formats = ("onnx", "torchscript") if a.format == "both" else (a.format,)
-    if a.triton and "onnx" not in formats:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, help="weights folder (default: the shipped weights/)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
+    parser.add_argument("--fp16", action="store_true", help="also write float16 ONNX copies (for GPU providers)")
+    parser.add_argument("--triton", type=Path, metavar="DIR", help="also write a Triton Inference Server model repository")
+    parser.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
+    args = parser.parse_args(argv)
+    formats = ("onnx", "torchscript") if args.format == "both" else (args.format,)
+    if args.triton and "onnx" not in formats:
         raise UserError("--triton needs the ONNX models: use --format onnx or both")
-    m = export_all(a.weights, a.out, formats, fp16=a.fp16)
-    print(f"wrote {a.out / 'manifest.json'} ({len(m['models'])} models)")
-    if a.triton:
+    m = export_all(args.weights, args.out, formats, fp16=args.fp16)
+    print(f"wrote {args.out / 'manifest.json'} ({len(m['models'])} models)")
+    if args.triton:
         from export.triton_repo import write_repository
 
-        names = write_repository(a.out, a.triton, gpu=not a.triton_cpu)
-        print(f"wrote Triton model repository {a.triton}: {', '.join(names)}")
+        names = write_repository(args.out, args.triton, gpu=not args.triton_cpu)
+        print(f"wrote Triton model repository {args.triton}: {', '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,19 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.latency import main as bench
+from export.to_onnx import export_all
 from python.core.diffusion import DEFAULT_GUIDANCE
 from python.core.errors import cli
 from python.core.images import image_grid, rows_grid
 from python.data.dataset import load_condition_file, load_split, to_model_range
 from python.data.synthetic import make_dataset
 from python.evaluation.generators import TorchGenerator
-from python.evaluation.metrics import psnr
 from python.models.judge import SHIPPED_JUDGES, judge_score, load_judge
-from python.models.vae import SHIPPED_VAE, load_vae, reconstruct
+from python.models.vae import SHIPPED_VAE, load_vae, psnr, reconstruct
 from python.models.weights import SHIPPED
 from runtime.judge import accuracy
 from runtime.models import ExportFolder
-from bench.latency import main as bench
-from export.to_onnx import export_all
 
 REPO = SHIPPED.parent
 
@@ -38,23 +37,23 @@ def _step(title: str) -> float:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=REPO / "data" / "demo")
-    p.add_argument("--out", type=Path, default=REPO / "out" / "demo")
-    a = p.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "demo")
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
 
     t = _step("data")
-    if not (a.data / "heldout_renders.json").exists():
-        stats = make_dataset(a.data, scenes=64, seed=0, heldout_images=500, heldout_conditions=1024)
-        print(f"rendered {stats['train']['images']} training images and 500 held-out renders into {a.data} "
+    if not (args.data / "heldout_renders.json").exists():
+        stats = make_dataset(args.data, scenes=64, seed=0, heldout_images=500, heldout_conditions=1024)
+        print(f"rendered {stats['train']['images']} training images and 500 held-out renders into {args.data} "
               f"({stats['train_images_per_sec']} img/s)")
     else:
-        print(f"using {a.data}")
-    print(f"contact sheet: {a.data / 'contact_sheet.png'}  ({time.time() - t:.0f}s)")
+        print(f"using {args.data}")
+    print(f"contact sheet: {args.data / 'contact_sheet.png'}  ({time.time() - t:.0f}s)")
 
-    held = load_split(a.data, "heldout_renders.json", images=a.data / "heldout_renders", progress=False)
+    held = load_split(args.data, "heldout_renders.json", images=args.data / "heldout_renders", progress=False)
     t = _step("judge (primary, resnet18, official layout)")
     if SHIPPED_JUDGES["primary"].exists():
         res = judge_score(load_judge(), to_model_range(held.images), held.labels)
@@ -75,12 +74,12 @@ def main(argv=None):
         vae = load_vae()
         rec = reconstruct(vae, held.images)
         summary["vae_psnr"] = float(psnr(to_model_range(held.images), rec).mean())
-        Image.fromarray(rows_grid(to_model_range(held.images[:16]), rec[:16])).save(a.out / "vae_reconstructions.png")
+        Image.fromarray(rows_grid(to_model_range(held.images[:16]), rec[:16])).save(args.out / "vae_reconstructions.png")
         line = f"held-out PSNR {summary['vae_psnr']:.2f} dB"
         if SHIPPED_JUDGES["primary"].exists():
             summary["vae_judge_recon"] = judge_score(load_judge(), rec, held.labels)["accuracy"]
             line += f", judge on reconstructions {summary['vae_judge_recon']:.4f}"
-        print(f"{line}; grid {a.out / 'vae_reconstructions.png'}  ({time.time() - t:.0f}s)")
+        print(f"{line}; grid {args.out / 'vae_reconstructions.png'}  ({time.time() - t:.0f}s)")
     else:
         print("not shipped yet: train with `python -m python.train_vae` (issue: the VAE)")
 
@@ -90,27 +89,27 @@ def main(argv=None):
             print(f"not shipped yet: the conditional latent {name.upper()} is still to be trained; nothing to generate")
             continue
         gen = TorchGenerator(name, SHIPPED)
-        cond = load_condition_file(a.data, "test.json")
+        cond = load_condition_file(args.data, "test.json")
         images = gen.images(cond, seed=0, steps=25, guidance=DEFAULT_GUIDANCE) if name == "ldm" else gen.images(cond, seed=0)
         summary[f"{name}_test_accuracy"] = judge_score(load_judge(), images, cond)["accuracy"]
-        Image.fromarray(image_grid(images)).save(a.out / f"{name}_test.png")
+        Image.fromarray(image_grid(images)).save(args.out / f"{name}_test.png")
         print(f"test.json ({len(cond)} conditions{f', DPM-Solver++ 25 steps, guidance {DEFAULT_GUIDANCE:g}' if name == 'ldm' else ', one forward pass'}): "
-              f"accuracy {summary[f'{name}_test_accuracy']:.4f}; grid {a.out / f'{name}_test.png'}  "
+              f"accuracy {summary[f'{name}_test_accuracy']:.4f}; grid {args.out / f'{name}_test.png'}  "
               f"({time.time() - t:.0f}s)")
 
     t = _step("export + torch-free runtime")
-    manifest = export_all(None, a.out / "export", formats=("onnx", "torchscript"))
+    manifest = export_all(None, args.out / "export", formats=("onnx", "torchscript"))
     if "judge" in manifest["models"]:
-        acc = accuracy(ExportFolder(a.out / "export"), to_model_range(held.images).numpy(), held.labels)
+        acc = accuracy(ExportFolder(args.out / "export"), to_model_range(held.images).numpy(), held.labels)
         summary["onnx_judge_heldout_accuracy"] = acc
         print(f"ONNX judge (onnxruntime, no torch) on held-out renders: {acc:.4f}  ({time.time() - t:.0f}s)")
     t = _step("benchmark (bench/latency.py --quick)")
-    res = bench(["--quick", "--export", str(a.out / "export"), "--data", str(a.data), "--json",
-                 str(a.out / "bench.json"), "--plot", str(a.out / "bench.png")])
+    res = bench(["--quick", "--export", str(args.out / "export"), "--data", str(args.data), "--json",
+                 str(args.out / "bench.json"), "--plot", str(args.out / "bench.png")])
     summary["bench_results"] = len(res["results"])
     print(f"({time.time() - t:.0f}s)")
     print("\nsummary:", json.dumps(summary))
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

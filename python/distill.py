@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from python.core.best_of import best_of as select_best, candidate_seed
+from python.core.best_of import best_of as select_best
+from python.core.best_of import candidate_seed
 from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
 from python.core.errors import UserError, cli
 from python.core.labels import OBJECTS, load_objects
@@ -57,11 +58,10 @@ from python.models.one_step import OneStep
 from python.models.sampling import decode, gan_latents, ldm_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae
 from python.training.ema import ema_update
+from python.training.loop import Progress, add_run_options
 from python.training.losses import adaptive_weight, class_term
-from python.training.loop import Progress
 from python.training.rundir import RunDir, load_checkpoint
 from python.training.schedules import warmup_cosine
-
 
 # ---------------------------------------------------------------------------------------------------- teacher
 
@@ -91,33 +91,33 @@ def training_label_sets(data: Path) -> np.ndarray:
     return np.unique(read_labelled(data / "train.json", objects)[1].astype(np.float32), axis=0)
 
 
-def make_pairs(a) -> None:
-    ldm_dir = a.ldm or SHIPPED_LDM
+def make_pairs(args) -> None:
+    ldm_dir = args.ldm or SHIPPED_LDM
     model, cfg = load_denoiser(ldm_dir)
     schedule = Schedule(**cfg["schedule"])
-    classifier = load_classifier_for(a.classifier, a.vae or SHIPPED_VAE) if a.best_of > 1 else None
-    train_sets = training_label_sets(a.data)
-    a.out.mkdir(parents=True, exist_ok=True)
-    meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": a.steps,
-            "guidance": a.guidance, "best_of": a.best_of, "shard": a.shard, "seed": a.seed}
-    meta_file = a.out / "pairs.json"
+    classifier = load_classifier_for(args.classifier, args.vae or SHIPPED_VAE) if args.best_of > 1 else None
+    train_sets = training_label_sets(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": args.steps,
+            "guidance": args.guidance, "best_of": args.best_of, "shard": args.shard, "seed": args.seed}
+    meta_file = args.out / "pairs.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
-        raise UserError(f"{a.out} holds pairs made with other settings ({meta_file}); use another --out")
+        raise UserError(f"{args.out} holds pairs made with other settings ({meta_file}); use another --out")
     meta_file.write_text(json.dumps(meta, indent=1))
-    shards = -(-a.count // a.shard)
+    shards = -(-args.count // args.shard)
     for i in tqdm(range(shards), unit="shard"):
-        f = a.out / f"pairs-{i:05d}.npz"
+        f = args.out / f"pairs-{i:05d}.npz"
         if f.exists():
             continue
-        rng = np.random.default_rng([a.seed, i])
-        cond = train_sets[rng.integers(0, len(train_sets), a.shard)]
+        rng = np.random.default_rng([args.seed, i])
+        cond = train_sets[rng.integers(0, len(train_sets), args.shard)]
         t0 = time.time()
-        x_T, x_0 = teacher_shard(model, schedule, cond, seed=a.seed * 1_000_000 + i, steps=a.steps,
-                                 guidance=a.guidance, best_of=a.best_of, classifier=classifier)
-        tmp = a.out / f".pairs-{i:05d}.tmp.npz"
+        x_T, x_0 = teacher_shard(model, schedule, cond, seed=args.seed * 1_000_000 + i, steps=args.steps,
+                                 guidance=args.guidance, best_of=args.best_of, classifier=classifier)
+        tmp = args.out / f".pairs-{i:05d}.tmp.npz"
         np.savez(tmp, cond=cond, x_T=x_T.astype(np.float16), x_0=x_0.astype(np.float16))
         os.replace(tmp, f)
-        tqdm.write(f"{f.name}: {a.shard} pairs in {time.time() - t0:.1f} s")
+        tqdm.write(f"{f.name}: {args.shard} pairs in {time.time() - t0:.1f} s")
 
 
 def load_pairs(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -182,84 +182,75 @@ def mse_to_teacher(student: OneStep, pairs: dict[str, torch.Tensor], batch: int 
     return total / pairs["x_0"].numel()
 
 
-def train(a) -> None:
-    meta, pairs = load_pairs(a.pairs)
-    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else a.ldm)
-    vae_dir = a.vae or SHIPPED_VAE
+def train(args) -> None:
+    meta, pairs = load_pairs(args.pairs)
+    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else args.ldm)
+    vae_dir = args.vae or SHIPPED_VAE
     pairs_count = len(pairs["cond"])
-    if a.filter:
-        keep = classifier_agrees(load_classifier_for(a.classifier, vae_dir), pairs)
+    if args.filter:
+        keep = classifier_agrees(load_classifier_for(args.classifier, vae_dir), pairs)
         if not keep.any():
-            raise UserError(f"--filter: the latent classifier {a.classifier or 'weights/classifier'} agrees with none "
-                            f"of the {pairs_count} pairs in {a.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
+            raise UserError(f"--filter: the latent classifier {args.classifier or 'weights/classifier'} agrees with none "
+                            f"of the {pairs_count} pairs in {args.pairs} (an untrained classifier, or one for other latents?); nothing to train on")
         pairs = {k: v[keep] for k, v in pairs.items()}
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "func"}
-    torch.manual_seed(a.seed)
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    torch.manual_seed(args.seed)
     student = OneStep(teacher.cfg, tcfg["schedule"])
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), teacher=meta, pairs_count=pairs_count,
                pairs_kept=len(pairs["cond"]))
-    run = RunDir(a.run_dir, cfg, a.resume)
+    run = RunDir(args.run_dir, cfg, args.resume)
     student.denoiser.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
-    sched = warmup_cosine(opt, a.steps) if a.lr_schedule == "cosine" else None
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, args.steps) if args.lr_schedule == "cosine" else None
     cls_nets = []
-    if a.cls_weight > 0:
-        cls_nets = [load_classifier_for(c, vae_dir) for c in a.cls_classifier or [None]]
-        run.log(f"class loss: {a.cls_weight} x the mean BCE of the classifier(s) "
-                f"{', '.join(str(c) for c in a.cls_classifier or ['weights/classifier'])}")
+    if args.cls_weight > 0:
+        cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]]
+        run.log(f"class loss: {args.cls_weight} x the mean BCE of the classifier(s) "
+                f"{', '.join(str(c) for c in args.cls_classifier or ['weights/classifier'])}")
     disc = d_opt = None
-    if a.adv_weight > 0:
+    if args.adv_weight > 0:
         disc = Discriminator(GANConfig(latent_channels=teacher.cfg.in_channels, size=teacher.cfg.size))
-        d_opt = torch.optim.Adam(disc.parameters(), lr=a.lr, betas=(0.0, 0.99))
-    step = 0
-    if a.init and not (a.resume and (run.path / "latest").exists()):
-        _warm_start(a.init, student, ema, disc)
-        run.log(f"warm start from {a.init}")
-    if a.resume and (ck := run.load()):
-        step, weights, state = ck
-        student.load_state_dict(weights["generator"])
-        ema.load_state_dict(weights["ema"])
-        opt.load_state_dict(state["opt"])
-        if sched is not None and "sched" in state:
-            sched.load_state_dict(state["sched"])
-        if disc is not None and "disc" in weights:
-            disc.load_state_dict(weights["disc"])
-            d_opt.load_state_dict(state["d_opt"])
-        run.log(f"resumed at step {step}")
-    decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(a.judge)
-    eval_cond = load_condition_file(a.data, "heldout.json")[: a.eval_conditions]
-    gen = torch.Generator().manual_seed(a.seed + step)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    if args.init and not (args.resume and (run.path / "latest").exists()):
+        _warm_start(args.init, student, ema, disc)
+        run.log(f"warm start from {args.init}")
+    # a schedule or a discriminator switched on at a resume starts afresh
+    modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "sched": sched, "d_opt": d_opt}
+    step = run.restore(modules, objects, optional=("sched", "disc", "d_opt")) if args.resume else 0
+    decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
+    eval_cond = load_condition_file(args.data, "heldout.json")[: args.eval_conditions]
+    gen = torch.Generator().manual_seed(args.seed + step)
     # the first --val-pairs are never trained on (the over-fitting gauge); shards are appended, so they stay the
     # same pairs when the folder grows
-    n = len(pairs["cond"]) - a.val_pairs
+    n = len(pairs["cond"]) - args.val_pairs
     if n < 1:
-        raise UserError(f"--val-pairs {a.val_pairs} leaves no training pairs (the folder holds {pairs_count}"
-                        + (f", {cfg['pairs_kept']} of them kept by --filter)" if a.filter else ")"))
-    if a.filter:
+        raise UserError(f"--val-pairs {args.val_pairs} leaves no training pairs (the folder holds {pairs_count}"
+                        + (f", {cfg['pairs_kept']} of them kept by --filter)" if args.filter else ")"))
+    if args.filter:
         run.log(f"--filter: kept {cfg['pairs_kept']} of {pairs_count} pairs, those whose x_0 the latent classifier "
                 f"reads as exactly the requested objects")
-    val = {k: v[:a.val_pairs] for k, v in pairs.items()}
-    pairs = {k: v[a.val_pairs:] for k, v in pairs.items()}
+    val = {k: v[:args.val_pairs] for k, v in pairs.items()}
+    pairs = {k: v[args.val_pairs:] for k, v in pairs.items()}
     run.log(f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {n} teacher pairs "
-            f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {a.val_pairs} held out")
-    progress = Progress(run, a.steps, step)
+            f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {args.val_pairs} held out")
+    progress = Progress(run, args.steps, step)
     student.train()
-    while step < a.steps:
-        idx = torch.randint(0, n, (a.batch,), generator=gen)
+    while step < args.steps:
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
         x_T, x_0, cond = pairs["x_T"][idx], pairs["x_0"][idx], pairs["cond"][idx]
         fake = student(x_T.flatten(1), cond)
         loss = reg = (fake - x_0).square().mean()
         extra = {}
         if cls_nets:
             cls_term = class_term(cls_nets, fake, cond)
-            loss = loss + a.cls_weight * cls_term
+            loss = loss + args.cls_weight * cls_term
             extra["cls"] = cls_term.item()
         if disc is not None:
             disc.requires_grad_(False)
             adv = -disc(fake, cond)[0].mean()
             disc.requires_grad_(True)
-            w = a.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
+            w = args.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
             loss = loss + w * adv
             extra.update(adv=adv.item(), adv_w=w.item())
         if extra:  # the regression term beside the others, when there are others
@@ -278,23 +269,20 @@ def train(a) -> None:
             d_opt.step()
             extra["d_loss"] = d_loss.item()
         step += 1
-        ema_update(ema, student, step, a.ema)
-        progress.step(step, a.batch, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
+        ema_update(ema, student, step, args.ema)
+        progress.step(step, args.batch, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
                                                   lr=opt.param_groups[0]["lr"], **extra))
-        if step % a.eval_every == 0 or step == a.steps:
+        if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad():
                 images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
             res = judge_score(judge, images, eval_cond)
             # the EMA's squared error to the teacher on pairs it never trained on (compare `reg`)
-            val_mse = {"val_mse": mse_to_teacher(ema, val)} if a.val_pairs else {}
+            val_mse = {"val_mse": mse_to_teacher(ema, val)} if args.val_pairs else {}
             run.metrics(step=step, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"]},
                         **val_mse)
             progress.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions (EMA)")
             run.sample_grid("heldout", step, images)
-            run.save(step, {"generator": student.state_dict(), "ema": ema.state_dict(),
-                            **({"disc": disc.state_dict()} if disc is not None else {})},
-                     {"opt": opt.state_dict(), **({"sched": sched.state_dict()} if sched is not None else {}),
-                      **({"d_opt": d_opt.state_dict()} if disc is not None else {})})
+            run.checkpoint(step, modules, objects)
     progress.close()
     save_generator(copy.deepcopy(ema).float(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step})
     run.log(f"saved EMA student to {run.path / 'final'}")
@@ -302,8 +290,8 @@ def train(a) -> None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("pairs", help="sample the teacher: (labels, x_T, x_0) shards")
     pp.add_argument("--data", type=Path, default=Path("data/iclevr"), help="dataset whose training label sets to use")
     pp.add_argument("--out", type=Path, required=True)
@@ -318,12 +306,9 @@ def main(argv=None):
     pp.add_argument("--seed", type=int, default=0)
     pp.set_defaults(func=make_pairs)
     pt = sub.add_parser("train", help="train the one-step student on the pairs")
-    pt.add_argument("--data", type=Path, default=Path("data/iclevr"), help="dataset with heldout.json")
+    add_run_options(pt, "distill", vae="VAE for the held-out figure (default: weights/vae)")
     pt.add_argument("--pairs", type=Path, required=True)
-    pt.add_argument("--run-dir", type=Path, default=Path("runs/distill"))
     pt.add_argument("--ldm", type=Path, help="teacher LDM, when the path in pairs.json is gone (default: weights/ldm)")
-    pt.add_argument("--vae", type=Path, help="VAE for the held-out figure (default: weights/vae)")
-    pt.add_argument("--judge", type=Path, help="judge for the held-out figure (default: shipped primary)")
     pt.add_argument("--steps", type=int, default=20000)
     pt.add_argument("--batch", type=int, default=128)
     pt.add_argument("--lr", type=float, default=1e-4)
@@ -340,22 +325,20 @@ def main(argv=None):
                     help="hold out the first N pairs and log the EMA's squared error on them at each evaluation")
     pt.add_argument("--eval-every", type=int, default=1000)
     pt.add_argument("--eval-conditions", type=int, default=256)
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--resume", action="store_true")
     pt.add_argument("--filter", action="store_true",
                     help="train only on the pairs whose x_0 the latent classifier reads as exactly the requested "
                          "objects (the teacher's successes; no judge involved)")
     pt.add_argument("--classifier", type=Path, help="latent classifier for --filter (default: weights/classifier)")
     pt.add_argument("--init", type=Path, help="warm-start from a student run folder or a saved student (weights/gan)")
     pt.set_defaults(func=train)
-    a = p.parse_args(argv)
+    args = parser.parse_args(argv)
     for name in ("count", "shard", "steps", "best_of", "batch", "eval_every", "eval_conditions"):
-        if getattr(a, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("val_pairs", "adv_weight", "cls_weight"):
-        if getattr(a, name, 0) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    a.func(a)
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    args.func(args)
 
 
 if __name__ == "__main__":

@@ -66,61 +66,61 @@ def process_image(gen: TorchGenerator, steps: int, guidance: float, frames: int 
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ldm or gan")
-    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="ldm or gan")
+    parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
                    help="folder with vae/, ldm/ or gan/, judge/ and judge2/ (default: the shipped weights)")
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"), help="folder with the condition files")
-    p.add_argument("--files", nargs="+", default=["test.json", "new_test.json", "heldout.json"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sampler", default="dpmpp", help="dpmpp or ddim (1000 steps always use ddpm)")
-    p.add_argument("--steps", type=int, nargs="+", default=[25])
-    p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
-    p.add_argument("--limit", type=int, help="score only the first N conditions of each file")
-    p.add_argument("--diversity-conditions", type=int, default=16)
-    p.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
-    p.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
+    parser.add_argument("--data", type=Path, default=Path("data/iclevr"), help="folder with the condition files")
+    parser.add_argument("--files", nargs="+", default=["test.json", "new_test.json", "heldout.json"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sampler", default="dpmpp", help="dpmpp or ddim (1000 steps always use ddpm)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[25])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
+    parser.add_argument("--limit", type=int, help="score only the first N conditions of each file")
+    parser.add_argument("--diversity-conditions", type=int, default=16)
+    parser.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
+    parser.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
                    "latent classifier (python/best_of.py; default 1: plain sampling)")
-    p.add_argument("--classifier", type=Path, help="latent classifier for --best-of (default: weights/classifier)")
-    p.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
-    a = p.parse_args(argv)
+    parser.add_argument("--classifier", type=Path, help="latent classifier for --best-of (default: weights/classifier)")
+    parser.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
+    args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
-    if a.model not in MODELS:
-        raise UserError(f"--model must be 'ldm' or 'gan', got {a.model!r}")
-    if a.per_condition < 2 or a.diversity_conditions < 1:
+    if args.model not in MODELS:
+        raise UserError(f"--model must be 'ldm' or 'gan', got {args.model!r}")
+    if args.per_condition < 2 or args.diversity_conditions < 1:
         raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
-    if a.best_of < 1:
-        raise UserError(f"--best-of must be >= 1, got {a.best_of}")
-    gen = TorchGenerator(a.model, a.weights, a.sampler, a.device)
+    if args.best_of < 1:
+        raise UserError(f"--best-of must be >= 1, got {args.best_of}")
+    gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
     classifier = None
-    if a.best_of > 1:
-        classifier = load_classifier_for(a.classifier or a.weights / "classifier", a.weights / "vae")
-    judge = load_judge(a.weights / "judge" / "judge.safetensors")
-    second = a.weights / "judge2" / "judge.safetensors"
+    if args.best_of > 1:
+        classifier = load_classifier_for(args.classifier or args.weights / "classifier", args.weights / "vae")
+    judge = load_judge(args.weights / "judge" / "judge.safetensors")
+    second = args.weights / "judge2" / "judge.safetensors"
     judge2 = load_judge(second) if second.exists() else None
     feature_judge = judge2 if judge2 is not None else judge
     if judge2 is None:
         print(f"no second judge at {second}: second-judge accuracy left out; diversity measured in the primary "
               f"judge's feature space instead (labelled so in the output)")
-    files = {f: load_condition_file(a.data, f)[: a.limit] for f in a.files}
-    settings = [(s, g) for s in a.steps for g in a.guidance] if a.model == "ldm" else [(None, None)]
+    files = {f: load_condition_file(args.data, f)[: args.limit] for f in args.files}
+    settings = [(s, g) for s in args.steps for g in args.guidance] if args.model == "ldm" else [(None, None)]
 
-    div_cond = files[a.files[0]][: a.diversity_conditions]
-    real_images = to_model_range(render_conditions(div_cond, a.per_condition))
+    div_cond = files[args.files[0]][: args.diversity_conditions]
+    real_images = to_model_range(render_conditions(div_cond, args.per_condition))
     real_spread = (spread(judge_features(feature_judge, real_images), len(div_cond)),
                    spread(real_images.flatten(1), len(div_cond)))
-    report = {"model": a.model, "weights": str(a.weights), "sampler": a.sampler if a.model == "ldm" else None,
-              "seeds": a.seeds, "limit": a.limit, "best_of": a.best_of, "results": []}
+    report = {"model": args.model, "weights": str(args.weights), "sampler": args.sampler if args.model == "ldm" else None,
+              "seeds": args.seeds, "limit": args.limit, "best_of": args.best_of, "results": []}
     for steps, guidance in settings:
-        kw = dict(steps=steps, guidance=guidance) if a.model == "ldm" else {}
-        kw.update(best_of=a.best_of, classifier=classifier)
+        kw = dict(steps=steps, guidance=guidance) if args.model == "ldm" else {}
+        kw.update(best_of=args.best_of, classifier=classifier)
         t0 = time.time()
         row = {"steps": steps, "guidance": guidance, "files": {}}
         for name, cond in files.items():
             per_seed, per_seed2, by_obj, extra = [], [], {}, []
-            for seed in a.seeds:
+            for seed in args.seeds:
                 images = gen.images(cond, seed, **kw)
                 res = judge_score(judge, images, cond)
                 per_seed.append(res["accuracy"])
@@ -129,30 +129,30 @@ def main(argv=None):
                     by_obj.setdefault(k, []).append(v)
                 if judge2 is not None:
                     per_seed2.append(judge_score(judge2, images, cond)["accuracy"])
-                if a.out and seed == a.seeds[0] and name in ("test.json", "new_test.json"):
-                    a.out.mkdir(parents=True, exist_ok=True)
-                    tag = (f"{a.model}" + (f"_best_of_{a.best_of}" if a.best_of > 1 else "") + f"_{Path(name).stem}"
+                if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
                            + (f"_s{steps}_g{guidance:g}" if steps else ""))  # best-of grids never overwrite plain ones
-                    Image.fromarray(image_grid(images)).save(a.out / f"{tag}.png")
+                    Image.fromarray(image_grid(images)).save(args.out / f"{tag}.png")
             row["files"][name] = {
                 "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),
                 "accuracy_std": round(float(np.std(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed],
                 "second_judge_mean": round(float(np.mean(per_seed2)), 4) if per_seed2 else None,
                 "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())},
                 "unrequested_object_rate": round(float(np.mean(extra)), 4)}
-        row["diversity"] = diversity(gen, feature_judge, div_cond, a.per_condition, real_spread, **kw)
+        row["diversity"] = diversity(gen, feature_judge, div_cond, args.per_condition, real_spread, **kw)
         row["diversity"]["features"] = "second judge" if judge2 is not None else "primary judge"
         row["seconds"] = round(time.time() - t0, 1)
         report["results"].append(row)
-        print(f"{a.model} steps={steps} guidance={guidance}: " + "; ".join(
+        print(f"{args.model} steps={steps} guidance={guidance}: " + "; ".join(
             f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
             for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
-    if a.out and a.model == "ldm":
+    if args.out and args.model == "ldm":
         steps, guidance = settings[0]
-        Image.fromarray(process_image(gen, min(steps, 50), guidance)).save(a.out / "ldm_denoising_process.png")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        Image.fromarray(process_image(gen, min(steps, 50), guidance)).save(args.out / "ldm_denoising_process.png")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
     return report
 
 

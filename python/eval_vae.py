@@ -20,9 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from python.core.errors import UserError, cli
 from python.data.dataset import load_split, to_model_range
-from python.evaluation.metrics import psnr
 from python.models.judge import judge_score, load_judge
-from python.models.vae import VAE, load_vae, reconstruct
+from python.models.vae import VAE, load_vae, psnr, reconstruct
 
 
 def decoder_flops(vae: VAE) -> float:
@@ -62,13 +61,13 @@ def evaluate(vae: VAE, data: Path, judge_path: Path | None = None, limit: int | 
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
-    p.add_argument("--vae", type=Path, help="VAE folder (config.json + vae.safetensors); default: shipped")
-    p.add_argument("--judge", type=Path, help="judge checkpoint; default: the shipped primary judge")
-    p.add_argument("--limit", type=int, help="score only the first N held-out renders")
-    a = p.parse_args(argv)
-    print(json.dumps(evaluate(load_vae(a.vae), a.data, a.judge, a.limit)))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data/iclevr"))
+    parser.add_argument("--vae", type=Path, help="VAE folder (config.json + vae.safetensors); default: shipped")
+    parser.add_argument("--judge", type=Path, help="judge checkpoint; default: the shipped primary judge")
+    parser.add_argument("--limit", type=int, help="score only the first N held-out renders")
+    args = parser.parse_args(argv)
+    print(json.dumps(evaluate(load_vae(args.vae), args.data, args.judge, args.limit)))
 
 
 if __name__ == "__main__":

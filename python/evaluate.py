@@ -39,20 +39,20 @@ def load_numbered_images(folder: Path, n: int) -> np.ndarray:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True, help="folder with 0.png ... N-1.png")
-    p.add_argument("--conditions", type=Path, required=True, help="test.json-style list of label lists")
-    p.add_argument("--objects", type=Path, help="objects.json (default: the official 24-class mapping)")
-    p.add_argument("--judge", type=Path, help="checkpoint.pth (official layout) or .safetensors; default: shipped")
-    p.add_argument("--second-judge", action="store_true", help="also score with the shipped second judge")
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args(argv)
-    objects = load_objects(a.objects) if a.objects else OBJECTS
-    labels = load_conditions(a.conditions, objects)
-    images = to_model_range(load_numbered_images(a.images, len(labels)))
-    res = {"conditions": str(a.conditions), **judge_score(load_judge(a.judge, a.device), images, labels)}
-    if a.second_judge:
-        res["second_judge"] = judge_score(load_judge(None, a.device, which="second"), images, labels)["accuracy"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder with 0.png ... N-1.png")
+    parser.add_argument("--conditions", type=Path, required=True, help="test.json-style list of label lists")
+    parser.add_argument("--objects", type=Path, help="objects.json (default: the official 24-class mapping)")
+    parser.add_argument("--judge", type=Path, help="checkpoint.pth (official layout) or .safetensors; default: shipped")
+    parser.add_argument("--second-judge", action="store_true", help="also score with the shipped second judge")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    objects = load_objects(args.objects) if args.objects else OBJECTS
+    labels = load_conditions(args.conditions, objects)
+    images = to_model_range(load_numbered_images(args.images, len(labels)))
+    res = {"conditions": str(args.conditions), **judge_score(load_judge(args.judge, args.device), images, labels)}
+    if args.second_judge:
+        res["second_judge"] = judge_score(load_judge(None, args.device, which="second"), images, labels)["accuracy"]
     print(json.dumps(res))
 
 

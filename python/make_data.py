@@ -22,27 +22,27 @@ from python.data.synthetic import make_dataset
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("data/iclevr"), help="output folder (default data/iclevr)")
-    p.add_argument("--scenes", type=int, default=6003, help="training scenes; 3 images each (default 6003 -> 18,009)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout-images", type=int, default=2000, help="labelled held-out renders (1-5 objects)")
-    p.add_argument("--heldout-conditions", type=int, default=1024, help="conditions in heldout.json")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--size", default="160x120", help="render resolution WxH, 4:3 (default 160x120; CLEVR is 320x240)")
-    a = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/iclevr"), help="output folder (default data/iclevr)")
+    parser.add_argument("--scenes", type=int, default=6003, help="training scenes; 3 images each (default 6003 -> 18,009)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-images", type=int, default=2000, help="labelled held-out renders (1-5 objects)")
+    parser.add_argument("--heldout-conditions", type=int, default=1024, help="conditions in heldout.json")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--size", default="160x120", help="render resolution WxH, 4:3 (default 160x120; CLEVR is 320x240)")
+    args = parser.parse_args(argv)
     try:
-        size = tuple(int(v) for v in a.size.lower().split("x"))
+        size = tuple(int(v) for v in args.size.lower().split("x"))
         assert len(size) == 2 and min(size) >= 32
     except (ValueError, AssertionError):
-        raise UserError(f"--size: expected WxH with both >= 32, e.g. 160x120; got {a.size!r}") from None
-    for flag, v, lo in (("--scenes", a.scenes, 1), ("--heldout-images", a.heldout_images, 0),
-                        ("--heldout-conditions", a.heldout_conditions, 1)):
+        raise UserError(f"--size: expected WxH with both >= 32, e.g. 160x120; got {args.size!r}") from None
+    for flag, v, lo in (("--scenes", args.scenes, 1), ("--heldout-images", args.heldout_images, 0),
+                        ("--heldout-conditions", args.heldout_conditions, 1)):
         if v < lo:
             raise UserError(f"{flag}: must be >= {lo}, got {v}")
-    stats = make_dataset(a.out, a.scenes, a.seed, a.heldout_images, a.heldout_conditions, a.workers, size)
+    stats = make_dataset(args.out, args.scenes, args.seed, args.heldout_images, args.heldout_conditions, args.workers, size)
     print(json.dumps({k: stats[k] for k in ("train_images_per_sec", "train_seconds", "heldout_conditions_absent_from_train")}))
-    print(f"wrote {a.out} ({stats['train']['images']} training images, contact sheet {a.out / 'contact_sheet.png'})")
+    print(f"wrote {args.out} ({stats['train']['images']} training images, contact sheet {args.out / 'contact_sheet.png'})")
 
 
 if __name__ == "__main__":

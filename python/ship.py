@@ -21,36 +21,36 @@ from python.training.rundir import load_checkpoint
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=("ldm", "gan"))
-    p.add_argument("--run", type=Path, required=True, help="run folder (with config.json and a checkpoint)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
-    p.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA (when the "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=("ldm", "gan"))
+    parser.add_argument("--run", type=Path, required=True, help="run folder (with config.json and a checkpoint)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
+    parser.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA (when the "
                                                       "run's metrics show the raw ones scoring higher)")
-    a = p.parse_args(argv)
-    if not (a.run / "config.json").exists():
-        raise UserError(f"{a.run}: not a run folder (no config.json)")
-    ck = load_checkpoint(a.run)
+    args = parser.parse_args(argv)
+    if not (args.run / "config.json").exists():
+        raise UserError(f"{args.run}: not a run folder (no config.json)")
+    ck = load_checkpoint(args.run)
     if ck is None:
-        raise UserError(f"{a.run}: no checkpoint yet")
+        raise UserError(f"{args.run}: no checkpoint yet")
     step, weights, _ = ck
-    cfg = json.loads((a.run / "config.json").read_text())
-    provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(a.run.resolve()),
-                  "weights": "raw" if a.raw else "ema"}
-    if a.kind == "ldm":
+    cfg = json.loads((args.run / "config.json").read_text())
+    provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(args.run.resolve()),
+                  "weights": "raw" if args.raw else "ema"}
+    if args.kind == "ldm":
         if "denoiser" not in cfg:
-            raise UserError(f"{a.run}: not an LDM run (config.json has no 'denoiser')")
-        model = Denoiser(denoiser_config(cfg, a.run))
-        model.load_state_dict(weights["model" if a.raw else "ema"])
-        save_denoiser(model.eval(), a.out, {"schedule": cfg["schedule"], **provenance}, half=not a.fp32)
+            raise UserError(f"{args.run}: not an LDM run (config.json has no 'denoiser')")
+        model = Denoiser(denoiser_config(cfg, args.run))
+        model.load_state_dict(weights["model" if args.raw else "ema"])
+        save_denoiser(model.eval(), args.out, {"schedule": cfg["schedule"], **provenance}, half=not args.fp32)
     else:  # a GAN run's generator, or python/distill.py's one-step student: either ships as the GAN path's
         if not {"kind", "gan", "distilled"} & set(cfg):
-            raise UserError(f"{a.run}: not a GAN run (config.json has no 'gan')")
-        gen = build_generator(cfg, a.run / "config.json")
-        gen.load_state_dict(weights["generator" if a.raw else "ema"])
-        save_generator(gen.eval(), a.out, provenance, half=not a.fp32)
-    print(json.dumps({"out": str(a.out), "step": step}))
+            raise UserError(f"{args.run}: not a GAN run (config.json has no 'gan')")
+        gen = build_generator(cfg, args.run / "config.json")
+        gen.load_state_dict(weights["generator" if args.raw else "ema"])
+        save_generator(gen.eval(), args.out, provenance, half=not args.fp32)
+    print(json.dumps({"out": str(args.out), "step": step}))
 
 
 if __name__ == "__main__":

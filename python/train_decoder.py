@@ -28,17 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from python.core.errors import UserError, cli
-from python.core.images import rows_grid
 from python.data.dataset import heldout_or_train, load_split, to_model_range
-from python.evaluation.metrics import psnr
 from python.models.gan import PatchDiscriminator
-from python.models.judge import SHIPPED_JUDGES, judge_score, load_judge
-from python.models.vae import SHIPPED_VAE, VAE, VAEConfig, load_vae, reconstruct, save_vae, vae_digest
+from python.models.judge import SHIPPED_JUDGES, load_judge
+from python.models.vae import SHIPPED_VAE, VAE, VAEConfig, load_vae, save_vae, vae_digest
+from python.training.autoencoder import log_reconstructions, reconstruction_figures
 from python.training.latents import load_latents
-from python.training.loop import Progress, resolve_config
+from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import adaptive_weight, gradient_l1
 from python.training.rundir import RunDir
 from python.training.schedules import warmup_cosine
@@ -49,93 +47,65 @@ PRESETS = {
 }
 
 
-def evaluate(vae: VAE, images_u8: np.ndarray, labels: np.ndarray, judge) -> dict:
-    vae.eval()
-    x = to_model_range(images_u8)
-    rec = reconstruct(vae, images_u8)
-    vae.train()
-    res = {"psnr": float(psnr(x, rec).mean())}
-    if judge is not None:
-        res["acc_orig"] = judge_score(judge, x, labels)["accuracy"]
-        res["acc_recon"] = judge_score(judge, rec, labels)["accuracy"]
-        res["ratio"] = res["acc_recon"] / res["acc_orig"]
-    return res
-
-
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
-    p.add_argument("--vae", type=Path, help="VAE whose encoder and latent space are kept (default: shipped)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/decoder"))
-    p.add_argument("--preset", choices=PRESETS, default="full")
-    p.add_argument("--decoder-channels", type=int, nargs="+", help="synthesis widths, latent side first")
-    p.add_argument("--decoder-up", choices=("transpose", "nearest"), default="nearest")
-    p.add_argument("--init", action="store_true", help="start from the VAE's decoder (same widths and upsampling)")
-    p.add_argument("--grad-weight", type=float, default=0.5, help="weight of the image-gradient L1 term")
-    p.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term's weight (x the adaptive scale; "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, "decoder", PRESETS, vae="VAE whose encoder and latent space are kept (default: shipped)")
+    parser.add_argument("--decoder-channels", type=int, nargs="+", help="synthesis widths, latent side first")
+    parser.add_argument("--decoder-up", choices=("transpose", "nearest"), default="nearest")
+    parser.add_argument("--init", action="store_true", help="start from the VAE's decoder (same widths and upsampling)")
+    parser.add_argument("--grad-weight", type=float, default=0.5, help="weight of the image-gradient L1 term")
+    parser.add_argument("--adv-weight", type=float, default=0.0, help="adversarial term's weight (x the adaptive scale; "
                                                                  "0: none)")
-    p.add_argument("--adv-start", type=int, default=0, help="step at which the decoder starts to get the adversarial "
+    parser.add_argument("--adv-start", type=int, default=0, help="step at which the decoder starts to get the adversarial "
                                                             "term (the discriminator trains from step 0)")
-    p.add_argument("--posterior", choices=("sample", "mean"), default="sample",
+    parser.add_argument("--posterior", choices=("sample", "mean"), default="sample",
                    help="decode posterior samples (what the generators produce) or the posterior means (what a "
                         "reconstruction decodes)")
-    p.add_argument("--judge", type=Path, help="judge for the held-out figure (default: shipped primary)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-images", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    a = p.parse_args(argv)
-    cfg = resolve_config(PRESETS[a.preset], a)
-    src = a.vae or SHIPPED_VAE
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--eval-images", type=int)
+    args = parser.parse_args(argv)
+    cfg = resolve_config(PRESETS[args.preset], args)
+    src = args.vae or SHIPPED_VAE
     base = load_vae(src)
     if base.cfg.arch != "gdn":
         raise UserError(f"{src}: decoder-only training supports the gdn VAE, not {base.cfg.arch!r}")
-    vcfg = VAEConfig(**{**asdict(base.cfg), "decoder_up": a.decoder_up,
-                        "decoder_channels": a.decoder_channels or base.cfg.decoder_channels})
+    vcfg = VAEConfig(**{**asdict(base.cfg), "decoder_up": args.decoder_up,
+                        "decoder_channels": args.decoder_channels or base.cfg.decoder_channels})
     vae = VAE(vcfg)
     vae.net.encoder.load_state_dict(base.net.encoder.state_dict())
-    if a.init:
+    if args.init:
         try:
             vae.net.decoder.load_state_dict(base.net.decoder.state_dict())
         except RuntimeError:
             raise UserError("--init needs the same decoder widths and --decoder-up as the source VAE") from None
     vae.net.encoder.requires_grad_(False)
     cfg.update(vae=asdict(vcfg), latent_digest=vae_digest(src))
-    run = RunDir(a.run_dir, cfg, a.resume)
+    run = RunDir(args.run_dir, cfg, args.resume)
 
-    lat = load_latents(a.data, src)  # rows: all originals, then all mirror images
-    train = load_split(a.data)
+    lat = load_latents(args.data, src)  # rows: all originals, then all mirror images
+    train = load_split(args.data)
     images_t = torch.from_numpy(np.ascontiguousarray(train.images))
     n = len(train)
-    held = heldout_or_train(a.data, train)
+    held = heldout_or_train(args.data, train)
     eval_u8, eval_labels = held.images[: cfg["eval_images"]], held.labels[: cfg["eval_images"]]
-    judge_path = a.judge or SHIPPED_JUDGES["primary"]
+    judge_path = args.judge or SHIPPED_JUDGES["primary"]
     judge = load_judge(judge_path) if Path(judge_path).exists() else None
 
-    torch.manual_seed(a.seed)
+    torch.manual_seed(args.seed)
     params = list(vae.net.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps)
-    disc = PatchDiscriminator() if a.adv_weight > 0 else None
+    disc = PatchDiscriminator() if args.adv_weight > 0 else None
     d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=0.0) if disc else None
     last = [q for q in params if q.ndim == 4][-1]  # the decoder's last convolution
-    gen = torch.Generator().manual_seed(a.seed)
-    step = 0
-    if a.resume and (ck := run.load()):
-        step, weights, state = ck
-        vae.load_state_dict(weights["model"])
-        opt.load_state_dict(state["opt"])
-        if disc:
-            disc.load_state_dict(weights["disc"])
-            d_opt.load_state_dict(state["d_opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        run.log(f"resumed at step {step}")
+    gen = torch.Generator().manual_seed(args.seed)
+    modules, objects = {"model": vae, "disc": disc}, {"opt": opt, "sched": sched, "gen": gen, "d_opt": d_opt}
+    step = run.restore(modules, objects) if args.resume else 0
     run.log(f"decoder {sum(p.numel() for p in params) / 1e6:.3f}M params ({vcfg.decoder_up}, "
             f"{vcfg.decoder_channels or vcfg.channels}), latent space {cfg['latent_digest']}, {n} training images")
     vae.train()
@@ -146,17 +116,17 @@ def main(argv=None):
         x = to_model_range(images_t[idx % n])
         x = torch.where(mirrored[:, None, None, None], x.flip(3), x)
         mean, std = lat.mean[idx].float(), lat.std[idx].float()
-        z = mean + std * torch.randn(mean.shape, generator=gen) if a.posterior == "sample" else mean
+        z = mean + std * torch.randn(mean.shape, generator=gen) if args.posterior == "sample" else mean
         rec = vae.decode(z)
         mse = F.mse_loss(rec, x)
         grad = gradient_l1(rec, x)
-        loss = mse + a.grad_weight * grad
+        loss = mse + args.grad_weight * grad
         extra = {}
         if disc:
-            if step >= a.adv_start:
+            if step >= args.adv_start:
                 disc.requires_grad_(False)
                 adv = -disc(rec).mean()
-                w = a.adv_weight * adaptive_weight(loss, adv, last)
+                w = args.adv_weight * adaptive_weight(loss, adv, last)
                 loss = loss + w * adv
                 disc.requires_grad_(True)
                 extra.update(adv=adv.item(), adv_w=w.item())
@@ -175,22 +145,14 @@ def main(argv=None):
         progress.step(step, len(x), lambda: dict(loss=loss.item(), mse=mse.item(), grad_l1=grad.item(),
                                                   lr=sched.get_last_lr()[0], **extra))
         if step % cfg["eval_every"] == 0 or step == steps:
-            res = evaluate(vae, eval_u8, eval_labels, judge)
-            run.metrics(step=step, heldout=res)
-            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-            run.save(step, {"model": vae.state_dict(), **({"disc": disc.state_dict()} if disc else {})},
-                     {"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                      **({"d_opt": d_opt.state_dict()} if disc else {})})
-            vae.eval()
-            Image.fromarray(rows_grid(to_model_range(eval_u8[:16]), reconstruct(vae, eval_u8[:16]))).save(
-                run.path / "samples" / f"recon-{step:08d}.png")
-            vae.train()
+            log_reconstructions(run, progress, step, vae, eval_u8, eval_labels, judge)
+            run.checkpoint(step, modules, objects)
     progress.close()
     vae.eval()
     save_vae(vae, run.path / "final")
     if vae_digest(run.path / "final") != cfg["latent_digest"]:  # the encoder must not have moved
         raise RuntimeError("latent space changed during decoder training")
-    res = {**evaluate(vae, eval_u8, eval_labels, judge), "train_seconds": round(run.elapsed(), 1)}
+    res = {**reconstruction_figures(vae, eval_u8, eval_labels, judge), "train_seconds": round(run.elapsed(), 1)}
     (run.path / "final" / "train_result.json").write_text(json.dumps(res, indent=1))
     run.log(f"final: {json.dumps(res)}")
     print(json.dumps(res))

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.classifier import train_classifier
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Progress, resolve_config
+from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import noise_augment
 from python.training.rundir import RunDir
 
@@ -52,79 +51,63 @@ PRESETS = {
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
-    p.add_argument("--vae", type=Path, help="VAE folder (default: shipped weights/vae)")
-    p.add_argument("--judge", type=Path, help="judge for periodic accuracy (default: shipped)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/gan"))
-    p.add_argument("--preset", choices=PRESETS, default="full")
-    p.add_argument("--g-channels", type=int, nargs="+")
-    p.add_argument("--d-channels", type=int, nargs="+")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr-g", type=float, default=2e-4)
-    p.add_argument("--lr-d", type=float, default=2e-4)
-    p.add_argument("--aux", type=float, default=1.0, help="weight of D's auxiliary label loss on real latents")
-    p.add_argument("--cls-steps", type=int, help="latent classifier training steps (0: G uses D's aux head)")
-    p.add_argument("--cls-weight", type=float, default=1.0, help="weight of the generator's class loss")
-    p.add_argument("--cls-noise", type=float, default=0.0,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, "gan", PRESETS, device=True)
+    parser.add_argument("--g-channels", type=int, nargs="+")
+    parser.add_argument("--d-channels", type=int, nargs="+")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--lr-g", type=float, default=2e-4)
+    parser.add_argument("--lr-d", type=float, default=2e-4)
+    parser.add_argument("--aux", type=float, default=1.0, help="weight of D's auxiliary label loss on real latents")
+    parser.add_argument("--cls-steps", type=int, help="latent classifier training steps (0: G uses D's aux head)")
+    parser.add_argument("--cls-weight", type=float, default=1.0, help="weight of the generator's class loss")
+    parser.add_argument("--cls-noise", type=float, default=0.0,
                    help="max std of the Gaussian noise the classifier is trained on and applied with (0: none)")
-    p.add_argument("--cls-fake", type=float, default=0.0,
+    parser.add_argument("--cls-fake", type=float, default=0.0,
                    help="keep training the classifier during the GAN, generated latents as 'no object' with this weight (0: frozen)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints kept in the run folder (one per eval)")
-    p.add_argument("--r1", type=float, default=0.05, help="R1 gamma on real latents (0 disables)")
-    p.add_argument("--r1-every", type=int, default=8)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-conditions", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the generator")
-    a = p.parse_args(argv)
-    cfg = resolve_config(PRESETS[a.preset], a)
-    vae_folder = a.vae or SHIPPED_VAE
-    device = torch.device(a.device)
-    lat = load_latents(a.data, vae_folder).to(device)
+    parser.add_argument("--keep", type=int, default=1, help="checkpoints kept in the run folder (one per eval)")
+    parser.add_argument("--r1", type=float, default=0.05, help="R1 gamma on real latents (0 disables)")
+    parser.add_argument("--r1-every", type=int, default=8)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--eval-conditions", type=int)
+    parser.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the generator")
+    args = parser.parse_args(argv)
+    cfg = resolve_config(PRESETS[args.preset], args)
+    vae_folder = args.vae or SHIPPED_VAE
+    device = torch.device(args.device)
+    lat = load_latents(args.data, vae_folder).to(device)
     gcfg = GANConfig(latent_channels=lat.mean.shape[1], size=lat.mean.shape[2], g_channels=cfg["g_channels"],
                        d_channels=cfg["d_channels"])
     cfg.update(gan=asdict(gcfg), vae_sha=vae_digest(vae_folder))
-    run = RunDir(a.run_dir, cfg, a.resume)
+    run = RunDir(args.run_dir, cfg, args.resume)
 
-    torch.manual_seed(a.seed)
+    torch.manual_seed(args.seed)
     gen, disc = Generator(gcfg).to(device), Discriminator(gcfg).to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=a.lr_g, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
-    step, weights, state = 0, {}, {}
-    if a.resume and (ck := run.load()):
-        step, weights, state = ck
-        gen.load_state_dict(weights["generator"])
-        disc.load_state_dict(weights["discriminator"])
-        ema.load_state_dict(weights["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        for opt, lr in ((opt_g, a.lr_g), (opt_d, a.lr_d)):  # the command line's rates win (e.g. a lower one to settle)
-            for group in opt.param_groups:
-                group["lr"] = lr
-        if a.reset_ema:
-            ema.load_state_dict(gen.state_dict())
-        run.log(f"resumed at step {step}" + (" (EMA restarted from the generator)" if a.reset_ema else ""))
-    if a.cls_fake > 0 and not cfg["cls_steps"]:
+    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr_g, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
+    if args.cls_fake > 0 and not cfg["cls_steps"]:
         raise UserError("--cls-fake needs the latent classifier (--cls-steps > 0)")
-    cls = train_classifier(lat, cfg["cls_steps"], 256, a.seed, run, a.cls_noise, device) if cfg["cls_steps"] > 0 else None
+    cls = train_classifier(lat, cfg["cls_steps"], 256, args.seed, run, args.cls_noise, device) if cfg["cls_steps"] > 0 else None
     opt_c = None
-    if a.cls_fake > 0:
+    if args.cls_fake > 0:  # the classifier goes on training, online: its weights are part of the checkpoint
         cls.requires_grad_(True)
-        opt_c = torch.optim.Adam(cls.parameters(), lr=a.lr_d, betas=(0.0, 0.99))
-        if "classifier" in weights:  # resuming: the classifier as it had been trained online
-            cls.load_state_dict(weights["classifier"])
-            opt_c.load_state_dict(state["opt_c"])
-            for group in opt_c.param_groups:
-                group["lr"] = a.lr_d
-    gen_rng = torch.Generator(device=device).manual_seed(a.seed * 1000003 + step)
-    judge, decoder = load_judge(a.judge), Decoder(load_vae(vae_folder)).eval()
-    eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]]
+        opt_c = torch.optim.Adam(cls.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
+    modules = {"generator": gen, "discriminator": disc, "ema": ema, "classifier": cls if opt_c else None}
+    objects = {"opt_g": opt_g, "opt_d": opt_d, "opt_c": opt_c}
+    step = run.restore(modules, objects, optional=("classifier", "opt_c")) if args.resume else 0
+    if step:
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d), (opt_c, args.lr_d)):  # the command line's rates win
+            for group in opt.param_groups if opt else []:
+                group["lr"] = lr
+        if args.reset_ema:
+            ema.load_state_dict(gen.state_dict())
+            run.log("EMA restarted from the generator")
+    gen_rng = torch.Generator(device=device).manual_seed(args.seed * 1000003 + step)
+    judge, decoder = load_judge(args.judge), Decoder(load_vae(vae_folder)).eval()
+    eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
     run.log(f"GAN: G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "
             f"params, {len(lat)} latents")
     progress = Progress(run, cfg["steps"], step, show=("loss_d", "loss_g"))
@@ -136,24 +119,24 @@ def main(argv=None):
         # discriminator: hinge on realness, BCE on real labels, lazy R1 on real latents
         with torch.no_grad():
             fake = gen(z, cond)
-        r1 = a.r1 > 0 and step % a.r1_every == 0
+        r1 = args.r1 > 0 and step % args.r1_every == 0
         real.requires_grad_(r1)
         d_real, aux_real = disc(real, cond)
         d_fake, _ = disc(fake, cond)
         loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean() \
-            + a.aux * F.binary_cross_entropy_with_logits(aux_real, cond)
+            + args.aux * F.binary_cross_entropy_with_logits(aux_real, cond)
         if r1:
             grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
-            loss_d = loss_d + a.r1 / 2 * a.r1_every * grad.pow(2).flatten(1).sum(1).mean()
+            loss_d = loss_d + args.r1 / 2 * args.r1_every * grad.pow(2).flatten(1).sum(1).mean()
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
         if opt_c is not None:  # the classifier: real latents carry their labels, generated ones none
             cls.train()
-            logits = cls(noise_augment(torch.cat([real.detach(), fake]), a.cls_noise, gen_rng))
+            logits = cls(noise_augment(torch.cat([real.detach(), fake]), args.cls_noise, gen_rng))
             bce = F.binary_cross_entropy_with_logits(logits, torch.cat([cond, torch.zeros_like(cond)]),
                                                      reduction="none").mean(1)
-            loss_c = bce[:bs].mean() + a.cls_fake * bce[bs:].mean()
+            loss_c = bce[:bs].mean() + args.cls_fake * bce[bs:].mean()
             opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             opt_c.step()
@@ -161,13 +144,13 @@ def main(argv=None):
         # generator: fool the projection head, satisfy the auxiliary classifier
         fake = gen(z, cond)
         d_fake, aux_fake = disc(fake, cond)
-        class_logits = cls(noise_augment(fake, a.cls_noise, gen_rng)) if cls is not None else aux_fake
-        loss_g = -d_fake.mean() + a.cls_weight * F.binary_cross_entropy_with_logits(class_logits, cond)
+        class_logits = cls(noise_augment(fake, args.cls_noise, gen_rng)) if cls is not None else aux_fake
+        loss_g = -d_fake.mean() + args.cls_weight * F.binary_cross_entropy_with_logits(class_logits, cond)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         step += 1
-        ema_update(ema, gen, step, a.ema)
+        ema_update(ema, gen, step, args.ema)
         progress.step(step, bs, lambda: dict(loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=d_real.mean().item(),
                                              d_fake=d_fake.mean().item(),
                                              **({"loss_cls": loss_c.item()} if opt_c is not None else {})))
@@ -181,11 +164,7 @@ def main(argv=None):
             progress.write(f"step {step}: accuracy EMA {res['accuracy']:.4f}, raw {raw['accuracy']:.4f} on "
                       f"{len(eval_cond)} held-out conditions")
             run.sample_grid("heldout", step, images)
-            weights = {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "ema": ema.state_dict()}
-            state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
-            if opt_c is not None:
-                weights["classifier"], state["opt_c"] = cls.state_dict(), opt_c.state_dict()
-            run.save(step, weights, state, keep=a.keep)
+            run.checkpoint(step, modules, objects, keep=args.keep)
     progress.close()
     save_generator(ema.cpu(), run.path / "final", {"vae_sha": cfg["vae_sha"], "trained_steps": step,
                                                    "train_seconds": round(run.elapsed(), 1)})

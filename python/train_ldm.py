@@ -39,9 +39,9 @@ from python.models.sampling import decode, ldm_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Progress, resolve_config
+from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import class_term, min_snr_weight
-from python.training.rundir import RunDir, load_checkpoint
+from python.training.rundir import RunDir, restore_checkpoint
 from python.training.schedules import warmup_cosine
 
 PRESETS = {
@@ -62,129 +62,113 @@ def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float,
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"))
-    p.add_argument("--vae", type=Path, help="VAE folder (default: shipped weights/vae)")
-    p.add_argument("--judge", type=Path, help="judge for periodic accuracy (default: shipped)")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/ldm"))
-    p.add_argument("--preset", choices=PRESETS, default="full")
-    p.add_argument("--width", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--cond", choices=("tokens", "sum"), default="tokens")
-    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, "ldm", PRESETS, device=True)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--depth", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--patch", type=int, default=2)
+    parser.add_argument("--cond", choices=("tokens", "sum"), default="tokens")
+    parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
                    help="with --cond tokens, also add a pooled embedding of the label set to the time embedding")
-    p.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
-    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
-    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
-    p.add_argument("--batch", type=int, help="global batch (split across DDP ranks)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval (also at every evaluation)")
-    p.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
-    p.add_argument("--eval-steps", type=int)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+    parser.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
+    parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
+    parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
+    parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
+    parser.add_argument("--batch", type=int, help="global batch (split across DDP ranks)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint interval (also at every evaluation)")
+    parser.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
+    parser.add_argument("--eval-steps", type=int)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA; off on CPU, where it measured 2.3x slower for this "
                         "model: attention and small matmuls pay the casts)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (worth it on a GPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
-    p.add_argument("--cls-weight", type=float, default=0.0,
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (worth it on a GPU)")
+    parser.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
+    parser.add_argument("--cls-weight", type=float, default=0.0,
                    help="class term on the predicted x_0: W x the classifiers' mean BCE (0: none)")
-    p.add_argument("--cls-classifier", type=Path, nargs="+",
+    parser.add_argument("--cls-classifier", type=Path, nargs="+",
                    help="classifier(s) for --cls-weight (train_classifier folders; default: weights/classifier)")
-    p.add_argument("--cls-max-t", type=int, help="class term only where t < this (default: every t)")
-    a = p.parse_args(argv)
-    if a.cls_weight < 0:
-        raise UserError(f"--cls-weight must be >= 0, got {a.cls_weight}")
-    cfg = resolve_config(PRESETS[a.preset], a)
+    parser.add_argument("--cls-max-t", type=int, help="class term only where t < this (default: every t)")
+    args = parser.parse_args(argv)
+    if args.cls_weight < 0:
+        raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
+    cfg = resolve_config(PRESETS[args.preset], args)
     if cfg.get("bf16") is None:
-        cfg["bf16"] = a.device == "cuda"
+        cfg["bf16"] = args.device == "cuda"
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if a.device == "cuda" else a.device)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
     if cfg["batch"] % world:
         raise UserError(f"--batch {cfg['batch']} must be divisible by the number of processes ({world})")
 
-    vae_folder = a.vae or SHIPPED_VAE
-    lat = load_latents(a.data, vae_folder)
-    schedule = Schedule(a.schedule, prediction=a.prediction)
-    dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=a.patch, width=cfg["width"],
-                            depth=cfg["depth"], heads=cfg["heads"], cond=a.cond, pooled=a.pooled)
+    vae_folder = args.vae or SHIPPED_VAE
+    lat = load_latents(args.data, vae_folder)
+    schedule = Schedule(args.schedule, prediction=args.prediction)
+    dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=args.patch, width=cfg["width"],
+                            depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
     # the class term's inputs are checked before the run folder is made
-    cls_max_t = schedule.T if a.cls_max_t is None else a.cls_max_t
+    cls_max_t = schedule.T if args.cls_max_t is None else args.cls_max_t
     if not 1 <= cls_max_t <= schedule.T:
         raise UserError(f"--cls-max-t must be in 1..{schedule.T} (the class term applies where t < it), got {cls_max_t}")
     cls_nets = []
-    if a.cls_weight > 0:
-        cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in a.cls_classifier or [None]]
-    run = RunDir(a.run_dir, cfg, a.resume) if rank == 0 else None
+    if args.cls_weight > 0:
+        cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
+    run = RunDir(args.run_dir, cfg, args.resume) if rank == 0 else None
 
-    torch.manual_seed(a.seed)
+    torch.manual_seed(args.seed)
     model = Denoiser(dcfg)
-    if a.init:
-        init, _ = load_denoiser(a.init)
+    if args.init:
+        init, _ = load_denoiser(args.init)
         shape = lambda c: dict(width=c.width, depth=c.depth, heads=c.heads, patch=c.patch, cond=c.cond,  # noqa: E731
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
-            raise UserError(f"--init {a.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
+            raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
         # a pooled embedding the init lacks starts at zero, so the warm start computes what the init did
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
         if any(not k.startswith("cond_emb.") for k in missing):
-            raise UserError(f"--init {a.init}: weights missing for {missing}")
+            raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps, cfg["warmup"], floor=0.1)
+    modules, objects = {"model": model, "ema": ema}, {"opt": opt, "sched": sched}
     step = 0
-    if a.resume and (ck := load_checkpoint(a.run_dir)):  # every rank reads the same checkpoint
-        step, weights, state = ck
-        model.load_state_dict(weights["model"])
-        ema.load_state_dict(weights["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        if run:
-            run.log(f"resumed at step {step}")
+    if args.resume:  # every rank reads the same checkpoint
+        step = run.restore(modules, objects) if run else restore_checkpoint(args.run_dir, modules, objects)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if a.compile:
+    if args.compile:
         net = torch.compile(net)
-    gen = torch.Generator(device=device).manual_seed(a.seed * 1000003 + rank * 7919 + step)
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)
     ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
-    w_tab = min_snr_weight(schedule, all_t, a.min_snr).to(device)
+    w_tab = min_snr_weight(schedule, all_t, args.min_snr).to(device)
 
-    judge = load_judge(a.judge) if rank == 0 else None
+    judge = load_judge(args.judge) if rank == 0 else None
     decoder = Decoder(load_vae(vae_folder)).eval() if rank == 0 else None
-    eval_cond = load_condition_file(a.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
+    eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
     per_rank = cfg["batch"] // world
     if run:
         run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "
                 f"world {world}, device {device}")
-    def save(step):
-        run.save(step, {"model": model.state_dict(), "ema": ema.state_dict()},
-                 {"opt": opt.state_dict(), "sched": sched.state_dict()})
-
     progress = Progress(run, steps, step)
     model.train()
     while step < steps:
         # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
         idx = torch.randint(0, len(lat), (per_rank,), generator=gen, device=device)
         z0 = lat.sample(idx, gen)
-        keep = torch.rand(per_rank, generator=gen, device=device) >= a.p_uncond
+        keep = torch.rand(per_rank, generator=gen, device=device) >= args.p_uncond
         cond = lat.labels[idx] * keep.float()[:, None]
         t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
@@ -200,27 +184,27 @@ def main(argv=None):
             x0 = x0_eps(x_t[sel], out[sel].float(), ca[sel], cs[sel], schedule.prediction)[0]
             cls_term = class_term(cls_nets, x0, cond[sel])
             extra = {"cls": cls_term.item(), "mse": loss.item()}
-            loss = loss + a.cls_weight * cls_term
+            loss = loss + args.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         step += 1
-        ema_update(ema, model, step, a.ema)
+        ema_update(ema, model, step, args.ema)
         progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
                                                            lr=sched.get_last_lr()[0], **extra))
         evaluating = step % cfg["eval_every"] == 0 or step == steps
         if run and not evaluating and step % cfg["save_every"] == 0:
-            save(step)
+            run.checkpoint(step, modules, objects)
         if evaluating:
             if run:
-                res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], a.guidance, device)
+                res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
                 res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"]}
-                run.metrics(step=step, heldout_subset=res, guidance=a.guidance, sampler_steps=cfg["eval_steps"])
+                run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
                 progress.write(f"step {step}: accuracy {res['accuracy']:.4f} on {len(eval_cond)} held-out conditions")
                 run.sample_grid("heldout", step, images)
-                save(step)
+                run.checkpoint(step, modules, objects)
             if world > 1:
                 dist.barrier()
     progress.close()

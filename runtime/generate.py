@@ -92,50 +92,50 @@ def save_images(images: np.ndarray, folder: Path) -> None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help='comma-separated objects, e.g. "red sphere,yellow cube"')
     src.add_argument("--conditions", type=Path, help="test.json-style list of label lists")
-    p.add_argument("-n", type=int, default=8, help="images for --labels (default 8)")
-    p.add_argument("--model", default="ldm", help="ldm or gan")
-    p.add_argument("--sampler", default="dpmpp", help="dpmpp, ddim or ddpm")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
-    p.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
+    parser.add_argument("-n", type=int, default=8, help="images for --labels (default 8)")
+    parser.add_argument("--model", default="ldm", help="ldm or gan")
+    parser.add_argument("--sampler", default="dpmpp", help="dpmpp, ddim or ddpm")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
+    parser.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
                    "export's latent classifier (N times the generator's work; default 1: plain sampling)")
-    p.add_argument("--export", type=Path, help="export folder (default exports/default)")
-    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    parser.add_argument("--export", type=Path, help="export folder (default exports/default)")
+    parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
-    p.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
-    a = p.parse_args(argv)
+    parser.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
+    args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
-    if min(a.n, a.steps, a.batch, a.best_of) < 1:
+    if min(args.n, args.steps, args.batch, args.best_of) < 1:
         raise UserError("-n, --steps, --batch and --best-of must be >= 1")
-    pipe = Pipeline(ExportFolder(a.export, a.providers, a.threads, a.precision))
-    cond = load_conditions(a.conditions) if a.conditions else np.repeat(parse_label_arg(a.labels)[None], a.n, axis=0)
-    kw = {"seed": a.seed} if a.model == "gan" else dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance,
-                                                        eta=a.eta, seed=a.seed, batch=a.batch)
+    pipe = Pipeline(ExportFolder(args.export, args.providers, args.threads, args.precision))
+    cond = load_conditions(args.conditions) if args.conditions else np.repeat(parse_label_arg(args.labels)[None], args.n, axis=0)
+    kw = {"seed": args.seed} if args.model == "gan" else dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                                        eta=args.eta, seed=args.seed, batch=args.batch)
     try:
-        images = pipe.generate(cond, a.model, a.best_of, **kw)
+        images = pipe.generate(cond, args.model, args.best_of, **kw)
     except ValueError as e:  # sampler name / steps out of range, from the shared maths
         raise UserError(str(e)) from None
-    if a.conditions:
-        save_images(images, a.out)
-        res = {"images": len(images), "out": str(a.out)}
+    if args.conditions:
+        save_images(images, args.out)
+        res = {"images": len(images), "out": str(args.out)}
         if pipe.ex.has("judge"):
             res["accuracy"] = accuracy(pipe.ex, images, cond)
             if pipe.ex.has("judge2"):
                 res["second_judge"] = accuracy(pipe.ex, images, cond, "judge2")
         print(json.dumps(res))
     else:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image_grid(images)).save(a.out)
-        print(f"wrote {a.out}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image_grid(images)).save(args.out)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -353,26 +353,26 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--export", type=Path, help="export folder (default exports/default)")
-    p.add_argument("--window-ms", type=float, default=10.0, help="how long the batcher waits for more requests")
-    p.add_argument("--max-batch", type=int, default=256, help="most images in one sampler call")
-    p.add_argument("--max-queue", type=int, default=1024, help="most images waiting; beyond it, 503")
-    p.add_argument("--max-n", type=int, default=64, help="most images one request may ask for")
-    p.add_argument("--no-batching", action="store_true", help="run each request alone (for comparison)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
-    a = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--export", type=Path, help="export folder (default exports/default)")
+    parser.add_argument("--window-ms", type=float, default=10.0, help="how long the batcher waits for more requests")
+    parser.add_argument("--max-batch", type=int, default=256, help="most images in one sampler call")
+    parser.add_argument("--max-queue", type=int, default=1024, help="most images waiting; beyond it, 503")
+    parser.add_argument("--max-n", type=int, default=64, help="most images one request may ask for")
+    parser.add_argument("--no-batching", action="store_true", help="run each request alone (for comparison)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
+    args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
-    if a.window_ms < 0 or a.max_batch < 1 or a.max_queue < 1 or a.max_n < 1:
+    if args.window_ms < 0 or args.max_batch < 1 or args.max_queue < 1 or args.max_n < 1:
         raise UserError("--window-ms must be >= 0 and --max-batch, --max-queue, --max-n >= 1")
     import uvicorn
 
-    app = build_app(a.export, a.window_ms, a.max_batch, a.max_queue, not a.no_batching, Limits(max_n=a.max_n),
-                    a.threads, a.providers)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=30)
+    app = build_app(args.export, args.window_ms, args.max_batch, args.max_queue, not args.no_batching, Limits(max_n=args.max_n),
+                    args.threads, args.providers)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":

@@ -22,32 +22,13 @@ def tiny_weights(tmp_path_factory) -> Path:
     outputs depend on every input: enough to test export and the runtime end to end."""
     import torch
 
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import VAE, VAEConfig, save_vae
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import VAE, VAEConfig, save_vae
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import VAE, VAEConfig, save_vae
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import VAE, VAEConfig, save_vae
     from python.core.diffusion import Schedule
-    from python.models.vae import vae_digest
+    from python.models.classifier import LatentClassifier
+    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
+    from python.models.gan import GANConfig, Generator
+    from python.models.generators import save_generator
+    from python.models.judge import build_judge, save_judge
+    from python.models.vae import VAE, VAEConfig, save_vae, vae_digest
 
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
@@ -79,16 +60,6 @@ def parts(tmp_path_factory) -> Path:
     """A tiny untrained VAE and judge: enough to exercise the LDM and GAN training loops."""
     import torch
 
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import VAE, VAEConfig, save_vae
-    from python.models.classifier import LatentClassifier
-    from python.models.denoiser import Denoiser, DenoiserConfig, save_denoiser
-    from python.models.gan import GANConfig, Generator
-    from python.models.generators import save_generator
     from python.models.judge import build_judge, save_judge
     from python.models.vae import VAE, VAEConfig, save_vae
 

@@ -120,8 +120,8 @@ def test_eval_gen_best_of_needs_and_uses_the_classifier(tiny_weights, tiny_data,
 
 
 def test_pixel_classifier_reads_the_vaes_decoded_image_and_reloads(tiny_data, parts, tmp_path):
-    from python.models.vae import Decoder, load_vae
     from python.models.classifier import PixelClassifier, load_classifier
+    from python.models.vae import Decoder, load_vae
     from python.train_classifier import main
 
     run, out = tmp_path / "run", tmp_path / "weights"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from python.data.dataset import load_condition_file, load_image64, load_split, to_model_range
 from python.core.errors import UserError
 from python.core.labels import OBJECTS, encode
-from python.data.synthetic import make_dataset
+from python.data.dataset import load_condition_file, load_image64, load_split, to_model_range
 from python.data.render import render, sample_scene
+from python.data.synthetic import make_dataset
 
 
 def test_official_format_round_trip(tiny_data):

@@ -4,8 +4,18 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from python.core.diffusion import (DDIM, DDPM, DPMSolverPP, Schedule, add_noise, guide, make_sampler, sample_loop, target, 
-                              x0_eps)
+from python.core.diffusion import (
+    DDIM,
+    DDPM,
+    DPMSolverPP,
+    Schedule,
+    add_noise,
+    guide,
+    make_sampler,
+    sample_loop,
+    target,
+    x0_eps,
+)
 
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from python import distill
-from python.models.denoiser import load_denoiser
-from python.models.generators import load_generator, save_generator
-from python.models.one_step import OneStep
-from python.models.vae import Decoder, load_vae
 from python.core.best_of import candidate_seed
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
 from python.core.noise import initial_noise
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator, save_generator
+from python.models.one_step import OneStep
 from python.models.sampling import ldm_latents
+from python.models.vae import Decoder, load_vae
 
 
 def _pairs_args(tiny_data, w, out, *extra):
@@ -80,8 +80,8 @@ def test_best_of_pairs_record_the_kept_candidates_noise(tiny_data, tiny_weights,
 
 
 def test_student_trains_resumes_ships_and_loads_as_the_gan(tiny_data, tiny_weights, tmp_path):
-    from python.ship import main as ship
     from python.models.sampling import gan_latents
+    from python.ship import main as ship
 
     pairs = tmp_path / "pairs"
     distill.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "8", "--shard", "8"))
@@ -147,8 +147,7 @@ def test_classifier_agrees_means_every_requested_object_in_the_top_k():
 
 
 def test_filter_trains_on_the_pairs_the_classifier_agrees_with(tiny_data, tiny_weights, tmp_path, capsys):
-    from python.models.classifier import load_classifier
-    from python.models.classifier import save_classifier
+    from python.models.classifier import load_classifier, save_classifier
 
     pairs = tmp_path / "pairs"
     distill.main(_pairs_args(tiny_data, tiny_weights, pairs, "--count", "16", "--shard", "8"))
@@ -194,8 +193,8 @@ def test_class_term_pulls_the_student_towards_the_classifiers_labels(tiny_data, 
             "--batch", "8", "--lr", "1e-3", "--ema", "0", "--eval-every", "8", "--eval-conditions", "2"]
     cls = load_classifier(tiny_weights / "classifier")[0]
     # a second, pixel classifier (untrained: its weights do not matter here) makes the term the mean of two
-    from python.models.vae import vae_digest
     from python.models.classifier import PixelClassifier, save_classifier
+    from python.models.vae import vae_digest
 
     save_classifier(PixelClassifier.from_vae(tiny_weights / "vae").eval(), tmp_path / "pixels",
                     {"vae_sha": vae_digest(tiny_weights / "vae")})
@@ -246,11 +245,9 @@ def test_student_exports_and_the_runtime_matches_torch(tiny_weights, tmp_path):
 
     from export.to_onnx import export_all
     from python.models.denoiser import load_denoiser
-    from python.models.generators import load_generator, save_generator
+    from python.models.generators import load_generator
     from python.models.one_step import OneStep
-    from python.models.vae import Decoder, load_vae
-    from python.models.sampling import decode
-    from python.models.sampling import gan_latents
+    from python.models.sampling import decode, gan_latents
     from runtime.generate import Pipeline
     from runtime.models import ExportFolder
 

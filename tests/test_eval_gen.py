@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from python.core.errors import UserError
 from python.eval_gen import main
 from python.evaluation.metrics import spread
 

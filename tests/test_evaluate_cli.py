@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from python.models.judge import build_judge, load_judge, save_judge, topk_accuracy
+from python.core.labels import load_conditions
 from python.data.dataset import load_image64, to_model_range
 from python.evaluate import main as evaluate
-from python.core.labels import load_conditions
+from python.models.judge import build_judge, load_judge, save_judge, topk_accuracy
 from python.train_evaluator import main as train_evaluator
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from export.to_onnx import export_all
-from python.models.judge import build_judge, judge_probs, load_judge, save_judge, topk_hits
 from python.core.errors import UserError
+from python.models.judge import build_judge, judge_probs, load_judge, save_judge, topk_hits
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from python.core.errors import UserError
 from python.models.classifier import LatentClassifier
 from python.models.gan import Discriminator, GANConfig, Generator
 from python.models.generators import load_generator
-from python.core.errors import UserError
-from python.ship import main as ship
 from python.models.sampling import gan_latents
+from python.ship import main as ship
 from python.train_gan import main as train_gan
 
 
@@ -44,7 +44,7 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     train_gan([*args, "--steps", "3"])
     train_gan([*args, "--resume", "--lr-g", "1e-4", "--reset-ema"])
     log = (run / "log.txt").read_text()
-    assert "resumed at step 3 (EMA restarted" in log and "latent classifier loaded" in log  # phase 0 ran once
+    assert "resumed at step 3\n" in log and "EMA restarted from the generator" in log and "latent classifier loaded" in log  # phase 0 ran once
     assert "'lr_g': (0.0002, 0.0001)" in log  # the changed setting is logged (and applied to the optimiser)
     assert "'gan'" not in log  # tuples in the config are not mistaken for changes
     from python.training.rundir import load_checkpoint
@@ -118,3 +118,38 @@ def test_online_classifier_is_checkpointed_and_resumed(tiny_data, parts, tmp_pat
     with pytest.raises(SystemExit):
         train_gan([*args[:-6], "--run-dir", str(tmp_path / "r2"), "--cls-steps", "0", "--cls-fake", "1"])
     assert "--cls-fake needs the latent classifier (--cls-steps > 0)" in capsys.readouterr().err
+
+
+def test_generator_kind_is_written_read_and_inferred_for_old_folders(tiny_weights, tmp_path):
+    """config.json's "kind" picks the generator class; a folder written before "kind" existed is read by the key
+    it has ("gan" or "distilled"); an unknown kind and a damaged weights file are clear errors."""
+    import shutil
+
+    from python.models.generators import generator_kind
+
+    folder = tmp_path / "gan"
+    shutil.copytree(tiny_weights / "gan", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["kind"] == "adversarial"
+    gen, _ = load_generator(folder)
+    z, cond = torch.randn(2, gen.cfg.z_dim), torch.eye(2, 24)
+    del cfg["kind"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    old, _ = load_generator(folder)
+    assert type(old) is type(gen) and torch.equal(old(z, cond), gen(z, cond))
+    assert generator_kind({"distilled": {}}) == "distilled" and generator_kind({"gan": {}}) == "adversarial"
+    (folder / "config.json").write_text(json.dumps({**cfg, "kind": "diffusion"}))
+    with pytest.raises(UserError, match="valid kinds: adversarial, distilled"):
+        load_generator(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    weights = folder / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(UserError, match="generator.safetensors: not a readable safetensors file, corrupt or truncated"):
+        load_generator(folder)
+
+
+def test_shipped_gan_path_says_what_it_is():
+    from python.models.one_step import OneStep
+
+    gen, cfg = load_generator()
+    assert cfg["kind"] == "distilled" and isinstance(gen, OneStep)

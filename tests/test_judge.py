@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from python.models.judge import build_judge, judge_score, load_judge, save_judge, topk_accuracy, topk_hits
 from python.core.errors import UserError
+from python.models.judge import build_judge, judge_score, load_judge, save_judge, topk_accuracy, topk_hits
 
 
 def _reference_accuracy(out, onehot):

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from python.core.errors import UserError
-from python.core.labels import (CLASS_NAMES, OBJECTS, decode, encode, encode_many, load_conditions, load_objects, 
-                           parse_label_arg)
+from python.core.labels import (
+    CLASS_NAMES,
+    OBJECTS,
+    decode,
+    encode,
+    encode_many,
+    load_conditions,
+    load_objects,
+    parse_label_arg,
+)
 
 
 def test_official_mapping():

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from python.models.classifier import LatentClassifier
-from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
-from python.models.vae import Decoder, load_vae
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
-from python.ship import main as ship
 from python.core.images import image_grid
+from python.models.classifier import LatentClassifier
+from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
 from python.models.sampling import decode, ldm_latents
-from python.training.losses import min_snr_weight
+from python.models.vae import Decoder, load_vae
+from python.ship import main as ship
 from python.train_ldm import main as train_ldm
+from python.training.losses import min_snr_weight
 
 
 def _args(tiny_data, parts, run, *extra):
@@ -150,9 +150,9 @@ def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts,
     import torch.nn.functional as F
 
     from python.core.diffusion import x0_eps
-    from python.training.latents import load_latents
-    from python.models.vae import vae_digest
     from python.models.classifier import load_classifier, save_classifier
+    from python.models.vae import vae_digest
+    from python.training.latents import load_latents
 
     torch.manual_seed(0)
     cls = LatentClassifier(4).eval()

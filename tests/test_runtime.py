@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from export.to_onnx import export_all
-from python.models.denoiser import load_denoiser
-from python.models.generators import load_generator
-from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
 from python.core.labels import encode
-from python.models.sampling import decode, ldm_latents
-from python.models.sampling import gan_latents
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator
+from python.models.sampling import decode, gan_latents, ldm_latents
+from python.models.vae import VAE, Decoder, VAEConfig, load_vae, save_vae
 
 
 @pytest.fixture(scope="module")

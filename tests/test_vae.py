@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from python.models.judge import build_judge, save_judge
-from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
 from python.core.errors import UserError
+from python.models.judge import build_judge, save_judge
+from python.models.vae import VAE, Decoder, VAEConfig, load_vae, save_vae
 from python.train_vae import main as train_vae
 
 
@@ -85,9 +85,8 @@ def test_train_scale_factor_cache_and_resume(tiny_data, tmp_path, capsys):
 
 
 def test_eval_vae_prints_one_json_line(tiny_data, tmp_path, capsys):
-    from python.models.judge import build_judge, save_judge
-    from python.models.vae import Decoder, VAE, VAEConfig, load_vae, save_vae
     from python.eval_vae import main as eval_vae
+    from python.models.vae import VAE, VAEConfig, save_vae
 
     save_vae(VAE(VAEConfig(channels=[16, 8])), tmp_path / "vae")
     save_judge(build_judge("resnet18").eval(), tmp_path / "judge")

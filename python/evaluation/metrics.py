@@ -1,16 +1,10 @@
-"""Image figures with torch: reconstruction PSNR, the judge's unrequested objects, within-condition spread."""
+"""Image figures with torch: the judge's unrequested objects, within-condition spread."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from python.models.judge import judge_probs
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 def unrequested_rate(net, images: torch.Tensor, labels) -> float:

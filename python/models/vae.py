@@ -198,6 +198,12 @@ def load_vae(folder: Path | None = None, device="cpu") -> VAE:
     return load_state_into(VAE(load_vae_config(folder)), folder / "vae.safetensors").to(device).eval()
 
 
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
 @torch.no_grad()
 def reconstruct(vae: VAE, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
     """uint8 images (N, 64, 64, 3) -> their reconstructions through the posterior means, in [-1, 1]."""

@@ -12,6 +12,30 @@ from tqdm import tqdm
 from python.training.rundir import RunDir
 
 
+def add_run_options(parser: argparse.ArgumentParser, run_dir: str, presets: dict | None = None,
+                    vae: str | None = "VAE folder (default: shipped weights/vae)",
+                    judge: str | None = "judge for the held-out figure (default: shipped primary)",
+                    resume: bool = True, device: bool = False) -> argparse.ArgumentParser:
+    """The options the trainers share: --data, --vae and --judge (with these help texts; None: not taken),
+    --run-dir (default runs/<run_dir>), --preset (of `presets`), --seed, --resume and --device (where asked)."""
+    parser.add_argument("--data", type=Path, default=Path("data/iclevr"), help="dataset folder (official format)")
+    if vae:
+        parser.add_argument("--vae", type=Path, help=vae)
+    if judge:
+        parser.add_argument("--judge", type=Path, help=judge)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs") / run_dir, help="the run folder")
+    if presets:
+        parser.add_argument("--preset", choices=presets, default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    if resume:
+        parser.add_argument("--resume", action="store_true", help="continue the run folder's latest checkpoint")
+    if device:
+        import torch
+
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
 def resolve_config(preset: dict, args: argparse.Namespace) -> dict:
     """The preset's settings overridden by every option given on the command line (those not None), paths as
     strings: what the run folder's config.json records."""

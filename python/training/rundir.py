@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from python.core.errors import UserError
-from python.core.images import image_grid
+from python.core.images import image_grid, rows_grid
 
 
 class RunDir:
@@ -75,17 +75,55 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return ckpt
 
-    def sample_grid(self, tag: str, step: int, images) -> Path:
-        """samples/<tag>-<step>.png: the first 64 images (in [-1, 1]) as a grid of 8 per row."""
-        path = self.path / "samples" / f"{tag}-{step:08d}.png"
-        Image.fromarray(image_grid(images[:64])).save(path)
-        return path
+    def checkpoint(self, step: int, modules: dict, objects: dict, keep: int = 1) -> Path:
+        """save() of the modules' weights and the objects' states (optimizers, schedulers, torch.Generators), by
+        name; entries that are None are left out. restore() reads them back."""
+        return self.save(step, {name: m.state_dict() for name, m in modules.items() if m is not None},
+                         {name: o.get_state() if isinstance(o, torch.Generator) else o.state_dict()
+                          for name, o in objects.items() if o is not None}, keep)
 
-    def load(self):
-        return load_checkpoint(self.path)
+    def restore(self, modules: dict, objects: dict, optional: tuple = ()) -> int:
+        """The latest checkpoint loaded into what checkpoint() saved (see restore_checkpoint); logs and returns
+        its step, 0 when there is none."""
+        step = restore_checkpoint(self.path, modules, objects, optional)
+        if step:
+            self.log(f"resumed at step {step}")
+        return step
+
+    def sample_grid(self, tag: str, step: int, images, reference=None) -> Path:
+        """samples/<tag>-<step>.png: the first 64 images (in [-1, 1]) as a grid of 8 per row; with `reference`
+        (e.g. the originals of reconstructions), the first 16 of it in a row above the first 16 images."""
+        path = self.path / "samples" / f"{tag}-{step:08d}.png"
+        grid = image_grid(images[:64]) if reference is None else rows_grid(reference, images, n=16)
+        Image.fromarray(grid).save(path)
+        return path
 
     def elapsed(self) -> float:
         return time.time() - self.t0
+
+
+def restore_checkpoint(run_path: Path, modules: dict, objects: dict, optional: tuple = ()) -> int:
+    """Load a run folder's latest checkpoint into `modules` (their weights, by name) and `objects` (optimizers,
+    schedulers, torch.Generators: their state, by name), skipping entries that are None; a name in `optional` may
+    be missing from the checkpoint (a part added on resume), any other is an error. Returns the step (0: none)."""
+    ck = load_checkpoint(run_path)
+    if ck is None:
+        return 0
+    step, weights, state = ck
+    for name, m in modules.items():
+        if m is not None and (name in weights or name not in optional):
+            m.load_state_dict(_entry(weights, name, run_path))
+    for name, o in objects.items():
+        if o is not None and (name in state or name not in optional):
+            (o.set_state if isinstance(o, torch.Generator) else o.load_state_dict)(_entry(state, name, run_path))
+    return step
+
+
+def _entry(saved: dict, name: str, run_path: Path):
+    if name not in saved:
+        raise UserError(f"{run_path}: its checkpoint has no {name!r} (it holds {sorted(saved)}); was it written by "
+                        f"another trainer or with other options?")
+    return saved[name]
 
 
 def load_checkpoint(run_path: Path):
