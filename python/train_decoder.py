@@ -3,7 +3,7 @@
     python -m python.train_decoder --data data/iclevr --vae weights/vae --run-dir runs/decoder \\
         --decoder-channels 96 64 --decoder-up nearest --steps 8000
 
-The encoder, the scale factor and therefore the latent space (python.latents.vae_digest) are kept; the LDM and
+The encoder, the scale factor and therefore the latent space (python.models.vae.vae_digest) are kept; the LDM and
 the GAN trained on them stay valid. The decoder learns from the latent cache (posterior samples of every training
 image and its mirror image, encoded once), so no encoder runs during training. Loss: mean squared error plus an
 L1 term on image gradients (finite differences), which weighs the edges and corners that tell a small cube from a

@@ -6,7 +6,7 @@
 Loss: mean squared error + beta * KL(q(z|x) || N(0, I)) per latent element; beta is small, so the
 posterior stays nearly deterministic (a sharp decoder) while the KL keeps the latent space smooth and
 bounded for diffusion and the GAN. After training, the training set (and its mirror images) is
-encoded once into the latent cache (python/latents.py: posterior mean and std, float16, unscaled,
+encoded once into the latent cache (python/training/latents.py: posterior mean and std, float16, unscaled,
 with labels), and scale_factor = 1 / std of the cached means is stored in config.json, so that the
 generators see unit-variance latents z = scale_factor * (mean + std * eps).
 """

@@ -12,7 +12,7 @@ base64 PNGs, with the judge's per-image scores when "scores" is true. GET /healt
 (Prometheus text format).
 
 Requests that arrive within --window-ms of each other (up to --max-batch images) and share the model and
-sampler settings are merged into one sampler call; each keeps its own noise (python/noise.py), so its
+sampler settings are merged into one sampler call; each keeps its own noise (python/core/noise.py), so its
 images do not depend on what it was batched with. Past --max-queue waiting images the server answers 503
 with Retry-After instead of queueing without bound.
 """

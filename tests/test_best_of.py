@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from python.core.best_of import SEED_STRIDE, best_of, candidate_seed, label_set_loglik
+from python.core.best_of import SEED_STRIDE, best_of, best_of_latents, candidate_seed, label_set_loglik
 from python.core.errors import UserError
 
 
@@ -17,6 +17,34 @@ def test_label_set_loglik_by_hand():
     # saturated logits stay finite: a confident wrong answer is a large finite penalty, not -inf
     far = label_set_loglik(np.array([[-800.0, 800.0]]), np.array([[1, 0]]))
     assert np.isfinite(far).all() and far[0] == pytest.approx(-1600.0)
+
+
+def test_best_of_latents_draws_every_candidate_in_one_call_with_candidate_seeds():
+    """Candidate k of the part (seed s, m rows) is those m rows drawn with candidate_seed(s, k), all in one sample
+    call; n = 1 is that call with the seeds as given; the pick is per row."""
+    cond = np.zeros((3, 24), np.float32)
+    cond[:, 0] = 1
+    calls = []
+
+    def sample(c, seeds):  # each row's latent holds the seed it was drawn with
+        calls.append((len(c), seeds))
+        return np.concatenate([np.full((m, 1, 2, 2), float(s), np.float32) for s, m in seeds])
+
+    parts = [(5, 2), (9, 1)]
+    plain = best_of_latents(sample, cond, 1, seeds=parts)
+    assert calls == [(3, parts)] and plain[:, 0, 0, 0].tolist() == [5, 5, 9]
+    calls.clear()
+    favourite = {0: 1, 1: 0, 2: 2}  # the candidate the classifier likes for each row
+
+    def logits(lat):
+        k = np.round((lat[:, 0, 0, 0] - np.array([5, 5, 9])) / SEED_STRIDE).astype(int)
+        return np.where(np.array([favourite[i] for i in range(3)]) == k, 9.0, -9.0)[:, None] * np.eye(24)[0]
+
+    got = best_of_latents(sample, cond, 3, logits, seeds=parts)
+    assert calls == [(9, [(candidate_seed(s, k), m) for k in range(3) for s, m in parts])]
+    assert got[:, 0, 0, 0].tolist() == [candidate_seed(5, 1), candidate_seed(5, 0), candidate_seed(9, 2)]
+    with pytest.raises(UserError, match="needs the latent classifier"):
+        best_of_latents(sample, cond, 2)
 
 
 def test_best_of_keeps_each_rows_most_likely_candidate():

@@ -6,7 +6,7 @@
 //   already loaded), for bench/latency.py.
 //
 // The schedule (alpha_bar for t = 0..T-1) and the label list come from files the Python export writes
-// (schedule.txt, labels.txt): the maths that defines them lives once, in python/diffusion.py; this file only
+// (schedule.txt, labels.txt): the maths that defines them lives once, in python/core/diffusion.py; this file only
 // runs the DDIM update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps with "leading" timesteps.
 // Writes 0.ppm ... N-1.ppm and images.f32 (N x 3 x 64 x 64, float32, [-1, 1]) for parity tests.
 #include <torch/script.h>
@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
   int n = 8, steps = 20, repeat = 1;
-  double w = 4.0;  // = python.diffusion.DEFAULT_GUIDANCE
+  double w = 4.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
   uint64_t seed = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
