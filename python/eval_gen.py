@@ -9,9 +9,12 @@ each seed are scored by the primary judge (the headline) and the second judge (a
 something is wrong); mean and std over seeds, and accuracy by number of objects. Diversity: the mean pairwise
 distance, in the second judge's feature space (the primary's where there is no second judge; the output says
 which), among samples of one condition, divided by the same figure on
-fresh renders of those conditions (1.0 = as varied as real scenes; near 0 = collapsed). Writes the course's
-grids (8 per row) for test.json and new_test.json, and for the LDM the denoising-process image for
-["red sphere", "yellow cube", "cyan cylinder"].
+fresh renders of those conditions (1.0 = as varied as real scenes; near 0 = collapsed). Fidelity (unless
+--no-fidelity; python/evaluation/fidelity.py): for each file of 8 or more conditions, the first seed's images
+against one fresh render per condition: FD, KID, precision / recall in the second judge's features, unrequested
+and missing objects, contrast and sharpness, beside their floors (a second set of renders, and the VAE's
+reconstructions of it). Writes the course's grids (8 per row) for test.json and new_test.json, and for the LDM the
+denoising-process image for ["red sphere", "yellow cube", "cyan cylinder"].
 """
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ from python.core.labels import encode
 from python.core.memory import keep_freed_memory
 from python.data.dataset import load_condition_file, to_model_range
 from python.data.synthetic import render_conditions
+from python.evaluation.fidelity import FEATURES, MIN_IMAGES, load_reference
 from python.evaluation.generators import MODELS, TorchGenerator
 from python.evaluation.metrics import spread, unrequested_rate
 from python.models.classifier import load_classifier_for
 from python.models.judge import judge_features, judge_score, load_judge
 from python.models.sampling import decode
+from python.models.vae import load_vae
 
 PROCESS_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
 
@@ -85,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu", help="where the generator network runs (e.g. cuda)")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity figures (python/evaluation/"
+                        "fidelity.py: FD, KID, precision/recall, object figures, with their floors)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
     if args.model not in MODELS:
@@ -113,6 +120,15 @@ def main(argv=None):
                    spread(real_images.flatten(1), len(div_cond)))
     report = {"model": args.model, "weights": str(args.weights), "sampler": args.sampler if args.model == "ldm" else None,
               "seeds": args.seeds, "limit": args.limit, "best_of": args.best_of, "results": []}
+    references = {}
+    if not args.no_fidelity:
+        vae = load_vae(args.weights / "vae")
+        references = {name: load_reference(args.data, name, cond, feature_judge, judge, vae)
+                      for name, cond in files.items() if len(cond) >= MIN_IMAGES}
+        report["fidelity"] = {
+            "features": FEATURES if judge2 is not None else "primary judge's penultimate layer (512-d)",
+            "images": f"seed {args.seeds[0]}'s, one per condition, against one fresh render per condition",
+            "floors": {name: ref.floors for name, ref in references.items()}}
     for steps, guidance in settings:
         kw = dict(steps=steps, guidance=guidance) if args.model == "ldm" else {}
         kw.update(best_of=args.best_of, classifier=classifier)
@@ -129,6 +145,8 @@ def main(argv=None):
                     by_obj.setdefault(k, []).append(v)
                 if judge2 is not None:
                     per_seed2.append(judge_score(judge2, images, cond)["accuracy"])
+                if seed == args.seeds[0] and name in references:
+                    fidelity = references[name].figures(images)
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
                     args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
@@ -139,13 +157,15 @@ def main(argv=None):
                 "accuracy_std": round(float(np.std(per_seed)), 4), "per_seed": [round(x, 4) for x in per_seed],
                 "second_judge_mean": round(float(np.mean(per_seed2)), 4) if per_seed2 else None,
                 "by_objects": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_obj.items())},
-                "unrequested_object_rate": round(float(np.mean(extra)), 4)}
+                "unrequested_object_rate": round(float(np.mean(extra)), 4),
+                **({"fidelity": fidelity} if name in references else {})}
         row["diversity"] = diversity(gen, feature_judge, div_cond, args.per_condition, real_spread, **kw)
         row["diversity"]["features"] = "second judge" if judge2 is not None else "primary judge"
         row["seconds"] = round(time.time() - t0, 1)
         report["results"].append(row)
         print(f"{args.model} steps={steps} guidance={guidance}: " + "; ".join(
             f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
+            + (f" KID x1000 {r['fidelity']['kid_x1000']:.1f} FD {r['fidelity']['fd']:.1f}" if "fidelity" in r else "")
             for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
     if args.out and args.model == "ldm":
         steps, guidance = settings[0]

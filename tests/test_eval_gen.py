@@ -80,3 +80,21 @@ def test_unrequested_rate_counts_objects_beyond_the_label_set():
     assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.5
     labels[1, 7] = 1  # now it was requested
     assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.0
+
+
+def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weights, tiny_data, tmp_path):
+    rep = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+                "heldout.json", "--seeds", "0", "--limit", "12", "--diversity-conditions", "2", "--per-condition", "2"])
+    fid = rep["fidelity"]
+    assert fid["features"].startswith("second judge") and set(fid["floors"]) == {"test.json", "heldout.json"}
+    keys = {"fd", "kid_x1000", "kid_std_x1000", "precision", "recall", "contrast_ratio", "sharpness_ratio",
+            "unrequested", "missing", "n_real", "n_generated", "fd_reliable", "kid_subset"}
+    for name in ("test.json", "heldout.json"):
+        floors, got = fid["floors"][name], rep["results"][0]["files"][name]["fidelity"]
+        assert set(floors) == {"real_vs_real", "vae_reconstruction"} and keys <= set(got)
+        assert got["n_generated"] == got["n_real"] == 12 and not got["fd_reliable"]
+        # an untrained generator is further from the renders than a second set of renders is
+        assert got["kid_x1000"] > floors["real_vs_real"]["kid_x1000"] and got["fd"] > floors["real_vs_real"]["fd"]
+    small = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+                  "--seeds", "0", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
+    assert small["fidelity"]["floors"] == {} and "fidelity" not in small["results"][0]["files"]["test.json"]
