@@ -6,7 +6,9 @@ baseline and this machine's measured matmul peak.
 Throughput is end to end (noise -> decoded 64x64 images): the median of --runs timed runs after one warm-up,
 with min and max; batch 1 also gives latency p50/p95. Accuracy (primary judge, second judge beside it) is
 measured once per model and sampler setting, on test.json, new_test.json and heldout.json, with the ONNX
-models (backends are parity-tested against each other, so they buy the same accuracy). The baseline is a
+models (backends are parity-tested against each other, so they buy the same accuracy), and beside each accuracy
+its fidelity (python/evaluation/fidelity.py: KID, FD, precision / recall, object figures; floors once per file).
+--quick scores the first 128 conditions of each file (stated in the output). The baseline is a
 pixel-space diffusers UNet2DModel (64,128,256,512) at 64x64 with 1000 DDPM steps: one step is timed and
 multiplied by 1000 (weights untrained: only its cost matters). FLOPs per image are counted with torch's
 FLOP counter (matmuls and convolutions) and set against the peak measured here for the same precision.
@@ -42,12 +44,12 @@ from runtime.models import ExportFolder  # noqa: E402
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
 QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "cpp"], ldm_batches=[32],
              gan_backends=["torch-fp32", "onnxruntime"], gan_batches=[256], latency_backends=["onnxruntime"],
-             files=("test.json", "new_test.json"), baseline_batch=4, runs=5, latency_runs=5)
+             files=CONDITION_FILES, limit=128, baseline_batch=4, runs=5, latency_runs=5)
 FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
             ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp"], ldm_batches=[32, 256],
             gan_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime"], gan_batches=[1, 32, 256],
-            latency_backends=["torch-fp32", "onnxruntime"], files=CONDITION_FILES, baseline_batch=16, runs=5,
-            latency_runs=20)
+            latency_backends=["torch-fp32", "onnxruntime"], files=CONDITION_FILES, limit=None, baseline_batch=16,
+            runs=5, latency_runs=20)
 
 
 BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp")
@@ -248,16 +250,37 @@ def conditions_for(batch: int) -> np.ndarray:
     return cond
 
 
-def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> dict:
-    """{setting: {"primary": {file: acc}, "second": {file: acc}}} with the ONNX models."""
+def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> dict:
+    """{file: python.evaluation.fidelity.Reference} for the files with enough conditions (torch judges and VAE of
+    the weights folder: the features and the floors are the ones eval_gen reports)."""
+    from python.evaluation.fidelity import MIN_IMAGES, load_reference
+    from python.models.judge import load_judge
+    from python.models.vae import load_vae
+
+    judge2 = m.weights / "judge2" / "judge.safetensors"
+    if not judge2.exists():
+        print(f"fidelity: no second judge at {judge2} (its features are the fidelity space); left out")
+        return {}
+    feature_net, judge = load_judge(judge2), load_judge(m.weights / "judge" / "judge.safetensors")
+    vae = load_vae(m.weights / "vae")
+    return {f: load_reference(data, f, c, feature_net, judge, vae) for f, c in conds.items() if len(c) >= MIN_IMAGES}
+
+
+def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
+                   fidelity: bool = True) -> tuple[dict, dict]:
+    """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
+    with the ONNX models, on the first `limit` conditions of each file (all with None)."""
+    import torch
+
     out = {}
     avail = [f for f in files if (data / f).exists()]
     if len(avail) < len(files):
         print(f"accuracy: no {sorted(set(files) - set(avail))} in {data} (run `make data`); left out")
+    conds = {f: load_conditions(data / f)[:limit] for f in avail}
+    references = fidelity_references(m, data, conds) if fidelity and settings else {}
     for key in settings:
-        res = {"primary": {}, "second": {}}
-        for f in avail:
-            cond = load_conditions(data / f)
+        res = {"primary": {}, "second": {}, "fidelity": {}}
+        for f, cond in conds.items():
             if key[0] == "ldm":
                 images = m.pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
             else:
@@ -265,9 +288,12 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float) -> d
             for which, name in (("primary", "judge"), ("second", "judge2")):
                 if m.pipe.ex.has(name):
                     res[which][f] = round(accuracy(m.pipe.ex, images, cond, name), 4)
+            if f in references:
+                res["fidelity"][f] = references[f].figures(torch.from_numpy(images))
         out[key] = res
-        print(f"accuracy {key}: " + ", ".join(f"{f} {v:.3f}" for f, v in res["primary"].items()), flush=True)
-    return out
+        print(f"accuracy {key}: " + ", ".join(f"{f} {v:.3f}" for f, v in res["primary"].items()) + "".join(
+            f"; {f} KID x1000 {v['kid_x1000']:.1f}" for f, v in res["fidelity"].items()), flush=True)
+    return out, {f: ref.floors for f, ref in references.items()}
 
 
 def baseline(batch: int, runs: int) -> dict:
@@ -355,7 +381,8 @@ def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, b
              flops_per_image=flops, achieved_flops=flops * ips if flops else None,
              fraction_of_peak=round(flops * ips / peak, 4) if flops else None,
              speedup_vs_baseline=round(ips / baseline_rate, 1) if baseline_rate else None,
-             accuracy=acc["primary"] if acc else {}, accuracy_second_judge=acc["second"] if acc else {})
+             accuracy=acc["primary"] if acc else {}, accuracy_second_judge=acc["second"] if acc else {},
+             fidelity=acc["fidelity"] if acc else {})
     if batch == 1:
         r["latency_ms_p50"] = round(1000 * float(np.percentile(secs, 50)), 2)
         r["latency_ms_p95"] = round(1000 * float(np.percentile(secs, 95)), 2)
@@ -409,7 +436,8 @@ def plot(results: list[dict], path: Path, title: str):
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced matrix (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="reduced matrix; accuracy and fidelity on the first 128 "
+                        "conditions of each file")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
                                                "the weights to a temporary folder first)")
@@ -429,6 +457,7 @@ def main(argv=None):
                    help="best-of-N selection by the latent classifier, for the LDM (at each sampler's smallest step "
                         "count) and the GAN; N > 1 is measured on onnxruntime (its cost is N times that setting's)")
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity figures beside each accuracy")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                    help="measure nothing: redraw --plot and rewrite --markdown from an earlier run's JSON")
     args = parser.parse_args(argv)
@@ -474,7 +503,10 @@ def main(argv=None):
                 ([("gan", None, None, b) for b in best_ofs] if m.gan else []))
     if not settings:
         print(f"{args.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
-    acc = accuracy_table(m, args.data, cfg["files"], settings, args.guidance)
+    if cfg["limit"]:
+        print(f"accuracy and fidelity on the first {cfg['limit']} conditions of each file (--quick)")
+    acc, floors = accuracy_table(m, args.data, cfg["files"], settings, args.guidance, cfg["limit"],
+                                 not args.no_fidelity)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
@@ -546,7 +578,8 @@ def main(argv=None):
             print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
            "peak_flops": peak, "guidance": args.guidance, "weights": str(args.weights), "baseline": base,
-           "decoder_flops_per_image": dec_flops, "results": results, "profile": profile}
+           "decoder_flops_per_image": dec_flops, "results": results, "profile": profile,
+           "conditions_limit": cfg["limit"], "fidelity_floors": floors}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))
@@ -569,8 +602,8 @@ def write_reports(out: dict, markdown_path: Path | None, plot_path: Path | None)
 
 def markdown(out: dict) -> str:
     """The results as a README table."""
-    rows = ["| model | backend | sampler | steps | batch | images/s (min-max) | % of peak | x baseline | accuracy test / new_test / heldout (2nd judge) | p50 / p95 ms |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| model | backend | sampler | steps | batch | images/s (min-max) | % of peak | x baseline | accuracy test / new_test / heldout (2nd judge) | heldout KID x1000 / precision / unrequested | p50 / p95 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in out["results"]:
         acc = " / ".join(f"{r['accuracy'][f]:.3f}" if f in r["accuracy"] else "-" for f in CONDITION_FILES)
         acc2 = r.get("accuracy_second_judge") or {}
@@ -583,8 +616,17 @@ def markdown(out: dict) -> str:
         speed = f"{r['speedup_vs_baseline']:,.0f}" if r.get("speedup_vs_baseline") else ""
         smp = ", ".join(x for x in (r["sampler"], f"best of {r['best_of']}" if r.get("best_of", 1) > 1 else None) if x)
         rows.append(f"| {r['model']} | {r['backend']} | {smp} | {r['steps'] or ''} | {r['batch']} | "
-                    f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | {lat} |")
+                    f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | "
+                    f"{fidelity_cell((r.get('fidelity') or {}).get('heldout.json'))} | {lat} |")
+    for name, floors in (out.get("fidelity_floors") or {}).items():
+        if name == "heldout.json":
+            rows.append("\nFloors (heldout.json" + (f"[:{out['conditions_limit']}]" if out.get("conditions_limit") else "")
+                        + "): " + "; ".join(f"{k.replace('_', ' ')} {fidelity_cell(v)}" for k, v in floors.items()))
     return "\n".join(rows) + "\n"
+
+
+def fidelity_cell(f: dict | None) -> str:
+    return f"{f['kid_x1000']:.1f} / {f['precision']:.2f} / {f['unrequested']:.2f}" if f else ""
 
 
 def _print(r: dict):

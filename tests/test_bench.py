@@ -21,22 +21,27 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
         if x["model"] != "baseline":
             assert x["flops_per_image"] > 0 and 0 < x["fraction_of_peak"] < 2 and x["speedup_vs_baseline"] > 1
     ort = next(x for x in res["results"] if x["model"] == "ldm" and x["backend"] == "onnxruntime" and x["batch"] == 32)
-    assert set(ort["accuracy"]) == {"test.json", "new_test.json"} and 0 <= ort["accuracy"]["test.json"] <= 1
-    assert set(ort["accuracy_second_judge"]) == {"test.json", "new_test.json"}
+    assert set(ort["accuracy"]) == {"test.json", "new_test.json", "heldout.json"} and 0 <= ort["accuracy"]["test.json"] <= 1
+    assert set(ort["accuracy_second_judge"]) == {"test.json", "new_test.json", "heldout.json"}
+    # --quick scores a stated sample of heldout.json, with fidelity beside each accuracy and the floors once
+    assert res["conditions_limit"] == 128 and set(res["fidelity_floors"]) == {"test.json", "new_test.json", "heldout.json"}
+    assert set(ort["fidelity"]) == {"test.json", "new_test.json", "heldout.json"} and ort["fidelity"]["heldout.json"]["n_generated"] == 40
+    assert {"kid_x1000", "fd", "precision", "recall", "unrequested"} <= set(ort["fidelity"]["heldout.json"])
     picked = [x for x in res["results"] if x.get("best_of") == 2]  # best-of-2: onnxruntime only, its own accuracy
     assert [(x["model"], x["backend"], x["steps"], x["batch"]) for x in picked] == [
         ("ldm", "onnxruntime", 10, 1), ("ldm", "onnxruntime", 10, 32), ("gan", "onnxruntime", None, 1),
         ("gan", "onnxruntime", None, 256)]
     assert picked[0]["flops_per_image"] > 2 * ort["flops_per_image"] - res["decoder_flops_per_image"]
-    assert set(picked[1]["accuracy"]) == {"test.json", "new_test.json"}
+    assert set(picked[1]["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}
     gan1 = next(x for x in res["results"] if x["model"] == "gan" and x["best_of"] == 1 and x["batch"] == 256)
     assert picked[3]["flops_per_image"] > 2 * gan1["flops_per_image"] - res["decoder_flops_per_image"]
-    assert set(picked[3]["accuracy"]) == {"test.json", "new_test.json"}
+    assert set(picked[3]["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}
     b1 = next(x for x in res["results"] if x["batch"] == 1)
     assert b1["latency_ms_p50"] <= b1["latency_ms_p95"]
     assert png.stat().st_size > 10_000 and "img/s" in r.stdout
     table = (tmp_path / "t.md").read_text().splitlines()
-    assert len(table) == 2 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")
+    assert len(table) == 4 + len(res["results"]) and table[2].startswith("| ldm | torch-fp32 | dpmpp | 10 | 32 |")
+    assert table[-1].startswith("Floors (heldout.json[:128]): real vs real ")
     assert any(row.startswith("| ldm | onnxruntime | dpmpp, best of 2 | 10 | 32 |") for row in table)
     assert any(row.startswith("| gan | onnxruntime | best of 2 |  | 256 |") for row in table)
     prof = res["profile"]["ldm_onnxruntime"]
