@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from python.core.best_of import best_of_latents
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
+from python.core.diffusion import DEFAULT_GUIDANCE, SAMPLERS, Schedule
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import load_conditions, parse_label_arg
@@ -27,6 +28,39 @@ from python.core.memory import keep_freed_memory
 from python.core.sampling import diffusion_latents, one_step_latents
 from runtime.judge import accuracy
 from runtime.models import ExportFolder
+
+
+# The command line's bounds (the server has its own, smaller ones: runtime.serve.Limits). One decoded image is 48 KiB
+# of float32 and the pipeline holds every image of a call at once, so 65,536 images need ~3.2 GiB beside the models.
+MAX_IMAGES = 65_536
+MAX_GUIDANCE = 20.0
+MAX_BEST_OF = 16
+
+
+def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, batch: int, best_of: int,
+                   sampler: str, schedule_steps: int) -> None:
+    """UserError naming the first setting outside its range (NaN and infinity included) and what is valid."""
+    checks = [("-n", n, 1, MAX_IMAGES), ("--steps", steps, 1, schedule_steps), ("--batch", batch, 1, MAX_IMAGES),
+              ("--best-of", best_of, 1, MAX_BEST_OF), ("--seed", seed, 0, 2 ** 63 - 1),
+              ("--guidance", guidance, 0.0, MAX_GUIDANCE), ("--eta", eta, 0.0, 1.0)]
+    for flag, value, lo, hi in checks:
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise UserError(f"{flag} must be between {lo} and {hi}, got {value}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if n * best_of > MAX_IMAGES:
+        raise UserError(f"-n x --best-of = {n * best_of} candidate images, at most {MAX_IMAGES} in one call")
+
+
+def check_output(out: Path, folder: bool) -> None:
+    """UserError before any work when --out cannot be written as asked (a folder, or a .png file)."""
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
+    if folder and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file exists there; --conditions writes a folder of images")
+    if not folder and (out.is_dir() or out.suffix.lower() != ".png"):
+        raise UserError(f"--out {out}: --labels writes one grid image; give a file name ending in .png")
 
 
 class Pipeline:
@@ -114,10 +148,15 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
-    if min(args.n, args.steps, args.batch, args.best_of) < 1:
-        raise UserError("-n, --steps, --batch and --best-of must be >= 1")
+    if args.model not in ("ldm", "gan"):
+        raise UserError(f"--model must be 'ldm' or 'gan', got {args.model!r}")
     pipe = Pipeline(ExportFolder(args.export, args.providers, args.threads, args.precision))
-    cond = load_conditions(args.conditions) if args.conditions else np.repeat(parse_label_arg(args.labels)[None], args.n, axis=0)
+    cond = load_conditions(args.conditions) if args.conditions else parse_label_arg(args.labels)[None]
+    check_settings(len(cond) if args.conditions else args.n, args.steps, args.guidance, args.eta, args.seed,
+                   args.batch, args.best_of, args.sampler, pipe.schedule.T if pipe.schedule else 1000)
+    check_output(args.out, folder=bool(args.conditions))
+    if args.labels:
+        cond = np.repeat(cond, args.n, axis=0)
     kw = {"seed": args.seed} if args.model == "gan" else dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                         eta=args.eta, seed=args.seed, batch=args.batch)
     try:

@@ -97,14 +97,33 @@ def test_cli_labels_and_conditions(export, tmp_path, tiny_data):
 @pytest.mark.parametrize("args, msg", [
     (["--labels", "grey cube"], "unknown label 'grey cube'; valid names are"),
     (["--labels", "red cube,red cube"], "repeated"),
-    (["--labels", "red cube", "--sampler", "euler"], "unknown sampler 'euler'"),
-    (["--labels", "red cube", "--steps", "0"], "must be >= 1"),
+    (["--labels", "red cube", "--sampler", "euler"], "--sampler must be one of ddpm, ddim, dpmpp, got 'euler'"),
+    (["--labels", "red cube", "--steps", "0"], "--steps must be between 1 and 1000, got 0"),
+    (["--labels", "red cube", "--steps", "1001"], "--steps must be between 1 and 1000, got 1001"),
     (["--labels", "red cube", "--model", "vae"], "--model must be 'ldm' or 'gan'"),
+    (["--labels", "red sphere", "-n", "100000000", "--model", "gan"], "-n must be between 1 and 65536"),
+    (["--labels", "red sphere", "-n", "0"], "-n must be between 1 and 65536, got 0"),
+    (["--labels", "red sphere", "--guidance", "nan"], "--guidance must be between 0.0 and 20.0, got nan"),
+    (["--labels", "red sphere", "--guidance", "inf"], "--guidance must be between 0.0 and 20.0, got inf"),
+    (["--labels", "red sphere", "--eta", "-0.5"], "--eta must be between 0.0 and 1.0, got -0.5"),
+    (["--labels", "red sphere", "--best-of", "17"], "--best-of must be between 1 and 16, got 17"),
+    (["--labels", "red sphere", "-n", "8192", "--best-of", "16"], "131072 candidate images, at most 65536"),
+    (["--labels", "red sphere", "--out", "{tmp}/grid"], "give a file name ending in .png"),
+    (["--labels", "red sphere", "--out", "{tmp}"], "give a file name ending in .png"),
+    (["--labels", "red sphere", "--out", "{tmp}/afile/x.png"], "afile is a file, not a folder"),
+    (["--conditions", "{data}/test.json", "--out", "{tmp}/afile"], "a file exists there"),
 ])
-def test_cli_errors(export, tmp_path, args, msg):
+def test_cli_errors(export, tmp_path, tiny_data, args, msg):
+    """Bad settings end in one line and exit status 2 before anything is generated or written."""
     out, _ = export
-    r = _cli(*args, "--export", str(out), "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1
+    (tmp_path / "afile").write_text("")
+    args = [a.format(tmp=tmp_path, data=tiny_data) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "x.png")]
+    before = sorted(tmp_path.rglob("*"))
+    r = _cli(*args, "--export", str(out))
+    assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_missing_generator_and_mismatched_vae(tiny_weights, tmp_path):
