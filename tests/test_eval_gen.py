@@ -95,6 +95,11 @@ def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weight
         assert got["n_generated"] == got["n_real"] == 12 and not got["fd_reliable"]
         # an untrained generator is further from the renders than a second set of renders is
         assert got["kid_x1000"] > floors["real_vs_real"]["kid_x1000"] and got["fd"] > floors["real_vs_real"]["fd"]
+    from bench.fidelity_table import table
+
+    lines = table([rep, rep], "test.json").splitlines()  # the README's table: floors, then each report's settings
+    assert len(lines) == 2 + 2 + 2 and lines[2].startswith("| floor: real renders vs real renders | | | ")
+    assert lines[4].startswith("| GAN path, one pass | 1 | ") and "(n 12: biased)" in lines[4]
     small = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
                   "--seeds", "0", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
     assert small["fidelity"]["floors"] == {} and "fidelity" not in small["results"][0]["files"]["test.json"]
