@@ -1,9 +1,12 @@
 """Export the trained networks to ONNX (and TorchScript) with a manifest the runtime reads.
 
     python export/to_onnx.py [--weights DIR] [--out DIR] [--format onnx|torchscript|both] [--fp16] [--triton DIR]
+    python export/to_onnx.py --int8 --data data/iclevr     # also int8 copies, calibrated on the data's latents
 
 Every export is checked (onnx.checker) and verified against torch on random inputs; `--fp16` adds a float16
-copy of each ONNX model (float32 inputs and outputs kept, verified to FP16_TOL); where TensorRT imports (a GPU
+copy of each ONNX model (float32 inputs and outputs kept, verified to FP16_TOL); `--int8` an int8 copy of the
+decoder, denoiser, generator and classifier (export/quantize.py: static, calibrated on real latents, verified and
+refused above INT8_TOL); where TensorRT imports (a GPU
 machine), fp16 engines are built from the ONNX files with profiles for batch 1..256. The manifest
 (manifest.json) lists each model's file, inputs, outputs, checksum and verification figure, plus
 the label list, so the runtime needs nothing else. Networks whose weights do not exist yet are
@@ -250,7 +253,8 @@ def collect(weights: Path | None) -> dict:
     return found
 
 
-def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = False) -> dict:
+def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = False,
+               int8_data: Path | None = None) -> dict:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +286,10 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = 
         c, h, w = nets["decoder"][4]["latent_shape"]
         (out / "schedule.txt").write_text(f"{s.T} {c} {h} {w} {s.prediction}\n"
                                           + "\n".join(f"{v:.17g}" for v in s.alpha_bar) + "\n")
+    if "onnx" in formats and int8_data is not None:
+        from export.quantize import quantize_export
+
+        quantize_export(out, manifest, int8_data, _weights(weights, "vae"))
     if "onnx" in formats:
         build_tensorrt(out, manifest)
     tmp = out / ".manifest.tmp"
@@ -297,13 +305,19 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
     parser.add_argument("--fp16", action="store_true", help="also write float16 ONNX copies (for GPU providers)")
+    parser.add_argument("--int8", action="store_true", help="also write int8 ONNX copies of the decoder, denoiser, "
+                        "generator and classifier (for CPUs with VNNI), calibrated on --data's latents")
+    parser.add_argument("--data", type=Path, help="dataset whose training latents calibrate --int8")
     parser.add_argument("--triton", type=Path, metavar="DIR", help="also write a Triton Inference Server model repository")
     parser.add_argument("--triton-cpu", action="store_true", help="Triton instances on CPU instead of GPU")
     args = parser.parse_args(argv)
     formats = ("onnx", "torchscript") if args.format == "both" else (args.format,)
     if args.triton and "onnx" not in formats:
         raise UserError("--triton needs the ONNX models: use --format onnx or both")
-    m = export_all(args.weights, args.out, formats, fp16=args.fp16)
+    if args.int8 and ("onnx" not in formats or args.data is None):
+        raise UserError("--int8 needs the ONNX models (--format onnx or both) and --data DIR (a dataset whose "
+                        "training images calibrate the int8 ranges)")
+    m = export_all(args.weights, args.out, formats, fp16=args.fp16, int8_data=args.data if args.int8 else None)
     print(f"wrote {args.out / 'manifest.json'} ({len(m['models'])} models)")
     if args.triton:
         from export.triton_repo import write_repository

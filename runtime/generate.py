@@ -27,8 +27,7 @@ from python.core.labels import load_conditions, parse_label_arg
 from python.core.memory import keep_freed_memory
 from python.core.sampling import diffusion_latents, one_step_latents
 from runtime.judge import accuracy
-from runtime.models import ExportFolder
-
+from runtime.models import PRECISIONS, ExportFolder
 
 # The command line's bounds (the server has its own, smaller ones: runtime.serve.Limits). One decoded image is 48 KiB
 # of float32 and the pipeline holds every image of a call at once, so 65,536 images need ~3.2 GiB beside the models.
@@ -143,8 +142,9 @@ def main(argv=None):
     parser.add_argument("--export", type=Path, help="export folder (default exports/default)")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp16 uses the export's float16 models (export/to_onnx.py --fp16); meant for GPU providers")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp16 / int8: the export's float16 copies (export/to_onnx.py --fp16; for GPU providers) "
+                             "or int8 copies (--int8; for CPUs with VNNI), where it has them; fp32 elsewhere")
     parser.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py

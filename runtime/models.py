@@ -12,6 +12,7 @@ from python.core.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EXPORT = REPO / "exports" / "default"
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def pick_providers(requested: list[str] | None = None) -> list[str]:
@@ -31,8 +32,8 @@ class ExportFolder:
 
     def __init__(self, path: Path | None = None, providers: list[str] | None = None, threads: int | None = None,
                  precision: str = "fp32"):
-        if precision not in ("fp32", "fp16"):
-            raise UserError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         self.path = Path(path) if path else DEFAULT_EXPORT
         mf = self.path / "manifest.json"
@@ -56,8 +57,8 @@ class ExportFolder:
             import onnxruntime as ort
 
             entry = self.manifest["models"][name]
-            if self.precision == "fp16":  # the float16 copy where the export has one (export --fp16)
-                entry = self.manifest["models"].get(f"{name}_fp16", entry)
+            if self.precision != "fp32":  # the fp16 / int8 copy where the export has one (export --fp16 / --int8)
+                entry = self.manifest["models"].get(f"{name}_{self.precision}", entry)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
