@@ -42,17 +42,20 @@ from runtime.judge import accuracy  # noqa: E402
 from runtime.models import ExportFolder  # noqa: E402
 
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
-QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "cpp"], ldm_batches=[32],
-             gan_backends=["torch-fp32", "onnxruntime"], gan_batches=[256], latency_backends=["onnxruntime"],
+QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8", "cpp"],
+             ldm_batches=[32], gan_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8"], gan_batches=[256],
+             latency_backends=["onnxruntime"],
              files=CONDITION_FILES, limit=128, baseline_batch=4, runs=5, latency_runs=5)
 FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
-            ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp"], ldm_batches=[32, 256],
-            gan_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime"], gan_batches=[1, 32, 256],
-            latency_backends=["torch-fp32", "onnxruntime"], files=CONDITION_FILES, limit=None, baseline_batch=16,
+            ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "cpp"],
+            ldm_batches=[32, 256], gan_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime",
+                                                 "onnxruntime-int8"], gan_batches=[1, 32, 256],
+            latency_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8"], files=CONDITION_FILES, limit=None, baseline_batch=16,
             runs=5, latency_runs=20)
 
 
-BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "cpp")
+BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "cpp")
+PRECISION = {"torch-bf16": "bf16", "onnxruntime-int8": "int8"}  # of each backend's arithmetic; fp32 elsewhere
 
 
 def restrict(cfg: dict, args) -> dict:
@@ -82,13 +85,18 @@ def peak_matmul(dtype: str, n: int = 2048, reps: int = 10) -> float:
     """Best-of FLOP/s of an n x n matmul in torch: the roof the models are held against."""
     import torch
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-    a @ b
+    if dtype == "int8":  # int8 x int8 -> int32 (VNNI where the CPU has it), counted as 2 ops per multiply-add
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
+        mm = torch._int_mm
+    else:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        mm = torch.matmul
+    mm(a, b)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        a @ b
+        mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -139,7 +147,7 @@ def timed(fn, runs: int) -> list[float]:
 class Models:
     """The torch models of a weights folder and their exports (ONNX + TorchScript) in one place."""
 
-    def __init__(self, weights: Path, export: Path | None, threads: int):
+    def __init__(self, weights: Path, export: Path | None, threads: int, data: Path | None = None):
         import torch
 
         from export.to_onnx import export_all
@@ -151,10 +159,15 @@ class Models:
         self.weights = weights
         if export is None:
             export = Path(tempfile.mkdtemp(prefix="bench-export-"))
-            print(f"exporting {weights} to {export} (ONNX + TorchScript)", flush=True)
-            export_all(weights, export, formats=("onnx", "torchscript"))
+            int8 = data if data is not None and (data / "train.json").exists() else None
+            print(f"exporting {weights} to {export} (ONNX + TorchScript" + (", int8 copies" if int8 else "") + ")",
+                  flush=True)
+            export_all(weights, export, formats=("onnx", "torchscript"), int8_data=int8)
         self.export = export
-        self.pipe = Pipeline(ExportFolder(export, threads=threads))
+        self.pipes = {"fp32": Pipeline(ExportFolder(export, threads=threads))}
+        if any(k.endswith("_int8") for k in self.pipes["fp32"].ex.manifest["models"]):
+            self.pipes["int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8"))
+        self.pipe = self.pipes["fp32"]
         self.decoder = Decoder(load_vae(weights / "vae")).eval()
         self.ldm = self.gan = None
         if (weights / "ldm" / "config.json").exists():
@@ -183,9 +196,10 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
                                        batch=len(cond))
-    if backend == "onnxruntime":
-        return lambda: m.pipe.decode(m.pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
-                                     batch=len(cond))
+    if backend.startswith("onnxruntime"):
+        pipe = m.pipes[PRECISION.get(backend, "fp32")]
+        return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
+                                   batch=len(cond))
     if backend == "cpp":
         return None  # timed by the binary itself (cpp_times)
     bf16 = backend == "torch-bf16"
@@ -210,8 +224,9 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "gan", best_of, seed=0)
-    if backend == "onnxruntime":
-        return lambda: m.pipe.decode(m.pipe.gan_latents(cond, batch=len(cond)), batch=len(cond))
+    if backend.startswith("onnxruntime"):
+        pipe = m.pipes[PRECISION.get(backend, "fp32")]
+        return lambda: pipe.decode(pipe.gan_latents(cond, batch=len(cond)), batch=len(cond))
     bf16 = backend == "torch-bf16"
     gen = m.ts["generator"] if backend == "torchscript" else m.gan
     decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
@@ -269,7 +284,8 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
                    fidelity: bool = True) -> tuple[dict, dict]:
     """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
-    with the ONNX models, on the first `limit` conditions of each file (all with None)."""
+    with the ONNX models of the setting's precision (its last field), on the first `limit` conditions of each file
+    (all with None)."""
     import torch
 
     out = {}
@@ -281,10 +297,11 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
     for key in settings:
         res = {"primary": {}, "second": {}, "fidelity": {}}
         for f, cond in conds.items():
+            pipe = m.pipes[key[4]]
             if key[0] == "ldm":
-                images = m.pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
+                images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
             else:
-                images = m.pipe.generate(cond, "gan", key[3], seed=0)
+                images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
                 if m.pipe.ex.has(name):
                     res[which][f] = round(accuracy(m.pipe.ex, images, cond, name), 4)
@@ -374,7 +391,8 @@ def op_profile(module, *inputs, top: int = 8) -> list[dict]:
 def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate, best_of=1) -> dict:
     med = float(np.median(secs))
     ips = batch / med
-    r = dict(model=model, backend=backend, sampler=sampler, steps=steps, best_of=best_of, batch=batch,
+    r = dict(model=model, backend=backend, precision=PRECISION.get(backend, "fp32"), sampler=sampler, steps=steps,
+             best_of=best_of, batch=batch,
              images_per_sec=round(ips, 2),
              images_per_sec_min=round(batch / max(secs), 2), images_per_sec_max=round(batch / min(secs), 2),
              seconds=[round(s, 5) for s in secs], peak_rss_mb=round(rss / 2 ** 20, 1) if rss else None,
@@ -479,15 +497,20 @@ def main(argv=None):
     malloc = keep_freed_memory()  # before anything is timed, so no backend's figure depends on what ran first
     import torch
 
-    m = Models(args.weights, args.export, args.threads)
+    m = Models(args.weights, args.export, args.threads, args.data)
+    if "int8" not in m.pipes:
+        print("onnxruntime-int8: the export has no int8 copies (export/to_onnx.py --int8 --data DIR); its rows are "
+              "left out", flush=True)
+        for key in ("ldm_backends", "gan_backends", "latency_backends"):
+            cfg[key] = [b for b in cfg[key] if b != "onnxruntime-int8"]
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                "onnxruntime_providers": m.pipe.ex.providers, "gpu": torch.cuda.get_device_name() if gpu else None,
                "malloc": malloc}
-    peak = {"fp32": peak_matmul("fp32"), "bf16": peak_matmul("bf16")}
+    peak = {p: peak_matmul(p) for p in ("fp32", "bf16", "int8")}
     print(f"peak matmul (2048^3, {args.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s, int8 {peak['int8'] / 1e9:.0f} GOP/s", flush=True)
     base = baseline(cfg["baseline_batch"], cfg["runs"])
     print(f"baseline (pixel UNet {base['params_m']}M, 1000 DDPM steps, batch {base['batch']}): "
           f"{base['images_per_sec']:.4f} images/s", flush=True)
@@ -499,8 +522,10 @@ def main(argv=None):
     best_ofs = sorted(set(args.best_of))
     fewest = {s: min(n for s2, n in cfg["ldm"] if s2 == s) for s, _ in cfg["ldm"]}
     ldm_settings = [(s, n, b) for s, n in cfg["ldm"] for b in best_ofs if b == 1 or n == fewest[s]]
-    settings = (([("ldm", *c) for c in ldm_settings] if m.ldm else []) +
-                ([("gan", None, None, b) for b in best_ofs] if m.gan else []))
+    precisions = ["fp32"] + (["int8"] if "onnxruntime-int8" in cfg["ldm_backends"] + cfg["gan_backends"] else [])
+    settings = (([("ldm", *c, p) for c in ldm_settings for p in precisions if p == "fp32" or c[2] == 1]
+                 if m.ldm else []) + ([("gan", None, None, b, p) for b in best_ofs for p in precisions
+                                      if p == "fp32" or b == 1] if m.gan else []))
     if not settings:
         print(f"{args.weights}: no LDM or GAN weights yet; only the baseline and the peak are measured")
     if cfg["limit"]:
@@ -533,9 +558,10 @@ def main(argv=None):
                         else:
                             secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of), runs)
                     smp = "ddim" if backend == "cpp" else sampler
-                    prec = "bf16" if backend == "torch-bf16" else "fp32"
+                    prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
-                                          mem.peak if backend != "cpp" else 0, acc.get(("ldm", smp, steps, best_of)),
+                                          mem.peak if backend != "cpp" else 0,
+                                          acc.get(("ldm", smp, steps, best_of, "int8" if prec == "int8" else "fp32")),
                                           base["images_per_sec"], best_of))
                     _print(results[-1])
     if m.gan:
@@ -549,9 +575,10 @@ def main(argv=None):
                     with PeakRSS() as mem:
                         secs = timed(gan_runner(m, backend, cond, best_of),
                                      cfg["latency_runs"] if batch == 1 else cfg["runs"])
-                    prec = "bf16" if backend == "torch-bf16" else "fp32"
+                    prec = PRECISION.get(backend, "fp32")
                     results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
-                                          acc.get(("gan", None, None, best_of)), base["images_per_sec"], best_of))
+                                          acc.get(("gan", None, None, best_of, "int8" if prec == "int8" else "fp32")),
+                                          base["images_per_sec"], best_of))
                     _print(results[-1])
     results.append(dict(model="baseline", backend="torch-fp32", sampler="ddpm", steps=1000, batch=base["batch"],
                         images_per_sec=base["images_per_sec"], flops_per_image=base["flops_per_image"],

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "pareto.png"
@@ -15,7 +17,13 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     assert res["peak_flops"]["fp32"] > 1e9 and res["peak_flops"]["bf16"] > 1e9
     got = {(x["model"], x["backend"], x["batch"]) for x in res["results"]}
     assert {("ldm", "torch-fp32", 32), ("ldm", "onnxruntime", 32), ("ldm", "onnxruntime", 1), ("ldm", "cpp", 32),
-            ("gan", "onnxruntime", 256), ("baseline", "torch-fp32", 4)} <= got
+            ("gan", "onnxruntime", 256), ("baseline", "torch-fp32", 4), ("ldm", "onnxruntime-int8", 32),
+            ("gan", "onnxruntime-int8", 256)} <= got
+    assert res["peak_flops"]["int8"] > 1e9
+    int8 = next(x for x in res["results"] if x["backend"] == "onnxruntime-int8" and x["model"] == "ldm")
+    # its own accuracy and fidelity (the int8 models' images), its % of the int8 peak
+    assert int8["precision"] == "int8" and set(int8["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}
+    assert int8["fraction_of_peak"] == pytest.approx(int8["achieved_flops"] / res["peak_flops"]["int8"], rel=1e-3)
     for x in res["results"]:
         assert x["images_per_sec"] > 0 and {"model", "backend", "sampler", "steps", "batch", "accuracy"} <= set(x)
         if x["model"] != "baseline":
