@@ -185,7 +185,7 @@ class Models:
 def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
                best_of: int = 1):
     """fn() -> images for the LDM on one backend, from fixed noise; best_of > 1 (ONNX Runtime only) draws that
-    many candidates per condition and keeps the latent classifier's pick (python/best_of.py)."""
+    many candidates per condition and keeps the latent classifier's pick (python/core/best_of.py)."""
     import torch
 
     from python.models.sampling import torch_call

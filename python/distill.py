@@ -8,7 +8,7 @@ The DPM-Solver++ sampler is deterministic: for a label set, the teacher is a fun
 to a latent x_0. A student (python/models/one_step.py) learns that function for one call.
 
 Teacher (`pairs`): the LDM (DPM-Solver++, --steps, guidance) on label sets drawn from the training set's; with
---best-of N, the candidate that the latent classifier likes best (python/best_of.py; trained on real latents only,
+--best-of N, the candidate that the latent classifier likes best (python/core/best_of.py; trained on real latents only,
 no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seeded by its index, so an interrupted
 run resumes by skipping the shards that exist, and adding shards adds data.
 
@@ -19,7 +19,7 @@ the pairs whose x_0 the latent classifier reads as exactly the requested objects
 teacher where the teacher succeeds. Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
 projection discriminator on latents (python.models.gan.Discriminator, hinge loss), with the teacher's latents as
-the real ones, weighted adaptively against the regression term as in python/train_decoder.py. --cls-weight adds a
+the real ones, weighted adaptively against the regression term (python/training/losses.py adaptive_weight). --cls-weight adds a
 frozen latent classifier's binary cross-entropy for the requested labels on the student's latents (a classifier
 trained on real latents only; use another one than the best-of selector, --cls-classifier, or selection would
 read a network the student learnt to please; several are averaged, and a pixel one, train_classifier --pixels,

@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--diversity-conditions", type=int, default=16)
     parser.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
     parser.add_argument("--best-of", type=int, default=1, help="keep the best of N candidates per condition by the "
-                   "latent classifier (python/best_of.py; default 1: plain sampling)")
+                   "latent classifier (python/core/best_of.py; default 1: plain sampling)")
     parser.add_argument("--classifier", type=Path, help="latent classifier for --best-of (default: weights/classifier)")
     parser.add_argument("--out", type=Path, help="folder for the grids and the denoising-process image")
     parser.add_argument("--json", type=Path)
