@@ -23,7 +23,7 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
     int8 = next(x for x in res["results"] if x["backend"] == "onnxruntime-int8" and x["model"] == "ldm")
     # its own accuracy and fidelity (the int8 models' images), its % of the int8 peak
     assert int8["precision"] == "int8" and set(int8["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}
-    assert int8["fraction_of_peak"] == pytest.approx(int8["achieved_flops"] / res["peak_flops"]["int8"], rel=1e-3)
+    assert int8["fraction_of_peak"] == pytest.approx(int8["achieved_flops"] / res["peak_flops"]["int8"], abs=1e-4)
     for x in res["results"]:
         assert x["images_per_sec"] > 0 and {"model", "backend", "sampler", "steps", "batch", "accuracy"} <= set(x)
         if x["model"] != "baseline":

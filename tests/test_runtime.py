@@ -158,4 +158,4 @@ def test_fp16_export_and_runtime(tiny_weights, tmp_path):
     half = Pipeline(ExportFolder(tmp_path, precision="fp16")).generate(cond, "ldm", steps=4, seed=3)
     assert 0 < np.abs(full - half).max() < 5e-2  # a different model, and close to the float32 one
     with pytest.raises(UserError, match="precision"):
-        ExportFolder(tmp_path, precision="int8")
+        ExportFolder(tmp_path, precision="int4")
