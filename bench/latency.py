@@ -498,11 +498,14 @@ def main(argv=None):
     import torch
 
     m = Models(args.weights, args.export, args.threads, args.data)
-    if "int8" not in m.pipes:
-        print("onnxruntime-int8: the export has no int8 copies (export/to_onnx.py --int8 --data DIR); its rows are "
-              "left out", flush=True)
-        for key in ("ldm_backends", "gan_backends", "latency_backends"):
+    copies = {k.removesuffix("_int8") for k in m.pipe.ex.manifest["models"] if k.endswith("_int8")}
+    for key, needs in (("ldm_backends", {"denoiser", "decoder"}), ("gan_backends", {"generator", "decoder"})):
+        if "onnxruntime-int8" in cfg[key] and not needs <= copies:  # else its rows would time fp32 models
+            print(f"onnxruntime-int8: no int8 copy of {', '.join(sorted(needs - copies))} in the export "
+                  f"(export/to_onnx.py --int8 --data DIR); its {key.split('_')[0].upper()} rows are left out", flush=True)
             cfg[key] = [b for b in cfg[key] if b != "onnxruntime-int8"]
+    if "onnxruntime-int8" not in cfg["ldm_backends"] + cfg["gan_backends"]:
+        cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b != "onnxruntime-int8"]
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
