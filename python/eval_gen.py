@@ -36,7 +36,7 @@ from python.data.dataset import load_condition_file, to_model_range
 from python.data.synthetic import render_conditions
 from python.evaluation.fidelity import FEATURES, MIN_IMAGES, load_reference
 from python.evaluation.generators import MODELS, TorchGenerator
-from python.evaluation.metrics import spread, unrequested_rate
+from python.evaluation.metrics import object_rates, spread
 from python.models.classifier import load_classifier_for
 from python.models.judge import judge_features, judge_score, load_judge
 from python.models.sampling import decode
@@ -140,7 +140,7 @@ def main(argv=None):
                 images = gen.images(cond, seed, **kw)
                 res = judge_score(judge, images, cond)
                 per_seed.append(res["accuracy"])
-                extra.append(unrequested_rate(judge, images, cond))
+                extra.append(object_rates(judge, images, cond)["unrequested"])
                 for k, v in res["by_objects"].items():
                     by_obj.setdefault(k, []).append(v)
                 if judge2 is not None:

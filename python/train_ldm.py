@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
-from python.evaluation.metrics import unrequested_rate
+from python.evaluation.metrics import object_rates
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
 from python.models.judge import judge_score, load_judge
@@ -202,7 +202,7 @@ def main(argv=None):
             if run:
                 res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
                 res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
-                       "unrequested": unrequested_rate(judge, images, eval_cond)}
+                       "unrequested": object_rates(judge, images, eval_cond)["unrequested"]}
                 run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
                 progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
                                f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")

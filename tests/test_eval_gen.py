@@ -58,11 +58,11 @@ def test_without_a_second_judge_diversity_uses_the_primary_and_says_so(tiny_weig
     assert r["diversity"]["features"] == "primary judge" and r["diversity"]["real"] > 0
 
 
-def test_unrequested_rate_counts_objects_beyond_the_label_set():
+def test_object_rates_count_objects_beyond_and_missing_from_the_label_set():
     """A stand-in judge with fixed outputs: image 0 shows exactly its label, image 1 one extra object."""
     import torch
 
-    from python.evaluation.metrics import unrequested_rate
+    from python.evaluation.metrics import object_rates
 
     class Fixed(torch.nn.Module):
         def __init__(self):
@@ -77,9 +77,11 @@ def test_unrequested_rate_counts_objects_beyond_the_label_set():
 
     labels = np.zeros((2, 24), np.float32)
     labels[:, 0] = 1
-    assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.5
+    assert object_rates(Fixed(), torch.zeros(2, 3, 64, 64), labels) == {"unrequested": 0.5, "missing": 0.0}
     labels[1, 7] = 1  # now it was requested
-    assert unrequested_rate(Fixed(), torch.zeros(2, 3, 64, 64), labels) == 0.0
+    assert object_rates(Fixed(), torch.zeros(2, 3, 64, 64), labels) == {"unrequested": 0.0, "missing": 0.0}
+    labels[0, 3] = 1  # asked for, not seen: 1 of the 4 requested objects is missing
+    assert object_rates(Fixed(), torch.zeros(2, 3, 64, 64), labels) == {"unrequested": 0.0, "missing": 0.25}
 
 
 def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weights, tiny_data, tmp_path):

@@ -40,7 +40,8 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from python.core.images import to_uint8
 from python.data.dataset import cache_dir, to_model_range
 from python.data.synthetic import render_conditions
-from python.models.judge import judge_features, judge_probs
+from python.evaluation.metrics import object_rates
+from python.models.judge import judge_features
 from python.models.vae import VAE, reconstruct
 
 FEATURES = "second judge's penultimate layer (256-d)"
@@ -75,15 +76,6 @@ def sharpness(images, top: float = 0.02) -> np.ndarray:
     grad = np.sqrt((np.diff(x, axis=1)[:, :, :-1] ** 2 + np.diff(x, axis=2)[:, :-1] ** 2).sum(-1))
     flat = np.sort(grad.reshape(len(x), -1), axis=1)
     return flat[:, -max(1, int(top * flat.shape[1])):].mean(1)
-
-
-def object_rates(judge, images: torch.Tensor, labels) -> dict:
-    """The share of images with an unrequested object, and of requested objects not seen (primary judge)."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
-    seen = judge_probs(judge, images) > 0.5
-    asked = labels > 0.5
-    return {"unrequested": float((seen & ~asked).any(1).float().mean()),
-            "missing": float((~seen & asked).sum() / asked.sum())}
 
 
 class Reference:

@@ -1,4 +1,4 @@
-"""Image figures with torch: the judge's unrequested objects, within-condition spread."""
+"""Image figures with torch: the judge's unrequested and missing objects, within-condition spread."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +7,15 @@ import torch
 from python.models.judge import judge_probs
 
 
-def unrequested_rate(net, images: torch.Tensor, labels) -> float:
-    """Fraction of images in which the judge sees (p > 0.5) an object that was not asked for. The top-k metric
-    never looks beyond k, so an extra object costs accuracy only when it outranks a requested one."""
+def object_rates(judge, images: torch.Tensor, labels) -> dict:
+    """With the judge's reading (p > 0.5): the share of images holding an object that was not asked for
+    ("unrequested"; the top-k metric never looks beyond k, so an extra object costs accuracy only when it outranks
+    a requested one), and the share of requested objects it does not see ("missing")."""
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
-    extra = (judge_probs(net, images) > 0.5) & (labels < 0.5)
-    return float(extra.any(1).float().mean())
+    seen = judge_probs(judge, images) > 0.5
+    asked = labels > 0.5
+    return {"unrequested": float((seen & ~asked).any(1).float().mean()),
+            "missing": float((~seen & asked).sum() / asked.sum())}
 
 
 def spread(feats: torch.Tensor, groups: int) -> float:
