@@ -35,6 +35,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from python.core.checksum import sha256
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
 from python.core.noise import gan_noise
@@ -108,7 +109,8 @@ def quantize(src: Path, dst: Path, calibration: list[dict], verification: list[d
             if errors[method] <= INT8_TOL and int8_ops(dst):
                 return {"file": dst.name, "format": "onnx-int8", "quantization": QUANTIZATION[method],
                         "calibration_batches": len(calibration) if method == "static" else 0,
-                        "verified_rel_rms": errors[method], "tolerance": INT8_TOL}
+                        "verified_rel_rms": errors[method], "tolerance": INT8_TOL, "sha256": sha256(dst),
+                        "bytes": dst.stat().st_size}
     if dst.exists():
         os.remove(dst)
     raise UserError(f"{src.name}: no int8 copy within {INT8_TOL} relative RMS of fp32 on fresh inputs ("

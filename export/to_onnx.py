@@ -15,7 +15,6 @@ skipped with a one-line notice.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from python.core.checksum import sha256
 from python.core.diffusion import Schedule
 from python.core.errors import UserError, cli
 from python.core.labels import CLASS_NAMES
@@ -60,14 +60,6 @@ class JudgeForExport(nn.Module):
     def forward(self, images):
         z = judge_logits(self.net, images)
         return torch.sigmoid(z), z
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def max_rel_err(got, ref) -> float:

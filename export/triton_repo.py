@@ -13,11 +13,11 @@ Layout (Triton's): one folder per model with config.pbtxt and a version folder 1
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from python.core.checksum import sha256
 from python.core.diffusion import DEFAULT_GUIDANCE
 from python.core.errors import UserError
 
@@ -187,10 +187,6 @@ class TritonPythonModel:
 '''
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
     """Write the model repository for the models of an export folder; returns the model names written."""
     export, out = Path(export), Path(out)
@@ -206,7 +202,7 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
     written = []
     for name in onnx_models:
         src = export / models[name]["file"]
-        if _sha256(src) != models[name]["sha256"]:
+        if sha256(src) != models[name]["sha256"]:
             raise UserError(f"{src}: checksum differs from manifest.json; re-export")
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / name / "1" / "model.onnx")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from python.core.errors import UserError, cli
@@ -28,7 +29,18 @@ def main(argv=None):
     parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
     parser.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA (when the "
                                                       "run's metrics show the raw ones scoring higher)")
+    parser.add_argument("--force", action="store_true", help="replace the weights --out already holds (needs --card)")
+    parser.add_argument("--card", type=Path, help="the new MODEL_CARD.md, copied into --out (required with --force "
+                                                  "when the weights there have a card: it describes the old ones)")
     args = parser.parse_args(argv)
+    if (args.out / "config.json").exists():
+        if not args.force:
+            raise UserError(f"{args.out}: already holds weights; pass --force (and --card NEW_CARD.md) to replace them")
+        if (args.out / "MODEL_CARD.md").exists() and args.card is None:
+            raise UserError(f"{args.out}/MODEL_CARD.md describes the weights being replaced; give the new one with "
+                            f"--card PATH")
+    if args.card is not None and not args.card.is_file():
+        raise UserError(f"--card {args.card}: file not found")
     if not (args.run / "config.json").exists():
         raise UserError(f"{args.run}: not a run folder (no config.json)")
     ck = load_checkpoint(args.run)
@@ -50,6 +62,10 @@ def main(argv=None):
         gen = build_generator(cfg, args.run / "config.json")
         gen.load_state_dict(weights["generator" if args.raw else "ema"])
         save_generator(gen.eval(), args.out, provenance, half=not args.fp32)
+    if args.card is not None:
+        tmp = args.out / ".MODEL_CARD.tmp"
+        tmp.write_text(args.card.read_text())
+        os.replace(tmp, args.out / "MODEL_CARD.md")
     print(json.dumps({"out": str(args.out), "step": step}))
 
 

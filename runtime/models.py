@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from python.core.checksum import sha256
 from python.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,13 @@ class ExportFolder:
         if not mf.exists():
             raise UserError(f"{self.path}: no manifest.json; create the export with `python export/to_onnx.py"
                                 f" --out {self.path}`")
-        self.manifest = json.loads(mf.read_text())
-        self.labels: list[str] = self.manifest["labels"]
+        try:
+            self.manifest = json.loads(mf.read_text())
+            self.labels: list[str] = self.manifest["labels"]
+            assert isinstance(self.manifest["models"], dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
+            raise UserError(f"{mf}: not an export manifest ({type(e).__name__}: {e}); re-export with "
+                            f"`python export/to_onnx.py --out {self.path}`") from None
         self.providers = pick_providers(providers)
         self.threads = threads or os.cpu_count()
         self._sessions = {}
@@ -59,10 +65,17 @@ class ExportFolder:
             entry = self.manifest["models"][name]
             if self.precision != "fp32":  # the fp16 / int8 copy where the export has one (export --fp16 / --int8)
                 entry = self.manifest["models"].get(f"{name}_{self.precision}", entry)
+            path = self.path / entry["file"]
+            if not path.exists():
+                raise UserError(f"{path}: listed in manifest.json but missing; re-export with `python export/to_onnx.py "
+                                f"--out {self.path}`")
+            if "sha256" in entry and sha256(path) != entry["sha256"]:
+                raise UserError(f"{path}: its checksum differs from manifest.json's (a partial, mixed or damaged "
+                                f"export); re-export with `python export/to_onnx.py --out {self.path}`")
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._sessions[name] = ort.InferenceSession(str(self.path / entry["file"]), opts, providers=self.providers)
+            self._sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
         return self._sessions[name]
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

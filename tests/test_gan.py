@@ -74,6 +74,19 @@ def test_train_resume_and_generate(tiny_data, parts, tmp_path):
     assert not torch.allclose(gan_latents(raw, cond, seed=4), lat, atol=1e-3)  # the live weights, not the EMA
     with pytest.raises(SystemExit):
         ship(["ldm", "--run", str(run), "--out", str(tmp_path / "wrong")])  # a GAN run is not an LDM
+    # shipped weights are replaced only on purpose, and never under a card that describes the old ones
+    before = (tmp_path / "shipped" / "generator.safetensors").read_bytes()
+    (tmp_path / "shipped" / "MODEL_CARD.md").write_text("old card")
+    for extra, message in (([], "already holds weights; pass --force"), (["--force"], "give the new one with --card"),
+                           (["--force", "--card", str(tmp_path / "none.md")], "file not found")):
+        with pytest.raises(UserError, match=message):
+            ship.__wrapped__(["gan", "--run", str(run), "--out", str(tmp_path / "shipped"), "--raw", *extra])
+    assert (tmp_path / "shipped" / "generator.safetensors").read_bytes() == before
+    (tmp_path / "card.md").write_text("new card")
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "shipped"), "--raw", "--force", "--card",
+          str(tmp_path / "card.md")])
+    assert (tmp_path / "shipped" / "MODEL_CARD.md").read_text() == "new card"
+    assert load_generator(tmp_path / "shipped")[1]["weights"] == "raw"
 
 
 def test_minibatch_std_sees_collapse():

@@ -14,6 +14,8 @@ from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
 from python.models.sampling import decode, gan_latents, ldm_latents
 from python.models.vae import VAE, Decoder, VAEConfig, load_vae, save_vae
+from runtime.generate import Pipeline
+from runtime.models import ExportFolder
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,23 @@ def test_fp16_export_and_runtime(tiny_weights, tmp_path):
     assert 0 < np.abs(full - half).max() < 5e-2  # a different model, and close to the float32 one
     with pytest.raises(UserError, match="precision"):
         ExportFolder(tmp_path, precision="int4")
+
+
+def test_a_mixed_or_damaged_export_is_refused_at_load(export, tmp_path):
+    """A file that is not the one the manifest lists (a half-finished re-export, a damaged copy) and a manifest that
+    is not one end in one line naming the file, not in images from the wrong model."""
+    import shutil
+
+    out, _ = export
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copyfile(mixed / "classifier.onnx", mixed / "decoder.onnx")  # a new file beside the old manifest
+    pipe = Pipeline(ExportFolder(mixed))
+    with pytest.raises(UserError, match="decoder.onnx: its checksum differs from manifest.json's"):
+        pipe.generate(encode(["red cube"])[None], "gan")
+    (mixed / "generator.onnx").unlink()
+    with pytest.raises(UserError, match="generator.onnx: listed in manifest.json but missing"):
+        Pipeline(ExportFolder(mixed)).gan_latents(encode(["red cube"])[None])
+    (mixed / "manifest.json").write_text('{"models": ')
+    with pytest.raises(UserError, match="manifest.json: not an export manifest"):
+        ExportFolder(mixed)
