@@ -198,7 +198,7 @@ def train(args) -> None:
     student = OneStep(teacher.cfg, tcfg["schedule"])
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), teacher=meta, pairs_count=pairs_count,
                pairs_kept=len(pairs["cond"]))
-    run = RunDir(args.run_dir, cfg, args.resume)
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "lr", "lr_schedule"))
     student.denoiser.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)

@@ -43,7 +43,8 @@ def main(argv=None):
     lat = load_latents(args.data, vae_folder).to(device)
     cfg = resolve_config({}, args)
     cfg["vae_sha"] = vae_digest(vae_folder)
-    run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists())
+    run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists(),
+                 fixed=("vae_sha", "pixels"))
     cls = train_classifier(lat, args.steps, args.batch, args.seed, run, args.noise, device,
                            pixels_vae=vae_folder if args.pixels else None).cpu()
     extra = {"vae_sha": cfg["vae_sha"], "steps": args.steps, "batch": args.batch, "noise": args.noise, "seed": args.seed,

@@ -84,7 +84,7 @@ def main(argv=None):
             raise UserError("--init needs the same decoder widths and --decoder-up as the source VAE") from None
     vae.net.encoder.requires_grad_(False)
     cfg.update(vae=asdict(vcfg), latent_digest=vae_digest(src))
-    run = RunDir(args.run_dir, cfg, args.resume)
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("vae", "latent_digest", "lr"))
 
     lat = load_latents(args.data, src)  # rows: all originals, then all mirror images
     train = load_split(args.data)

@@ -88,7 +88,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     cfg = resolve_config(PRESETS[args.preset], args)
-    run = RunDir(args.run_dir, cfg, args.resume)
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("arch", "lr", "train_images", "data_seed"))
 
     held = load_split(args.eval_data, "heldout_renders.json", images=Path(args.eval_data) / "heldout_renders")
     n_eval = cfg["eval_images"] or len(held)

@@ -81,7 +81,7 @@ def main(argv=None):
     gcfg = GANConfig(latent_channels=lat.mean.shape[1], size=lat.mean.shape[2], g_channels=cfg["g_channels"],
                        d_channels=cfg["d_channels"])
     cfg.update(gan=asdict(gcfg), vae_sha=vae_digest(vae_folder))
-    run = RunDir(args.run_dir, cfg, args.resume)
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("gan", "vae_sha"))  # learning rates: applied on resume
 
     torch.manual_seed(args.seed)
     gen, disc = Generator(gcfg).to(device), Discriminator(gcfg).to(device)

@@ -57,7 +57,7 @@ def main(argv=None):
     vcfg = VAEConfig(arch=args.arch, latent_channels=args.latent_channels, downsample=args.downsample,
                        channels=cfg["channels"], **({"kl_channels": args.kl_channels} if args.kl_channels else {}))
     cfg["vae"] = asdict(vcfg)
-    run = RunDir(args.run_dir, cfg, args.resume)
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("vae", "lr"))
 
     train = load_split(args.data)
     eval_u8 = heldout_or_train(args.data, train).images[: cfg["eval_images"]]

@@ -66,3 +66,29 @@ def test_warmup_cosine_warms_up_decays_and_holds_its_floor():
     assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0, abs=0.01)
     assert lrs[100] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
     assert warmup_cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 100).lr_lambdas[0](0) == 0.5
+
+
+def test_resume_refuses_changed_settings_that_define_the_run_before_writing(tmp_path):
+    RunDir(tmp_path / "run", {"width": 128, "lr": 4e-4, "steps": 100})
+    with pytest.raises(UserError, match=r"width was 128, now 192; lr was 0.0004, now 0.001"):
+        RunDir(tmp_path / "run", {"width": 192, "lr": 1e-3, "steps": 100}, resume=True, fixed=("width", "lr"))
+    assert '"width": 128' in (tmp_path / "run" / "config.json").read_text()  # nothing written
+    RunDir(tmp_path / "run", {"width": 128, "lr": 4e-4, "steps": 200}, resume=True, fixed=("width", "lr"))
+    assert "resuming with changed settings: {'steps': (100, 200)}" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_two_checkpoints_kept_and_a_damaged_newest_falls_back_to_the_one_before(tmp_path, capsys):
+    run = RunDir(tmp_path / "run", {})
+    net, opt, _, _ = _parts(0)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            net.weight.fill_(step)
+        run.checkpoint(step, {"model": net}, {"opt": opt})
+    assert sorted(p.name for p in run.path.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
+    weights = run.path / "ckpt-00000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the newest one damaged after it was written
+    assert restore_checkpoint(run.path, {"model": net}, {"opt": opt}) == 2
+    assert torch.all(net.weight == 2) and "ckpt-00000003 does not load" in capsys.readouterr().out
+    (run.path / "ckpt-00000002" / "state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint loads"):
+        restore_checkpoint(run.path, {"model": net}, {"opt": opt})

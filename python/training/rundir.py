@@ -1,9 +1,13 @@
 """The run folder every training writes: config.json, log.txt, metrics.jsonl, samples/, checkpoints.
 
 Checkpoints are crash-safe: each is written completely into its own `ckpt-<step>/` folder
-(weights as safetensors, optimizer and RNG state as a torch file), then the one-line `latest` file
-is swapped in atomically with os.replace, then older checkpoints are removed. An interrupted write
-leaves the previous checkpoint as `latest`; `--resume` continues from it.
+(weights as safetensors, optimizer and RNG state as a torch file) and flushed to disk, then the one-line `latest`
+file is swapped in atomically with os.replace, then checkpoints beyond the newest two are removed. An interrupted
+write leaves the previous checkpoint as `latest`; a newest checkpoint that is damaged anyway (a disk that lied) is
+skipped for the one before it, with a warning; `--resume` continues from what loads.
+
+A resume refuses, before it writes anything, settings that would change what the run is (the trainer names them:
+shapes, schedule, latent space, learning rate): a run is continued as it was begun, or begun anew in another folder.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from python.core.images import image_grid, rows_grid
 
 
 class RunDir:
-    def __init__(self, path: Path, config: dict, resume: bool = False):
+    def __init__(self, path: Path, config: dict, resume: bool = False, fixed: tuple = ()):
         self.path = Path(path)
         self.t0 = time.time()
         if self.path.exists() and (self.path / "latest").exists() and not resume:
@@ -36,6 +40,11 @@ class RunDir:
             old = json.loads((self.path / "config.json").read_text())
             new = json.loads(json.dumps(config, default=str))  # as it will be stored: tuples become lists
             changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in ("resume",)}
+            refused = {k: v for k, v in changed.items() if k in fixed and k in old}
+            if refused:
+                raise UserError(f"{self.path}: --resume with settings that change the run: "
+                                + "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in refused.items())
+                                + " (resume with the run's own settings, or start a new --run-dir)")
             if changed:
                 self.log(f"resuming with changed settings: {changed}")
         self._write_json("config.json", config)
@@ -57,7 +66,7 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(kv) + "\n")
 
-    def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict, keep: int = 1) -> Path:
+    def save(self, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict, keep: int = 2) -> Path:
         """weights: {"model": state_dict, "ema": state_dict, ...} -> <name>.safetensors; state -> state.pt."""
         ckpt = self.path / f"ckpt-{step:08d}"
         tmp = self.path / f".ckpt-{step:08d}.tmp"
@@ -66,16 +75,20 @@ class RunDir:
         for name, sd in weights.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
         torch.save({"step": step, **state}, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
         os.replace(tmp, ckpt)
         latest = self.path / ".latest.tmp"
         latest.write_text(ckpt.name)
         os.replace(latest, self.path / "latest")
-        for old in sorted(self.path.glob("ckpt-*"))[:-keep]:
+        _fsync(self.path)
+        for old in sorted(self.path.glob("ckpt-*"))[:-max(keep, 2)]:
             shutil.rmtree(old, ignore_errors=True)
         return ckpt
 
-    def checkpoint(self, step: int, modules: dict, objects: dict, keep: int = 1) -> Path:
+    def checkpoint(self, step: int, modules: dict, objects: dict, keep: int = 2) -> Path:
         """save() of the modules' weights and the objects' states (optimizers, schedulers, torch.Generators), by
         name; entries that are None are left out. restore() reads them back."""
         return self.save(step, {name: m.state_dict() for name, m in modules.items() if m is not None},
@@ -126,12 +139,28 @@ def _entry(saved: dict, name: str, run_path: Path):
     return saved[name]
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(run_path: Path):
-    """(step, {name: state_dict}, state) of a run folder's latest checkpoint, or None if there is none."""
+    """(step, {name: state_dict}, state) of a run folder's newest checkpoint that loads, or None if there is none:
+    `latest` first, then the older ones, newest first (a warning names each one skipped)."""
     run_path = Path(run_path)
     if not (run_path / "latest").exists():
         return None
-    ckpt = run_path / (run_path / "latest").read_text().strip()
-    weights = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    return state["step"], weights, state
+    latest = run_path / (run_path / "latest").read_text().strip()
+    candidates = [latest] + sorted((p for p in run_path.glob("ckpt-*") if p != latest), reverse=True)
+    for ckpt in candidates:
+        try:
+            weights = {p.stem: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+            return state["step"], weights, state
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint of any kind: try the one before it
+            print(f"warning: {ckpt} does not load ({type(e).__name__}: {str(e)[:200]}); trying the one before it",
+                  flush=True)
+    raise UserError(f"{run_path}: no checkpoint loads ({', '.join(p.name for p in candidates)}); start a new run")
