@@ -37,7 +37,7 @@ from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import OBJECTS
 from python.core.memory import keep_freed_memory
-from runtime.generate import Pipeline
+from runtime.generate import MAX_BEST_OF, MAX_GUIDANCE, Pipeline
 from runtime.judge import judge_scores, topk_hits
 from runtime.models import PRECISIONS, ExportFolder
 
@@ -55,8 +55,8 @@ class BadRequest(Exception):
 class Limits:
     max_n: int = 64
     max_steps: int = 1000
-    max_guidance: float = 20.0
-    max_best_of: int = 16
+    max_guidance: float = MAX_GUIDANCE  # the command line's bounds (runtime.generate), one place
+    max_best_of: int = MAX_BEST_OF
 
 
 def _get(body: dict, key: str, kind, default):
