@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -196,9 +197,10 @@ def _weights(weights: Path | None, name: str) -> Path:
     return (Path(weights) if weights else SHIPPED) / name
 
 
-def collect(weights: Path | None) -> dict:
+def collect(weights: Path | None, vae: Path | None = None) -> dict:
     """{name: (module, example inputs, check inputs, output names, manifest extras)} for every network whose
-    weights exist; a one-line notice for each that does not."""
+    weights exist; a one-line notice for each that does not. `vae`: the VAE folder whose decoder is exported (default:
+    the weights folder's vae/); the generators must be in its latent space."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     conds = torch.zeros(5, 24)
@@ -212,7 +214,9 @@ def collect(weights: Path | None) -> dict:
             found[name] = (JudgeForExport(load_judge(path)), ex, chk, ["probs", "logits"], {})
         else:
             print(f"{name}: no weights at {path}; skipped")
-    vae_dir = _weights(weights, "vae")
+    vae_dir = Path(vae) if vae else _weights(weights, "vae")
+    if vae and not (vae_dir / "config.json").exists():
+        raise UserError(f"--vae {vae_dir}: not a VAE folder (no config.json)")
     if not (vae_dir / "config.json").exists():
         print(f"decoder, denoiser, generator: no VAE at {vae_dir}; skipped")
         return found
@@ -246,23 +250,50 @@ def collect(weights: Path | None) -> dict:
 
 
 def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = False,
-               int8_data: Path | None = None) -> dict:
+               int8_data: Path | None = None, vae: Path | None = None) -> dict:
+    """Export every network under `weights` (the decoder from `vae` when given: another decoder of the same latent
+    space) into `out`, atomically: everything is written and verified in a temporary folder beside `out`, the
+    manifest (each file's sha256) last, and only then does the folder replace `out`. An export that fails or is
+    killed leaves `out` as it was."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{out}: output folder is not writable ({e.strerror})") from None
     if weights and not Path(weights).is_dir():
         raise UserError(f"{weights}: weights folder not found")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise UserError(f"{out}: exists and is not an export folder (no manifest.json); an export replaces its "
+                        f"--out folder whole, so give a new or empty folder, or an earlier export")
+    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as e:
+        raise UserError(f"{out}: output folder is not writable ({e.strerror})") from None
+    try:
+        manifest = _export_into(weights, stage, formats, fp16, int8_data, vae)
+        _replace_folder(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Put the folder `new` in the place of `out` (which may not exist) with renames only: at every moment `out` is
+    either the old export whole or the new one whole (between the two renames, briefly, absent)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(weights: Path | None, out: Path, formats, fp16: bool, int8_data: Path | None,
+                 vae: Path | None) -> dict:
     import onnx
     import onnxruntime
 
     manifest = {"labels": list(CLASS_NAMES), "image_size": 64, "image_range": [-1, 1], "models": {},
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
-    nets = collect(weights)
+    nets = collect(weights, vae)
     for name, (module, ex, check, outputs, extra) in nets.items():
         if "onnx" in formats:
             manifest["models"][name] = {**export_onnx(module, ex, outputs, out / f"{name}.onnx", check), **extra}
@@ -281,7 +312,7 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = 
     if "onnx" in formats and int8_data is not None:
         from export.quantize import quantize_export
 
-        quantize_export(out, manifest, int8_data, _weights(weights, "vae"))
+        quantize_export(out, manifest, int8_data, Path(vae) if vae else _weights(weights, "vae"))
     if "onnx" in formats:
         build_tensorrt(out, manifest)
     tmp = out / ".manifest.tmp"
@@ -295,6 +326,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, help="weights folder (default: the shipped weights/)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--vae", type=Path, help="VAE folder whose decoder to export (default: the weights folder's "
+                        "vae/; e.g. a cheaper decoder from train_decoder, same latent space)")
     parser.add_argument("--format", choices=("onnx", "torchscript", "both"), default="onnx")
     parser.add_argument("--fp16", action="store_true", help="also write float16 ONNX copies (for GPU providers)")
     parser.add_argument("--int8", action="store_true", help="also write int8 ONNX copies of the decoder, denoiser, "
@@ -309,7 +342,8 @@ def main(argv=None):
     if args.int8 and ("onnx" not in formats or args.data is None):
         raise UserError("--int8 needs the ONNX models (--format onnx or both) and --data DIR (a dataset whose "
                         "training images calibrate the int8 ranges)")
-    m = export_all(args.weights, args.out, formats, fp16=args.fp16, int8_data=args.data if args.int8 else None)
+    m = export_all(args.weights, args.out, formats, fp16=args.fp16, int8_data=args.data if args.int8 else None,
+                   vae=args.vae)
     print(f"wrote {args.out / 'manifest.json'} ({len(m['models'])} models)")
     if args.triton:
         from export.triton_repo import write_repository

@@ -216,11 +216,12 @@ def train(args) -> None:
         _warm_start(args.init, student, ema, disc)
         run.log(f"warm start from {args.init}")
     # a schedule or a discriminator switched on at a resume starts afresh
-    modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "sched": sched, "d_opt": d_opt}
-    step = run.restore(modules, objects, optional=("sched", "disc", "d_opt")) if args.resume else 0
+    gen = torch.Generator().manual_seed(args.seed)  # its state is in the checkpoint
+    modules = {"generator": student, "ema": ema, "disc": disc}
+    objects = {"opt": opt, "sched": sched, "d_opt": d_opt, "gen": gen}
+    step = run.restore(modules, objects, optional=("sched", "disc", "d_opt", "gen")) if args.resume else 0
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     eval_cond = load_condition_file(args.data, "heldout.json")[: args.eval_conditions]
-    gen = torch.Generator().manual_seed(args.seed + step)
     # the first --val-pairs are never trained on (the over-fitting gauge); shards are appended, so they stay the
     # same pairs when the folder grows
     n = len(pairs["cond"]) - args.val_pairs

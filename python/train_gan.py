@@ -96,8 +96,9 @@ def main(argv=None):
         cls.requires_grad_(True)
         opt_c = torch.optim.Adam(cls.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
     modules = {"generator": gen, "discriminator": disc, "ema": ema, "classifier": cls if opt_c else None}
-    objects = {"opt_g": opt_g, "opt_d": opt_d, "opt_c": opt_c}
-    step = run.restore(modules, objects, optional=("classifier", "opt_c")) if args.resume else 0
+    gen_rng = torch.Generator(device=device).manual_seed(args.seed * 1000003)  # its state is in the checkpoint
+    objects = {"opt_g": opt_g, "opt_d": opt_d, "opt_c": opt_c, "gen_rng": gen_rng}
+    step = run.restore(modules, objects, optional=("classifier", "opt_c", "gen_rng")) if args.resume else 0
     if step:
         for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d), (opt_c, args.lr_d)):  # the command line's rates win
             for group in opt.param_groups if opt else []:
@@ -105,7 +106,6 @@ def main(argv=None):
         if args.reset_ema:
             ema.load_state_dict(gen.state_dict())
             run.log("EMA restarted from the generator")
-    gen_rng = torch.Generator(device=device).manual_seed(args.seed * 1000003 + step)
     judge, decoder = load_judge(args.judge), Decoder(load_vae(vae_folder)).eval()
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
     run.log(f"GAN: G {sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M, D {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M "

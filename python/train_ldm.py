@@ -144,14 +144,19 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps, cfg["warmup"], floor=0.1)
-    modules, objects = {"model": model, "ema": ema}, {"opt": opt, "sched": sched}
+    # the batch generator's state is in the checkpoint (a resumed run draws the batches an uninterrupted one would);
+    # with several processes each rank draws its own stream, seeded from the step it resumes at
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000003)
+    modules, objects = {"model": model, "ema": ema}, {"opt": opt, "sched": sched, "gen": gen if world == 1 else None}
     step = 0
     if args.resume:  # every rank reads the same checkpoint
-        step = run.restore(modules, objects) if run else restore_checkpoint(args.run_dir, modules, objects)
+        step = run.restore(modules, objects, optional=("gen",)) if run else \
+            restore_checkpoint(args.run_dir, modules, objects, optional=("gen",))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000003 + rank * 7919 + step)
+    if world > 1:
+        gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)
     ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))

@@ -64,3 +64,34 @@ def test_export_errors(tmp_path, judge_weights):
     blocker.write_text("")  # a folder cannot be created under a file, even by root
     with pytest.raises(UserError, match="not writable"):
         export_all(judge_weights, blocker / "sub")
+
+
+def test_export_is_atomic_a_failed_one_leaves_the_previous_export_whole(judge_weights, tmp_path, monkeypatch):
+    import export.to_onnx as to_onnx
+
+    out = tmp_path / "export"
+    export_all(judge_weights, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = to_onnx.export_onnx, []
+
+    def dies_on_the_second(*a, **k):  # the first network written, then the process fails (disk full, a bug...)
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(to_onnx, "export_onnx", dies_on_the_second)
+    with pytest.raises(OSError):
+        export_all(judge_weights, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, byte for byte
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left behind
+    monkeypatch.setattr(to_onnx, "export_onnx", real)
+    export_all(judge_weights, out)  # a good export replaces it
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+    elsewhere = tmp_path / "notes"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("not an export")
+    with pytest.raises(UserError, match="not an export folder"):
+        export_all(judge_weights, elsewhere)
+    assert (elsewhere / "mine.txt").read_text() == "not an export"

@@ -92,3 +92,94 @@ def test_two_checkpoints_kept_and_a_damaged_newest_falls_back_to_the_one_before(
     (run.path / "ckpt-00000002" / "state.pt").write_bytes(b"")
     with pytest.raises(UserError, match="no checkpoint loads"):
         restore_checkpoint(run.path, {"model": net}, {"opt": opt})
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("steps", 0, "--steps must be a positive integer, got 0"),
+    ("steps", -5, "--steps must be a positive integer, got -5"),
+    ("batch", 0, "--batch must be a positive integer"),
+    ("save_every", 0, "--save-every must be a positive integer"),
+    ("eval_every", 0, "--eval-every must be a positive integer"),
+    ("channels", [16, 0], r"--channels must be positive integers, got \[16, 0\]"),
+    ("warmup", -1, "--warmup must be an integer >= 0"),
+    ("lr", float("nan"), r"--lr must be in \(0, inf\), got nan"),
+    ("lr", 0.0, r"--lr must be in \(0, inf\)"),
+    ("ema", 1.0, r"--ema must be in \[0, 1\), got 1.0"),
+    ("p_uncond", -0.1, r"--p-uncond must be in \[0, 1\)"),
+])
+def test_resolve_config_refuses_counts_and_rates_out_of_range(tmp_path, option, value, message):
+    args = argparse.Namespace(run_dir=tmp_path / "run", **{option: value})
+    with pytest.raises(UserError, match=message):
+        resolve_config({"steps": 6, "batch": 8, "lr": 1e-3, "channels": [16, 8]}, args)
+    assert not (tmp_path / "run").exists()
+    ok = {"steps": 1, "batch": 1, "save_every": 1, "eval_every": 1, "channels": [1], "warmup": 0, "lr": 1e-9,
+          "ema": 0.0, "p_uncond": 0.0}
+    assert resolve_config({}, argparse.Namespace(**ok)) == ok  # the edges of each range are valid
+
+
+def test_checkpoint_carries_the_global_random_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    run = RunDir(tmp_path / "run", {})
+    net, opt, _, _ = _parts(0)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    run.checkpoint(1, {"model": net}, {"opt": opt})
+    after = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    assert restore_checkpoint(run.path, {"model": net}, {"opt": opt}) == 1
+    again = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(after[0], again[0]) and np.array_equal(after[1], again[1]) and after[2] == again[2]
+
+
+KILL_AT_SECOND_CHECKPOINT = """
+import os, runpy, signal, sys
+real = os.replace
+renames = []
+def replace(src, dst, *a, **k):
+    # the checkpoint folder is complete in its temporary name; die before it is renamed into place
+    if os.path.basename(str(dst)).startswith("ckpt-"):
+        renames.append(dst)
+        if len(renames) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = replace
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("trainer", ["python.train_ldm", "python.train_gan", "python.train_vae"])
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_completes(trainer, tiny_data, parts,
+                                                                                      tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run)]
+    if trainer != "python.train_vae":
+        args += ["--vae", str(parts / "vae"), "--judge", str(parts / "judge" / "checkpoint.pth")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_CHECKPOINT, trainer, *args], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (run / "latest").read_text().strip() == "ckpt-00000003"  # the first checkpoint stays the latest
+    assert list(run.glob(".ckpt-*.tmp")) and not (run / "ckpt-00000006").exists()  # the half-done one never landed
+    done = subprocess.run([sys.executable, "-m", trainer, *args, "--resume"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed at step 3" in (run / "log.txt").read_text() and (run / "final").is_dir()
+    # the random streams are in the checkpoint: the interrupted run ends where an uninterrupted one does
+    whole = tmp_path / "whole"
+    args[args.index(str(run))] = str(whole)
+    subprocess.run([sys.executable, "-m", trainer, *args], env=env, check=True, capture_output=True, timeout=300)
+    from safetensors.torch import load_file
+
+    for f in sorted((whole / "final").glob("*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(run / "final" / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name

@@ -3,13 +3,23 @@ bar with its periodic metrics line."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
+from python.core.errors import UserError
 from python.training.rundir import RunDir
+
+# Settings a trainer reads as counts (> 0) or as counts that may be 0; a value outside them would divide by zero
+# (--save-every 0), train nothing and save an untrained model as final (--steps -5), or fail deep inside a loop.
+POSITIVE = ("steps", "batch", "save_every", "eval_every", "eval_conditions", "eval_steps", "eval_images",
+            "train_images", "width", "depth", "heads", "patch", "channels", "g_channels", "d_channels")
+NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps")
+# (low, high, whether high is allowed) for the fractions and rates
+RANGES = {"lr": (0.0, math.inf, False), "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False)}
 
 
 def add_run_options(parser: argparse.ArgumentParser, run_dir: str, presets: dict | None = None,
@@ -40,7 +50,30 @@ def resolve_config(preset: dict, args: argparse.Namespace) -> dict:
     """The preset's settings overridden by every option given on the command line (those not None), paths as
     strings: what the run folder's config.json records."""
     cfg = {**preset, **{k: v for k, v in vars(args).items() if v is not None}}
+    check_settings(cfg)
     return {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}
+
+
+def check_settings(cfg: dict) -> None:
+    """Refuse, before a run folder is made, a count that is not a positive (or non-negative) integer and a rate
+    outside its range, naming the option and what is valid."""
+    def option(k):
+        return "--" + k.replace("_", "-")
+
+    for k, v in cfg.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if k in POSITIVE and not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                     for x in (v if isinstance(v, (list, tuple)) else [v])):
+            raise UserError(f"{option(k)} must be {'positive integers' if isinstance(v, (list, tuple)) else 'a positive integer'}, got {v!r}")
+        if k in NON_NEGATIVE and not (isinstance(v, int) and v >= 0):
+            raise UserError(f"{option(k)} must be an integer >= 0, got {v!r}")
+        if k in RANGES and isinstance(v, (int, float)):
+            lo, hi, hi_ok = RANGES[k]
+            if not (math.isfinite(v) or hi_ok) or not (lo <= v and (v <= hi if hi_ok else v < hi)) or \
+                    (k == "lr" and v <= 0):
+                raise UserError(f"{option(k)} must be in {'(' if k == 'lr' else '['}{lo:g}, {hi:g}"
+                                f"{']' if hi_ok else ')'}, got {v!r}")
 
 
 class Progress:

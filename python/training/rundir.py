@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -74,7 +76,7 @@ class RunDir:
         tmp.mkdir()
         for name, sd in weights.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save({"step": step, **state}, tmp / "state.pt")
+        torch.save({"step": step, **state, "global_rng": global_rng_state()}, tmp / "state.pt")
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
@@ -123,6 +125,8 @@ def restore_checkpoint(run_path: Path, modules: dict, objects: dict, optional: t
     if ck is None:
         return 0
     step, weights, state = ck
+    if "global_rng" in state:  # checkpoints from before it was saved resume with fresh global RNG streams
+        set_global_rng_state(state["global_rng"])
     for name, m in modules.items():
         if m is not None and (name in weights or name not in optional):
             m.load_state_dict(_entry(weights, name, run_path))
@@ -130,6 +134,22 @@ def restore_checkpoint(run_path: Path, modules: dict, objects: dict, optional: t
         if o is not None and (name in state or name not in optional):
             (o.set_state if isinstance(o, torch.Generator) else o.load_state_dict)(_entry(state, name, run_path))
     return step
+
+
+def global_rng_state() -> dict:
+    """The process-wide random streams a trainer may draw from without a generator of its own (torch's CPU and
+    CUDA defaults, numpy's, Python's): saved with each checkpoint so that a resumed run draws what an uninterrupted
+    one would have."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
+
+
+def set_global_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])
+    if saved.get("cuda") is not None and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def _entry(saved: dict, name: str, run_path: Path):
