@@ -39,23 +39,33 @@ from python.core.noise import gan_noise, initial_noise  # noqa: E402
 from python.core.sampling import diffusion_latents  # noqa: E402
 from runtime.generate import Pipeline  # noqa: E402
 from runtime.judge import accuracy  # noqa: E402
-from runtime.models import ExportFolder  # noqa: E402
+from runtime.models import ExportFolder, openvino_available  # noqa: E402
 
 CONDITION_FILES = ("test.json", "new_test.json", "heldout.json")
-QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8", "cpp"],
-             ldm_batches=[32], gan_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8"], gan_batches=[256],
+QUICK = dict(ldm=[("dpmpp", 10)], ldm_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8", "openvino",
+                                                 "openvino-int8", "cpp"],
+             ldm_batches=[32], gan_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8", "openvino",
+                                             "openvino-int8"], gan_batches=[256],
              latency_backends=["onnxruntime"],
              files=CONDITION_FILES, limit=128, baseline_batch=4, runs=5, latency_runs=5)
 FULL = dict(ldm=[(s, n) for s in ("ddim", "dpmpp") for n in (10, 25, 50)],
-            ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "cpp"],
+            ldm_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino",
+                          "openvino-int8", "cpp"],
             ldm_batches=[32, 256], gan_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime",
-                                                 "onnxruntime-int8"], gan_batches=[1, 32, 256],
-            latency_backends=["torch-fp32", "onnxruntime", "onnxruntime-int8"], files=CONDITION_FILES, limit=None, baseline_batch=16,
+                                                 "onnxruntime-int8", "openvino", "openvino-int8"], gan_batches=[1, 32, 256],
+            latency_backends=["torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino",
+                              "openvino-int8"], files=CONDITION_FILES, limit=None, baseline_batch=16,
             runs=5, latency_runs=20)
 
 
-BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "cpp")
-PRECISION = {"torch-bf16": "bf16", "onnxruntime-int8": "int8"}  # of each backend's arithmetic; fp32 elsewhere
+BACKENDS = ("torch-fp32", "torch-bf16", "torchscript", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8",
+            "cpp")
+PRECISION = {"torch-bf16": "bf16", "onnxruntime-int8": "int8", "openvino-int8": "int8"}  # of the arithmetic; else fp32
+# the runtime pipeline (Models.pipes) each export-folder backend runs, and whose accuracy its rows carry: OpenVINO fp32
+# runs the same fp32 graphs as ONNX Runtime (parity-tested, to 1e-3), so it carries theirs; each int8 backend has its
+# own quantized copies, so its own accuracy
+PIPE = {"onnxruntime": "fp32", "onnxruntime-int8": "int8", "openvino": "ov-fp32", "openvino-int8": "ov-int8"}
+ACCURACY_OF = {"onnxruntime-int8": "int8", "openvino-int8": "ov-int8"}
 
 
 def restrict(cfg: dict, args) -> dict:
@@ -147,7 +157,8 @@ def timed(fn, runs: int) -> list[float]:
 class Models:
     """The torch models of a weights folder and their exports (ONNX + TorchScript) in one place."""
 
-    def __init__(self, weights: Path, export: Path | None, threads: int, data: Path | None = None):
+    def __init__(self, weights: Path, export: Path | None, threads: int, data: Path | None = None,
+                 vae: Path | None = None):
         import torch
 
         from export.to_onnx import export_all
@@ -162,13 +173,17 @@ class Models:
             int8 = data if data is not None and (data / "train.json").exists() else None
             print(f"exporting {weights} to {export} (ONNX + TorchScript" + (", int8 copies" if int8 else "") + ")",
                   flush=True)
-            export_all(weights, export, formats=("onnx", "torchscript"), int8_data=int8)
+            export_all(weights, export, formats=("onnx", "torchscript"), int8_data=int8, vae=vae)
         self.export = export
         self.pipes = {"fp32": Pipeline(ExportFolder(export, threads=threads))}
         if any(k.endswith("_int8") for k in self.pipes["fp32"].ex.manifest["models"]):
             self.pipes["int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8"))
+        if openvino_available():
+            self.pipes["ov-fp32"] = Pipeline(ExportFolder(export, threads=threads, backend="openvino"))
+            self.pipes["ov-int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8", backend="openvino"))
         self.pipe = self.pipes["fp32"]
-        self.decoder = Decoder(load_vae(weights / "vae")).eval()
+        self.vae = Path(vae) if vae else weights / "vae"
+        self.decoder = Decoder(load_vae(self.vae)).eval()
         self.ldm = self.gan = None
         if (weights / "ldm" / "config.json").exists():
             self.ldm, cfg = load_denoiser(weights / "ldm")
@@ -196,8 +211,8 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
                                        batch=len(cond))
-    if backend.startswith("onnxruntime"):
-        pipe = m.pipes[PRECISION.get(backend, "fp32")]
+    if backend in PIPE:
+        pipe = m.pipes[PIPE[backend]]
         return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
                                    batch=len(cond))
     if backend == "cpp":
@@ -224,8 +239,8 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "gan", best_of, seed=0)
-    if backend.startswith("onnxruntime"):
-        pipe = m.pipes[PRECISION.get(backend, "fp32")]
+    if backend in PIPE:
+        pipe = m.pipes[PIPE[backend]]
         return lambda: pipe.decode(pipe.gan_latents(cond, batch=len(cond)), batch=len(cond))
     bf16 = backend == "torch-bf16"
     gen = m.ts["generator"] if backend == "torchscript" else m.gan
@@ -277,7 +292,7 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
         print(f"fidelity: no second judge at {judge2} (its features are the fidelity space); left out")
         return {}
     feature_net, judge = load_judge(judge2), load_judge(m.weights / "judge" / "judge.safetensors")
-    vae = load_vae(m.weights / "vae")
+    vae = load_vae(m.vae)  # the reconstruction floor through the decoder the generators use
     return {f: load_reference(data, f, c, feature_net, judge, vae) for f, c in conds.items() if len(c) >= MIN_IMAGES}
 
 
@@ -344,14 +359,16 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
             "t": np.full(passes * batch, 500, np.int64), "cond": np.concatenate([conditions_for(batch)] * passes)}
 
 
-def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int) -> dict:
-    """Where one ONNX Runtime LDM batch spends its time: the denoiser calls (one call per step, see
+def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,
+              backend: str = "onnxruntime") -> dict:
+    """Where one LDM batch on an export-folder backend spends its time: the denoiser calls (one call per step, see
     denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
+    pipe = m.pipes[PIPE[backend]]
     feeds = denoiser_feeds(m, batch, guidance)
     cond, x_T = feeds["cond"][:batch], feeds["x"][:batch]
-    den = float(np.median(timed(lambda: m.pipe.ex.run("denoiser", feeds), runs)))
-    dec = float(np.median(timed(lambda: m.pipe.decode(x_T, batch=batch), runs)))
-    total = float(np.median(timed(ldm_runner(m, "onnxruntime", sampler, steps, guidance, cond), runs)))
+    den = float(np.median(timed(lambda: pipe.ex.run("denoiser", feeds), runs)))
+    dec = float(np.median(timed(lambda: pipe.decode(x_T, batch=batch), runs)))
+    total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond), runs)))
     return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
 
 
@@ -362,15 +379,16 @@ def time_split(batch: int, total: float, **parts: float) -> dict:
             "shares": {k: round(round(v, 4) / total, 3) for k, v in secs.items()}}
 
 
-def gan_breakdown(m: Models, batch: int, runs: int) -> dict:
-    """Where one ONNX Runtime GAN-path batch spends its time: the generator call, the decoder, and the rest
-    (noise, Python) = end to end minus both."""
+def gan_breakdown(m: Models, batch: int, runs: int, backend: str = "onnxruntime") -> dict:
+    """Where one GAN-path batch on an export-folder backend spends its time: the generator call, the decoder, and
+    the rest (noise, Python) = end to end minus both."""
+    pipe = m.pipes[PIPE[backend]]
     cond = conditions_for(batch)
-    feeds = {"z": gan_noise(0, batch, m.pipe.ex.manifest["models"]["generator"]["z_dim"]), "cond": cond}
-    lat = m.pipe.ex.run("generator", feeds)[0]
-    gen = float(np.median(timed(lambda: m.pipe.ex.run("generator", feeds), runs)))
-    dec = float(np.median(timed(lambda: m.pipe.decode(lat, batch=batch), runs)))
-    total = float(np.median(timed(gan_runner(m, "onnxruntime", cond), runs)))
+    feeds = {"z": gan_noise(0, batch, pipe.ex.manifest["models"]["generator"]["z_dim"]), "cond": cond}
+    lat = pipe.ex.run("generator", feeds)[0]
+    gen = float(np.median(timed(lambda: pipe.ex.run("generator", feeds), runs)))
+    dec = float(np.median(timed(lambda: pipe.decode(lat, batch=batch), runs)))
+    total = float(np.median(timed(gan_runner(m, backend, cond), runs)))
     return time_split(batch, total, generator=gen, decoder=dec)
 
 
@@ -460,6 +478,8 @@ def main(argv=None):
     parser.add_argument("--export", type=Path, help="existing export folder with ONNX and TorchScript (default: export "
                                                "the weights to a temporary folder first)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "iclevr", help="folder with the condition files")
+    parser.add_argument("--vae", type=Path, help="VAE folder whose decoder the generators use (default: the weights "
+                        "folder's vae/; e.g. weights/vae_fast, a cheaper decoder of the same latent space)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -497,15 +517,21 @@ def main(argv=None):
     malloc = keep_freed_memory()  # before anything is timed, so no backend's figure depends on what ran first
     import torch
 
-    m = Models(args.weights, args.export, args.threads, args.data)
-    copies = {k.removesuffix("_int8") for k in m.pipe.ex.manifest["models"] if k.endswith("_int8")}
+    m = Models(args.weights, args.export, args.threads, args.data, args.vae)
+    models = m.pipe.ex.manifest["models"]
+    copies = {"onnxruntime-int8": {k.removesuffix("_int8") for k in models if k.endswith("_int8") and "_ov_" not in k},
+              "openvino-int8": {k.split("_")[0] for k in models if k.endswith("_int8")}}
+    if not openvino_available():
+        print("openvino: the package is not installed (pip install openvino nncf); its rows are left out", flush=True)
+        for key in ("ldm_backends", "gan_backends", "latency_backends"):
+            cfg[key] = [b for b in cfg[key] if not b.startswith("openvino")]
     for key, needs in (("ldm_backends", {"denoiser", "decoder"}), ("gan_backends", {"generator", "decoder"})):
-        if "onnxruntime-int8" in cfg[key] and not needs <= copies:  # else its rows would time fp32 models
-            print(f"onnxruntime-int8: no int8 copy of {', '.join(sorted(needs - copies))} in the export "
-                  f"(export/to_onnx.py --int8 --data DIR); its {key.split('_')[0].upper()} rows are left out", flush=True)
-            cfg[key] = [b for b in cfg[key] if b != "onnxruntime-int8"]
-    if "onnxruntime-int8" not in cfg["ldm_backends"] + cfg["gan_backends"]:
-        cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b != "onnxruntime-int8"]
+        for backend, have in copies.items():
+            if backend in cfg[key] and not needs <= have:  # else its rows would time fp32 models
+                print(f"{backend}: no int8 copy of {', '.join(sorted(needs - have))} in the export (export/to_onnx.py "
+                      f"--int8 --data DIR); its {key.split('_')[0].upper()} rows are left out", flush=True)
+                cfg[key] = [b for b in cfg[key] if b != backend]
+    cfg["latency_backends"] = [b for b in cfg["latency_backends"] if b in cfg["ldm_backends"] + cfg["gan_backends"]]
     gpu = torch.cuda.is_available()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
@@ -525,7 +551,8 @@ def main(argv=None):
     best_ofs = sorted(set(args.best_of))
     fewest = {s: min(n for s2, n in cfg["ldm"] if s2 == s) for s, _ in cfg["ldm"]}
     ldm_settings = [(s, n, b) for s, n in cfg["ldm"] for b in best_ofs if b == 1 or n == fewest[s]]
-    precisions = ["fp32"] + (["int8"] if "onnxruntime-int8" in cfg["ldm_backends"] + cfg["gan_backends"] else [])
+    used = cfg["ldm_backends"] + cfg["gan_backends"]
+    precisions = ["fp32"] + [ACCURACY_OF[b] for b in ACCURACY_OF if b in used]  # the pipelines whose accuracy is measured
     settings = (([("ldm", *c, p) for c in ldm_settings for p in precisions if p == "fp32" or c[2] == 1]
                  if m.ldm else []) + ([("gan", None, None, b, p) for b in best_ofs for p in precisions
                                       if p == "fp32" or b == 1] if m.gan else []))
@@ -564,7 +591,7 @@ def main(argv=None):
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
                                           mem.peak if backend != "cpp" else 0,
-                                          acc.get(("ldm", smp, steps, best_of, "int8" if prec == "int8" else "fp32")),
+                                          acc.get(("ldm", smp, steps, best_of, ACCURACY_OF.get(backend, "fp32"))),
                                           base["images_per_sec"], best_of))
                     _print(results[-1])
     if m.gan:
@@ -580,7 +607,7 @@ def main(argv=None):
                                      cfg["latency_runs"] if batch == 1 else cfg["runs"])
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("gan", backend, None, None, batch, secs, flops, peak[prec], mem.peak,
-                                          acc.get(("gan", None, None, best_of, "int8" if prec == "int8" else "fp32")),
+                                          acc.get(("gan", None, None, best_of, ACCURACY_OF.get(backend, "fp32"))),
                                           base["images_per_sec"], best_of))
                     _print(results[-1])
     results.append(dict(model="baseline", backend="torch-fp32", sampler="ddpm", steps=1000, batch=base["batch"],
@@ -588,20 +615,23 @@ def main(argv=None):
                         fraction_of_peak=round(base["flops_per_image"] * base["images_per_sec"] / peak["fp32"], 4),
                         accuracy={}, note="one UNet step timed (median of runs) x 1000; untrained weights"))
     profile = {}
-    if m.ldm:  # where the time goes, at the first LDM setting and the largest batch
+    # where the time goes, on ONNX Runtime fp32 and on each int8 backend timed
+    split_backends = ["onnxruntime"] + [b for b in ACCURACY_OF if b in cfg["ldm_backends"] + cfg["gan_backends"]]
+    if m.ldm:  # at the first LDM setting and the largest batch
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
-        profile["ldm_onnxruntime"] = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"])
+        for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
+            profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend)
+            sh = split["shares"]
+            print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
+                  f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
         feeds = denoiser_feeds(m, batch, args.guidance)
         profile["denoiser_ops_torch"] = op_profile(m.ldm, *(torch.from_numpy(feeds[k]) for k in ("x", "t", "cond")))
-        sh = profile["ldm_onnxruntime"]["shares"]
-        print(f"LDM time (onnxruntime, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
-              f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
     if m.gan:  # the same for the GAN path, at its largest batch
-        profile["gan_onnxruntime"] = gan_breakdown(m, max(cfg["gan_batches"]), cfg["runs"])
-        sh = profile["gan_onnxruntime"]["shares"]
-        print(f"GAN time (onnxruntime, batch {profile['gan_onnxruntime']['batch']}): generator "
-              f"{100 * sh['generator']:.0f}%, decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%",
-              flush=True)
+        for backend in [b for b in split_backends if b in cfg["gan_backends"] or b == "onnxruntime"]:
+            profile[f"gan_{backend}"] = split = gan_breakdown(m, max(cfg["gan_batches"]), cfg["runs"], backend)
+            sh = split["shares"]
+            print(f"GAN time ({backend}, batch {split['batch']}): generator {100 * sh['generator']:.0f}%, decoder "
+                  f"{100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
     profile["decoder_ops_torch"] = op_profile(m.decoder, torch.randn(256, *m.shape))
     for name in ("denoiser_ops_torch", "decoder_ops_torch"):
         if name in profile:

@@ -27,7 +27,7 @@ from python.core.labels import load_conditions, parse_label_arg
 from python.core.memory import keep_freed_memory
 from python.core.sampling import diffusion_latents, one_step_latents
 from runtime.judge import accuracy
-from runtime.models import PRECISIONS, ExportFolder
+from runtime.models import BACKENDS, PRECISIONS, ExportFolder
 
 # The command line's bounds (the server has its own, smaller ones: runtime.serve.Limits). One decoded image is 48 KiB
 # of float32 and the pipeline holds every image of a call at once, so 65,536 images need ~3.2 GiB beside the models.
@@ -145,12 +145,15 @@ def main(argv=None):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16 / int8: the export's float16 copies (export/to_onnx.py --fp16; for GPU providers) "
                              "or int8 copies (--int8; for CPUs with VNNI), where it has them; fp32 elsewhere")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="the engine that runs the export's graphs: onnxruntime (CPU or GPU providers) or openvino "
+                             "(CPU; int8 from its NNCF copies, export/to_onnx.py --int8 with openvino and nncf installed)")
     parser.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
     if args.model not in ("ldm", "gan"):
         raise UserError(f"--model must be 'ldm' or 'gan', got {args.model!r}")
-    pipe = Pipeline(ExportFolder(args.export, args.providers, args.threads, args.precision))
+    pipe = Pipeline(ExportFolder(args.export, args.providers, args.threads, args.precision, args.backend))
     cond = load_conditions(args.conditions) if args.conditions else parse_label_arg(args.labels)[None]
     check_settings(len(cond) if args.conditions else args.n, args.steps, args.guidance, args.eta, args.seed,
                    args.batch, args.best_of, args.sampler, pipe.schedule.T if pipe.schedule else 1000)

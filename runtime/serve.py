@@ -39,7 +39,7 @@ from python.core.labels import OBJECTS
 from python.core.memory import keep_freed_memory
 from runtime.generate import MAX_BEST_OF, MAX_GUIDANCE, Pipeline
 from runtime.judge import judge_scores, topk_hits
-from runtime.models import PRECISIONS, ExportFolder
+from runtime.models import BACKENDS, PRECISIONS, ExportFolder
 
 MODELS = ("ldm", "gan")
 FORMATS = ("png", "json")
@@ -257,14 +257,14 @@ def judge_report(pipe: Pipeline, images: np.ndarray, cond: np.ndarray) -> list[d
 
 def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: int = 256, max_queue: int = 1024,
               batching: bool = True, limits: Limits | None = None, threads: int | None = None,
-              providers: list[str] | None = None, precision: str = "fp32"):
+              providers: list[str] | None = None, precision: str = "fp32", backend: str = "onnxruntime"):
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     limits = limits or Limits()
-    pipe = Pipeline(ExportFolder(export, providers, threads, precision))
+    pipe = Pipeline(ExportFolder(export, providers, threads, precision, backend))
     batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching)
     available = [m for m, part in (("ldm", "denoiser"), ("gan", "generator")) if pipe.ex.has(part)]
     stats = {"requests": {}, "images": 0, "latency": Histogram(LATENCY_BUCKETS)}
@@ -366,6 +366,9 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="the export's fp16 or int8 copies where it has them (export/to_onnx.py --fp16 / --int8)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="the engine that runs the export's graphs: onnxruntime (CPU or GPU providers) or openvino "
+                             "(CPU; int8 from its NNCF copies, export/to_onnx.py --int8 with openvino and nncf installed)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
     if args.window_ms < 0 or args.max_batch < 1 or args.max_queue < 1 or args.max_n < 1:
@@ -373,7 +376,7 @@ def main(argv=None):
     import uvicorn
 
     app = build_app(args.export, args.window_ms, args.max_batch, args.max_queue, not args.no_batching, Limits(max_n=args.max_n),
-                    args.threads, args.providers, args.precision)
+                    args.threads, args.providers, args.precision, args.backend)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 
 

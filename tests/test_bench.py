@@ -20,6 +20,19 @@ def test_latency_quick_writes_table_json_and_plot(tiny_weights, tiny_data, tmp_p
             ("gan", "onnxruntime", 256), ("baseline", "torch-fp32", 4), ("ldm", "onnxruntime-int8", 32),
             ("gan", "onnxruntime-int8", 256)} <= got
     assert res["peak_flops"]["int8"] > 1e9
+    from export.quantize import nncf_available
+
+    if nncf_available():  # OpenVINO fp32 and int8 rows beside the others, where the package is installed
+        assert {("ldm", "openvino", 32), ("ldm", "openvino-int8", 32), ("gan", "openvino", 256),
+                ("gan", "openvino-int8", 256)} <= got
+        row = {(x["model"], x["backend"]): x for x in res["results"] if x.get("best_of", 1) == 1 and x["batch"] != 1}
+        assert row["gan", "openvino"]["accuracy"] == row["gan", "onnxruntime"]["accuracy"]  # the same fp32 graphs
+        assert row["gan", "openvino-int8"]["precision"] == "int8"  # its own quantized copies, its own accuracy
+        assert set(row["gan", "openvino-int8"]["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}
+        assert res["profile"]["gan_openvino-int8"]["generator_s"] > 0 and res["profile"]["ldm_openvino-int8"]["decoder_s"] > 0
+    else:
+        assert not any(x["backend"].startswith("openvino") for x in res["results"])
+        assert "openvino: the package is not installed" in r.stdout
     int8 = next(x for x in res["results"] if x["backend"] == "onnxruntime-int8" and x["model"] == "ldm")
     # its own accuracy and fidelity (the int8 models' images), its % of the int8 peak
     assert int8["precision"] == "int8" and set(int8["accuracy"]) == {"test.json", "new_test.json", "heldout.json"}

@@ -64,3 +64,61 @@ def test_an_int8_copy_above_tolerance_is_refused_and_not_written(int8_export, ti
         quantize.quantize(out / entry["file"], dst, quantize.model_inputs("decoder", entry, lat, 32, 1),
                           quantize.model_inputs("decoder", entry, lat, 8, 2))
     assert not dst.exists()
+
+
+needs_openvino = pytest.mark.skipif(not quantize.nncf_available(), reason="openvino / nncf not installed")
+
+
+@needs_openvino
+def test_openvino_int8_copies_are_nncf_quantized_verified_and_checksummed(int8_export):
+    out, manifest = int8_export
+    written = [n for n in quantize.QUANTIZED if f"{n}_ov_int8" in manifest["models"]]
+    assert "decoder" in written
+    for name in written:
+        entry = manifest["models"][f"{name}_ov_int8"]
+        assert entry["format"] == "openvino-int8" and entry["quantization"].startswith("NNCF")
+        assert (out / entry["file"]).suffix == ".xml" and (out / entry["weights_file"]).exists()
+        assert 0 < entry["verified_rel_rms"] <= quantize.INT8_TOL
+        xml = (out / entry["file"]).read_text()
+        assert "FakeQuantize" in xml or "FakeConvert" in xml  # int8 ranges are in the graph, not only fp32 ops
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_backend_runs_both_generators_close_to_onnxruntime(int8_export, precision):
+    out, manifest = int8_export
+    cond = np.repeat(encode(["red sphere", "gray cube"])[None], 4, axis=0)
+    ort = Pipeline(ExportFolder(out))
+    ov = Pipeline(ExportFolder(out, precision=precision, backend="openvino", threads=2))
+    want = "decoder.ov-int8.xml" if precision == "int8" else "decoder.onnx"
+    assert ov.ex.entry("decoder")["file"] == want
+    for model, kw in (("gan", {}), ("ldm", dict(steps=3))):
+        a, b = ort.generate(cond, model, **kw), ov.generate(cond, model, **kw)
+        assert a.shape == b.shape and np.isfinite(b).all()
+        # the same fp32 graph in another engine agrees to rounding; int8 within the pipeline's quantization error
+        assert quantize.relative_rms(b, a) < (1e-3 if precision == "fp32" else 0.2)
+
+
+def test_openvino_backend_errors_are_one_line(int8_export, monkeypatch):
+    out, _ = int8_export
+    with pytest.raises(UserError, match="backend must be one of onnxruntime, openvino"):
+        ExportFolder(out, backend="tvm")
+    import runtime.models as models
+
+    monkeypatch.setattr(models, "openvino_available", lambda: False)
+    with pytest.raises(UserError, match="openvino package is not installed"):
+        ExportFolder(out, backend="openvino")
+    monkeypatch.setattr(models, "openvino_available", lambda: True)
+    with pytest.raises(UserError, match="fp32 or int8 on the CPU"):
+        ExportFolder(out, backend="openvino", precision="fp16")
+
+
+@needs_openvino
+def test_generate_cli_selects_the_openvino_backend(int8_export, tmp_path):
+    from runtime.generate import main as generate
+
+    out, _ = int8_export
+    png = tmp_path / "ov.png"
+    generate(["--labels", "red sphere,gray cube", "-n", "3", "--model", "gan", "--export", str(out), "--backend",
+              "openvino", "--precision", "int8", "--threads", "2", "--out", str(png)])
+    assert png.stat().st_size > 1000
