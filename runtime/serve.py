@@ -13,8 +13,15 @@ base64 PNGs, with the judge's per-image scores when "scores" is true. GET /healt
 
 Requests that arrive within --window-ms of each other (up to --max-batch images) and share the model and
 sampler settings are merged into one sampler call; each keeps its own noise (python/core/noise.py), so its
-images do not depend on what it was batched with. Past --max-queue waiting images the server answers 503
-with Retry-After instead of queueing without bound.
+images do not depend on what it was batched with. Past --max-queue waiting candidate images (n x best_of) or
+--max-queue-work waiting image-steps (n x best_of x steps; 1 step for the GAN) the server answers 503 with
+Retry-After instead of queueing without bound; a request that could never fit is a 400.
+
+Bounds (each a 400 or 413 with a one-line reason when exceeded): body <= 64 KiB; labels <= 24 (each object once);
+n <= --max-n (64); steps <= 1000; best_of <= 16; guidance in [0, 20]; eta in [0, 1]; seed < 2^63; one request's
+work n x best_of x steps <= --max-work (16,384 image-steps); every request answered within --timeout seconds (120)
+or given a 504, its work cancelled at the next sampler step. Memory: the largest allowed request (64 images, best of
+16: 1,024 candidates) holds ~50 MiB of decoded float32 images and ~32 MiB of latents beside the models.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import contextlib
 import io
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +58,38 @@ class BadRequest(Exception):
     """A request the server refuses with 400 and a one-line reason."""
 
 
+MAX_BODY = 64 * 1024  # bytes; a valid request is well under 1 KiB
+MAX_REASON = 300  # characters of an error message (it may quote what the client sent)
+
+
 @dataclass
 class Limits:
     max_n: int = 64
     max_steps: int = 1000
     max_guidance: float = MAX_GUIDANCE  # the command line's bounds (runtime.generate), one place
     max_best_of: int = MAX_BEST_OF
+    max_work: int = 16_384  # image-steps (n x best_of x steps) one request may ask for
+    timeout_s: float = 120.0  # a request not answered by then gets a 504 and its work is cancelled
+
+
+def work(req: dict) -> int:
+    """A request's cost in image-steps: candidate images x denoiser steps (the GAN's one pass counts 1)."""
+    return req["n"] * req["best_of"] * (req["steps"] if req["model"] == "ldm" else 1)
+
+
+def clip(text: str, limit: int = MAX_REASON) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def parse_body(raw: bytes, limits: "Limits") -> dict:
+    """Bytes -> the validated request (BadRequest otherwise): JSON decoding and validation, linear in the size."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON body ({e})") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON body (nested too deeply)") from None
+    return parse_request(body, limits)
 
 
 def _get(body: dict, key: str, kind, default):
@@ -81,14 +114,17 @@ def parse_request(body, limits: Limits) -> dict:
     labels = _get(body, "labels", list, None)
     if not labels:
         raise BadRequest("'labels' is empty: give at least one object")
+    if len(labels) > len(OBJECTS):
+        raise BadRequest(f"'labels' has {len(labels)} entries; a label set names each of the {len(OBJECTS)} objects "
+                         f"at most once")
     if not all(isinstance(x, str) for x in labels):
         raise BadRequest("'labels' must be a list of strings")
     bad = [x for x in labels if x not in OBJECTS]
     if bad:
         raise BadRequest(f"unknown label(s) {bad}; valid: {', '.join(OBJECTS)}")
-    if len(set(labels)) != len(labels):
-        raise BadRequest(f"repeated label(s) {sorted({x for x in labels if labels.count(x) > 1})}: "
-                         f"a label set names each object once")
+    repeated = sorted(x for x, c in Counter(labels).items() if c > 1)
+    if repeated:
+        raise BadRequest(f"repeated label(s) {repeated}: a label set names each object once")
     r = dict(labels=labels,
              n=_get(body, "n", int, 1), model=_get(body, "model", str, "ldm"),
              sampler=_get(body, "sampler", str, "dpmpp"), steps=_get(body, "steps", int, 20),
@@ -113,6 +149,9 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'best_of' must be between 1 and {limits.max_best_of}, got {r['best_of']}")
     if r["format"] not in (None, *FORMATS):
         raise BadRequest(f"'format' must be one of {list(FORMATS)}, got {r['format']!r}")
+    if work(r) > limits.max_work:
+        raise BadRequest(f"n x best_of x steps = {work(r)} image-steps, at most {limits.max_work} in one request "
+                         f"(ask for fewer images, candidates or steps)")
     return r
 
 
@@ -146,6 +185,10 @@ class Histogram:
         return lines + [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.n}"]
 
 
+class Cancelled(Exception):
+    """Every request of a running batch has given up (deadline passed, client gone): its work stops."""
+
+
 @dataclass
 class Job:
     req: dict
@@ -153,42 +196,68 @@ class Job:
     future: asyncio.Future
     t0: float = field(default_factory=time.perf_counter)
 
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()  # answered, cancelled by its handler (deadline, disconnect) or failed
+
 
 class Batcher:
     """Queues validated requests and runs them in merged batches on one worker thread (ONNX Runtime uses
     all cores for one call; two calls at once would only contend)."""
 
     def __init__(self, pipe: Pipeline, window_ms: float = 10.0, max_batch: int = 256, max_queue: int = 1024,
-                 batching: bool = True):
+                 batching: bool = True, max_queue_work: int = 65_536):
         self.pipe, self.window, self.max_batch, self.max_queue = pipe, window_ms / 1000, max_batch, max_queue
+        self.max_queue_work = max_queue_work
         self.batching = batching
         self.pending: deque[Job] = deque()
-        self.queued_images = 0
+        self.queued_images = 0  # candidate images (n x best_of) waiting
+        self.queued_work = 0  # image-steps waiting
         self.wake = asyncio.Event()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="sampler")
         self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.cancelled = 0  # sampler calls stopped because every request in them had given up
         self.task: asyncio.Task | None = None
 
     def submit(self, req: dict) -> asyncio.Future:
-        if self.queued_images + req["n"] > self.max_queue:
+        """The request's future; BadRequest when it could never fit the queue, OverflowError when it does not now."""
+        images = req["n"] * req["best_of"]
+        if images > self.max_queue or work(req) > self.max_queue_work:
+            raise BadRequest(f"n x best_of = {images} candidate images and {work(req)} image-steps; this server "
+                             f"queues at most {self.max_queue} and {self.max_queue_work}")
+        if self.queued_images + images > self.max_queue or self.queued_work + work(req) > self.max_queue_work:
             raise OverflowError
         job = Job(req, condition(req), asyncio.get_running_loop().create_future())
         self.pending.append(job)
-        self.queued_images += req["n"]
+        self.queued_images += images
+        self.queued_work += work(req)
         self.wake.set()
         return job.future
 
+    def _dequeue(self, job: Job) -> None:
+        self.queued_images -= job.req["n"] * job.req["best_of"]
+        self.queued_work -= work(job.req)
+
     def _take(self) -> list[Job]:
-        """The first waiting job and every later one that fits its batch (same key, up to max_batch images)."""
+        """The first waiting job and every later one that fits its batch (same key, up to max_batch images); jobs
+        whose requests gave up while waiting are dropped. Empty when all had."""
+        while self.pending and self.pending[0].abandoned:
+            self._dequeue(self.pending.popleft())
+        if not self.pending:
+            return []
         first = self.pending.popleft()
+        self._dequeue(first)
         batch, size, key = [first], first.req["n"], batch_key(first.req)
         if self.batching:
             for job in list(self.pending):
-                if batch_key(job.req) == key and size + job.req["n"] <= self.max_batch:
+                if job.abandoned:
                     self.pending.remove(job)
+                    self._dequeue(job)
+                elif batch_key(job.req) == key and size + job.req["n"] <= self.max_batch:
+                    self.pending.remove(job)
+                    self._dequeue(job)
                     batch.append(job)
                     size += job.req["n"]
-        self.queued_images -= size
         return batch
 
     def _run(self, jobs: list[Job]) -> np.ndarray:
@@ -197,8 +266,12 @@ class Batcher:
         seeds = [(j.req["seed"], j.req["n"]) for j in jobs]
         if r["model"] == "gan":
             return self.pipe.generate(cond, "gan", r["best_of"], seeds=seeds)
+
+        def on_step(*_):  # between sampler steps: stop when no one waits for the result any more
+            if all(j.abandoned for j in jobs):
+                raise Cancelled
         return self.pipe.generate(cond, "ldm", r["best_of"], sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
-                                  eta=r["eta"], seeds=seeds, batch=self.max_batch)
+                                  eta=r["eta"], seeds=seeds, batch=self.max_batch, on_step=on_step)
 
     async def run_forever(self):
         loop = asyncio.get_running_loop()
@@ -216,9 +289,14 @@ class Batcher:
                     except asyncio.TimeoutError:
                         break
             jobs = self._take()
+            if not jobs:
+                continue
             self.batch_sizes.observe(sum(j.req["n"] for j in jobs))
             try:
                 images = await loop.run_in_executor(self.pool, self._run, jobs)
+            except Cancelled:
+                self.cancelled += 1
+                continue
             except Exception as e:  # a failure of one batch fails its requests, not the server
                 for j in jobs:
                     if not j.future.done():
@@ -255,9 +333,42 @@ def judge_report(pipe: Pipeline, images: np.ndarray, cond: np.ndarray) -> list[d
             for i, (h, kk) in enumerate(zip(hits, k))]
 
 
+def warm_up(pipe: Pipeline, models: list[str]) -> dict:
+    """Run each model of the export once (one image; the LDM one step; the judge and the classifier where there
+    are), so that a model that does not load or run stops the server at start, not every request later.
+    {part: milliseconds}."""
+    cond = np.zeros((1, len(OBJECTS)), np.float32)
+    cond[0, 0] = 1.0
+    times = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of a model at start is the export's fault
+            raise UserError(f"{pipe.ex.path}: the {name} does not run ({type(e).__name__}: "
+                            f"{clip(str(e).splitlines()[0] if str(e) else '', 200)}); re-export it") from None
+        times[name] = round(1000 * (time.perf_counter() - t0), 1)
+        return out
+
+    images = None
+    if "gan" in models:
+        images = timed("gan", lambda: pipe.generate(cond, "gan"))
+    if "ldm" in models:
+        images = timed("ldm", lambda: pipe.generate(cond, "ldm", steps=1))
+    if images is not None and pipe.ex.has("judge"):
+        timed("judge", lambda: judge_scores(pipe.ex, images))
+    if images is not None and pipe.ex.has("classifier"):
+        timed("classifier", lambda: pipe.classifier_logits(np.zeros((1, *pipe.latent_shape), np.float32)))
+    return times
+
+
 def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: int = 256, max_queue: int = 1024,
               batching: bool = True, limits: Limits | None = None, threads: int | None = None,
-              providers: list[str] | None = None, precision: str = "fp32", backend: str = "onnxruntime"):
+              providers: list[str] | None = None, precision: str = "fp32", backend: str = "onnxruntime",
+              max_queue_work: int = 65_536):
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -265,8 +376,9 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
 
     limits = limits or Limits()
     pipe = Pipeline(ExportFolder(export, providers, threads, precision, backend))
-    batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching)
+    batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching, max_queue_work)
     available = [m for m, part in (("ldm", "denoiser"), ("gan", "generator")) if pipe.ex.has(part)]
+    warm = warm_up(pipe, available)
     stats = {"requests": {}, "images": 0, "latency": Histogram(LATENCY_BUCKETS)}
 
     def count(code: int):
@@ -274,16 +386,29 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
 
     def fail(code: int, reason: str, **headers) -> JSONResponse:
         count(code)
-        return JSONResponse({"error": reason}, code, headers=headers or None)
+        return JSONResponse({"error": clip(reason)}, code, headers=headers or None)
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None when it is larger than MAX_BODY (read no further than that)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def generate(request: Request):
         t0 = time.perf_counter()
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return fail(400, f"malformed JSON body ({e})")
-        try:
-            req = parse_request(body, limits)
+        raw = await read_body(request)
+        if raw is None:
+            return fail(413, f"request body larger than {MAX_BODY} bytes; a request is a small JSON object such as "
+                             f"{{\"labels\": [\"red sphere\"], \"n\": 4}}")
+        try:  # decoding and validation off the event loop: a large body does not stall other requests
+            req = await asyncio.to_thread(parse_body, raw, limits)
         except BadRequest as e:
             return fail(400, str(e))
         if req["model"] not in available:
@@ -292,11 +417,19 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
             return fail(400, "'best_of' > 1 needs the latent classifier, which this export does not have")
         try:
             future = batcher.submit(req)
+        except BadRequest as e:
+            return fail(400, str(e))
         except OverflowError:
-            return fail(503, f"overloaded: {batcher.queued_images} images queued (limit {max_queue}); retry later",
+            return fail(503, f"overloaded: {batcher.queued_images} candidate images / {batcher.queued_work} "
+                             f"image-steps queued (limits {max_queue} / {max_queue_work}); retry later",
                         **{"Retry-After": "1"})
         try:
-            images = await future
+            # the deadline counts from arrival; on it (or a client gone) the future is cancelled, which drops the job
+            # from the queue or stops its sampler call at the next step when no other request shares it
+            images = await asyncio.wait_for(future, max(limits.timeout_s - (time.perf_counter() - t0), 0.001))
+        except asyncio.TimeoutError:
+            return fail(504, f"not answered within {limits.timeout_s:g} s (queue and sampling); ask for fewer images "
+                             f"or steps, or retry when the server is less busy")
         except (UserError, ValueError) as e:
             return fail(400, str(e))
         except Exception as e:  # noqa: BLE001 - reported to the client as a 500 with its reason
@@ -322,8 +455,13 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "models": available, "judge": pipe.ex.has("judge"),
-                             "queued_images": batcher.queued_images, "batching": batching,
-                             "window_ms": window_ms, "max_batch": max_batch})
+                             "warm_up_ms": warm, "backend": backend, "precision": precision,
+                             "queued_images": batcher.queued_images, "queued_work": batcher.queued_work,
+                             "batching": batching, "window_ms": window_ms, "max_batch": max_batch,
+                             "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps,
+                                        "max_best_of": limits.max_best_of, "max_work": limits.max_work,
+                                        "timeout_s": limits.timeout_s, "max_body_bytes": MAX_BODY,
+                                        "max_queue": max_queue, "max_queue_work": max_queue_work}})
 
     async def metrics(request: Request):
         lines = ["# HELP iclevr_requests_total Requests answered, by HTTP status.",
@@ -332,7 +470,11 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
         lines += ["# HELP iclevr_images_total Images generated and returned.", "# TYPE iclevr_images_total counter",
                   f"iclevr_images_total {stats['images']}",
                   "# HELP iclevr_queue_images Images waiting for the sampler.", "# TYPE iclevr_queue_images gauge",
-                  f"iclevr_queue_images {batcher.queued_images}"]
+                  f"iclevr_queue_images {batcher.queued_images}",
+                  "# HELP iclevr_queue_work Image-steps waiting for the sampler.", "# TYPE iclevr_queue_work gauge",
+                  f"iclevr_queue_work {batcher.queued_work}",
+                  "# HELP iclevr_cancelled_total Sampler calls stopped because their requests had given up.",
+                  "# TYPE iclevr_cancelled_total counter", f"iclevr_cancelled_total {batcher.cancelled}"]
         lines += stats["latency"].prometheus("iclevr_request_seconds", "Latency of answered /generate requests.")
         lines += batcher.batch_sizes.prometheus("iclevr_batch_images", "Images per sampler call.")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
@@ -359,8 +501,15 @@ def main(argv=None):
     parser.add_argument("--export", type=Path, help="export folder (default exports/default)")
     parser.add_argument("--window-ms", type=float, default=10.0, help="how long the batcher waits for more requests")
     parser.add_argument("--max-batch", type=int, default=256, help="most images in one sampler call")
-    parser.add_argument("--max-queue", type=int, default=1024, help="most images waiting; beyond it, 503")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="most candidate images (n x best_of) waiting; beyond it, 503")
+    parser.add_argument("--max-queue-work", type=int, default=65_536,
+                        help="most image-steps (n x best_of x steps) waiting; beyond it, 503")
     parser.add_argument("--max-n", type=int, default=64, help="most images one request may ask for")
+    parser.add_argument("--max-work", type=int, default=16_384,
+                        help="most image-steps (n x best_of x steps) one request may ask for")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds a request may take, queue included; then 504 and its work is cancelled")
     parser.add_argument("--no-batching", action="store_true", help="run each request alone (for comparison)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in order")
@@ -371,12 +520,15 @@ def main(argv=None):
                              "(CPU; int8 from its NNCF copies, export/to_onnx.py --int8 with openvino and nncf installed)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
-    if args.window_ms < 0 or args.max_batch < 1 or args.max_queue < 1 or args.max_n < 1:
-        raise UserError("--window-ms must be >= 0 and --max-batch, --max-queue, --max-n >= 1")
+    if not (args.window_ms >= 0 and min(args.max_batch, args.max_queue, args.max_queue_work, args.max_n,
+                                        args.max_work) >= 1 and args.timeout > 0):
+        raise UserError("--window-ms must be >= 0, --timeout > 0 and --max-batch, --max-queue, --max-queue-work, "
+                        "--max-n, --max-work >= 1")
     import uvicorn
 
-    app = build_app(args.export, args.window_ms, args.max_batch, args.max_queue, not args.no_batching, Limits(max_n=args.max_n),
-                    args.threads, args.providers, args.precision, args.backend)
+    limits = Limits(max_n=args.max_n, max_work=args.max_work, timeout_s=args.timeout)
+    app = build_app(args.export, args.window_ms, args.max_batch, args.max_queue, not args.no_batching, limits,
+                    args.threads, args.providers, args.precision, args.backend, args.max_queue_work)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 
 

@@ -121,11 +121,84 @@ def test_batching_merges_concurrent_requests_and_splits_them_back(onnx_export):
     assert np.abs(out[0][:1] - out[1][:1]).max() > 1e-3  # and different requests differ
 
 
-def test_overload_answers_503_with_retry_after(onnx_export):
-    with TestClient(build_app(onnx_export, max_queue=4, threads=2)) as c:
-        r = c.post("/generate", json={"labels": ["red sphere"], "n": 5})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
+def test_overload_answers_503_with_retry_after_and_a_request_that_can_never_fit_400(onnx_export):
+    with TestClient(build_app(onnx_export, max_queue=4, threads=2, max_queue_work=100)) as c:
+        r = c.post("/generate", json={"labels": ["red sphere"], "n": 5})  # more than the whole queue: never fits
+        assert r.status_code == 400 and "queues at most 4" in r.json()["error"]
+        r = c.post("/generate", json={"labels": ["red sphere"], "n": 2, "best_of": 3})  # 6 candidates, not 2
+        assert r.status_code == 400 and "6 candidate images" in r.json()["error"]
+        r = c.post("/generate", json={"labels": ["red sphere"], "n": 2, "steps": 60})  # 120 image-steps > 100
+        assert r.status_code == 400 and "120 image-steps" in r.json()["error"]
         assert c.post("/generate", json={"labels": ["red sphere"], "n": 2, "steps": 2}).status_code == 200
+
+    async def full_queue():  # the queue counts work: two requests of 3 x 10 image-steps fill a queue of 50
+        b = Batcher(Pipeline(ExportFolder(onnx_export, threads=2)), max_queue=64, max_queue_work=50)
+        req = parse_request({"labels": ["red sphere"], "n": 3, "steps": 10}, Limits())
+        b.submit(req)
+        with pytest.raises(OverflowError):
+            b.submit(req)
+        assert (b.queued_images, b.queued_work) == (3, 30)
+    asyncio.run(full_queue())
+    with TestClient(build_app(onnx_export, max_queue=4, threads=2)) as c:  # a full queue over HTTP: 503
+        c.app.state.batcher.queued_images = 4  # as if four images were waiting
+        r = c.post("/generate", json={"labels": ["red sphere"], "n": 1, "steps": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
+        c.app.state.batcher.queued_images = 0
+
+
+HOSTILE = {
+    "700 KB of labels": (b'{"labels": [' + b'"red sphere", ' * 50_000 + b'"red sphere"]}', 413, ["larger than 65536 bytes"]),
+    "nested 30,000 deep": (b"[" * 30_000 + b"]" * 30_000, 400, ["nested too deeply"]),
+    "a 20 KB label": (json.dumps({"labels": ["x" * 20_000]}).encode(), 400, ["unknown label", "more characters"]),
+    "30 labels": (json.dumps({"labels": ["red sphere"] * 30}).encode(), 400, ["30 entries", "at most once"]),
+    "16 x best of 16 x 1000 steps": (json.dumps({"labels": ["red sphere"], "n": 16, "best_of": 16, "steps": 1000}).encode(),
+                                     400, ["256000 image-steps", "at most 16384"]),
+    "not UTF-8": (b"\xff\xfe{}", 400, ["malformed JSON"]),
+}
+
+
+@pytest.mark.parametrize("raw, code, words", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_bodies_are_refused_quickly_with_a_short_reason(client, raw, code, words):
+    import time
+
+    t0 = time.perf_counter()
+    r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == code and time.perf_counter() - t0 < 5
+    reason = r.json()["error"]
+    assert all(w in reason for w in words) and len(reason) < 500, reason
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_sampling_is_cancelled(onnx_export):
+    import time
+
+    with TestClient(build_app(onnx_export, threads=2, limits=Limits(timeout_s=0.3))) as c:
+        t0 = time.perf_counter()
+        r = c.post("/generate", json={"labels": ["red sphere"], "n": 16, "steps": 1000, "sampler": "ddim"})
+        assert r.status_code == 504 and "not answered within 0.3 s" in r.json()["error"]
+        assert time.perf_counter() - t0 < 5
+        for _ in range(200):  # the sampler thread stops at its next step
+            if "iclevr_cancelled_total 1" in c.get("/metrics").text:
+                break
+            time.sleep(0.05)
+        assert "iclevr_cancelled_total 1" in c.get("/metrics").text
+        assert c.post("/generate", json={"labels": ["red sphere"], "steps": 2}).status_code == 200  # free again
+
+
+def test_health_reports_each_model_run_at_start_and_a_broken_export_stops_the_server(onnx_export, tmp_path):
+    import shutil
+
+    from python.core.errors import UserError
+
+    with TestClient(build_app(onnx_export, threads=2)) as c:
+        h = c.get("/health").json()
+        assert set(h["warm_up_ms"]) == {"gan", "ldm", "judge", "classifier"} and h["limits"]["max_work"] == 16_384
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_export, broken)
+    gen = broken / "generator.onnx"
+    gen.write_bytes(gen.read_bytes()[:1000])  # truncated
+    with pytest.raises(UserError, match="generator.onnx: its checksum differs"):
+        build_app(broken, threads=2)
 
 
 def test_server_process_finishes_in_flight_requests_on_sigterm(onnx_export):

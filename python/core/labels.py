@@ -20,14 +20,24 @@ def read_json(path: Path):
     """Parse a JSON file; a missing or malformed file is a UserError naming the file."""
     path = Path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); JSON files are UTF-8") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed JSON (nested too deeply)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _show(value, limit: int = 120) -> str:
+    """repr(value), cut short: an error message quotes what it was given, never megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def load_objects(path: Path) -> dict[str, int]:
@@ -44,7 +54,7 @@ def load_objects(path: Path) -> dict[str, int]:
 def encode(label_set, objects: dict[str, int] = OBJECTS, where: str = "labels", max_objects: int | None = None) -> np.ndarray:
     """One label set (list of names) -> multi-hot float32 vector, with a clear error for bad sets."""
     if not isinstance(label_set, (list, tuple)) or not all(isinstance(n, str) for n in label_set):
-        raise UserError(f"{where}: expected a list of object names, got {label_set!r}")
+        raise UserError(f"{where}: expected a list of object names, got {_show(label_set)}")
     if not label_set:
         raise UserError(f"{where}: empty label list (at least one object is required)")
     if max_objects is not None and len(label_set) > max_objects:
@@ -52,9 +62,9 @@ def encode(label_set, objects: dict[str, int] = OBJECTS, where: str = "labels", 
     vec = np.zeros(len(objects), np.float32)
     for name in label_set:
         if name not in objects:
-            raise UserError(f"{where}: unknown label {name!r}; valid names are: {', '.join(objects)}")
+            raise UserError(f"{where}: unknown label {_show(name)}; valid names are: {', '.join(objects)}")
         if vec[objects[name]]:
-            raise UserError(f"{where}: label {name!r} repeated (an object appears at most once per image)")
+            raise UserError(f"{where}: label {_show(name)} repeated (an object appears at most once per image)")
         vec[objects[name]] = 1.0
     return vec
 
