@@ -73,3 +73,29 @@ def test_reference_reports_floors_and_generated_figures(renders):
     assert faded["contrast_ratio"] < 0.5 * floor["contrast_ratio"] and faded["kid_x1000"] > floor["kid_x1000"]
     with pytest.raises(ValueError, match="3 images for 40 reference conditions"):
         ref.figures(to_model_range(other_u8[:3]))
+
+
+def test_extra_object_analysis_splits_by_size_training_and_what_the_extra_shares():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from extra_objects import analyse
+
+    from python.core.labels import encode
+
+    cond = np.stack([encode(["red sphere"]), encode(["red sphere", "blue cube"]), encode(["gray cube"])])
+    probs = np.zeros((3, 24), np.float32)
+    probs[0, np.argmax(encode(["red sphere"]))] = 0.95
+    probs[0, np.argmax(encode(["red cube"]))] = 0.9  # a duplicated colour, below the requested object
+    probs[1, np.flatnonzero(cond[1])] = 0.9
+    probs[1, np.argmax(encode(["green cube"]))] = 0.95  # shares the blue cube's shape only, and outranks it
+    probs[2, np.argmax(encode(["gray cube"]))] = 0.8  # right
+    res = analyse(probs, cond, np.array([True, False, True]))
+    assert res["extra_objects"] == {"same_colour": 1, "same_shape_only": 1, "neither": 0}
+    assert res["unrequested"] == 2 / 3 and res["by_objects"][1]["unrequested"] == 0.5
+    assert res["by_training_label_set"]["not_in_train"]["unrequested"] == 1.0
+    assert res["by_objects"][2]["accuracy"] == 0.5  # the green cube pushes the blue cube out of the top 2
+    assert res["accuracy"] == (1 + 0.5 + 1) / 3
