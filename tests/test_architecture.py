@@ -137,8 +137,11 @@ def test_shipped_generators_give_the_images_they_gave_before_the_layering():
     got = {"ldm_dpmpp10_g4_seed0": ldm_latents(ldm, schedule, cond, "dpmpp", 10, 4.0, seed=0),
            "ldm_ddim4_eta05_g2_seed3": ldm_latents(ldm, schedule, cond, "ddim", 4, 2.0, seed=3, eta=0.5),
            "gan_seed0": gan_latents(gan, cond, seed=0)}
+    # 1e-4 in [-1, 1]: far below one 8-bit level (0.0078) and far below what a changed computation gives, but above
+    # the float rounding by which CPUs differ (measured 4.7e-5 after 10 sampler steps on another x86_64 machine,
+    # where the one that wrote the fixture agreed to 1e-6)
     for key, latents in got.items():
-        assert np.abs(decode(decoder, latents).numpy() - ref[key]).max() <= 1e-6, key
+        assert np.abs(decode(decoder, latents).numpy() - ref[key]).max() <= 1e-4, key
 
 
 def test_core_and_runtime_import_no_torch_at_any_depth():

@@ -117,7 +117,7 @@ CASES = [
     _case("python.train_ldm", ["--preset", "tiny", "--data", "{data}", "--save-every", "0", "--run-dir", "{tmp}/run"],
           ["--save-every must be a positive integer"], "{tmp}/run"),
     _case("python.train_ldm", ["--preset", "tiny", "--data", "{data}", "--lr", "nan", "--run-dir", "{tmp}/run"],
-          ["--lr must be in (0, inf)"], "{tmp}/run"),
+          ["--lr must be in [0, inf), got nan"], "{tmp}/run"),
     _case("python.train_gan", ["--preset", "tiny", "--data", "{data}", "--batch", "0", "--run-dir", "{tmp}/run"],
           ["--batch must be a positive integer"], "{tmp}/run"),
     _case("python.train_gan", ["--preset", "tiny", "--data", "{data}", "--eval-every", "0", "--run-dir", "{tmp}/run"],

@@ -102,8 +102,9 @@ def test_two_checkpoints_kept_and_a_damaged_newest_falls_back_to_the_one_before(
     ("eval_every", 0, "--eval-every must be a positive integer"),
     ("channels", [16, 0], r"--channels must be positive integers, got \[16, 0\]"),
     ("warmup", -1, "--warmup must be an integer >= 0"),
-    ("lr", float("nan"), r"--lr must be in \(0, inf\), got nan"),
-    ("lr", 0.0, r"--lr must be in \(0, inf\)"),
+    ("lr", float("nan"), r"--lr must be in \[0, inf\), got nan"),
+    ("lr", -1e-3, r"--lr must be in \[0, inf\)"),
+    ("lr", float("inf"), r"--lr must be in \[0, inf\), got inf"),
     ("ema", 1.0, r"--ema must be in \[0, 1\), got 1.0"),
     ("p_uncond", -0.1, r"--p-uncond must be in \[0, 1\)"),
 ])
@@ -112,7 +113,7 @@ def test_resolve_config_refuses_counts_and_rates_out_of_range(tmp_path, option, 
     with pytest.raises(UserError, match=message):
         resolve_config({"steps": 6, "batch": 8, "lr": 1e-3, "channels": [16, 8]}, args)
     assert not (tmp_path / "run").exists()
-    ok = {"steps": 1, "batch": 1, "save_every": 1, "eval_every": 1, "channels": [1], "warmup": 0, "lr": 1e-9,
+    ok = {"steps": 1, "batch": 1, "save_every": 1, "eval_every": 1, "channels": [1], "warmup": 0, "lr": 0.0,
           "ema": 0.0, "p_uncond": 0.0}
     assert resolve_config({}, argparse.Namespace(**ok)) == ok  # the edges of each range are valid
 
@@ -183,3 +184,35 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_com
     for f in sorted((whole / "final").glob("*.safetensors")):
         a, b = load_file(str(f)), load_file(str(run / "final" / f.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+
+
+def test_weights_folders_are_saved_whole_and_checked_at_load(tmp_path, monkeypatch):
+    import json
+
+    import python.models.weights as weights
+
+    folder = tmp_path / "w"
+    net = torch.nn.Linear(3, 2)
+    weights.save_weights(folder, net, "net.safetensors", {"kind": "linear"})
+    (folder / "MODEL_CARD.md").write_text("card")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["kind"] == "linear" and len(cfg["sha256"]["net.safetensors"]) == 64
+    weights.load_state_into(torch.nn.Linear(3, 2), folder / "net.safetensors")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", full_disk)  # the new weights cannot be written
+    with pytest.raises(OSError):
+        weights.save_weights(folder, torch.nn.Linear(3, 2), "net.safetensors", {"kind": "other"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the old folder, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]  # nothing staged left behind
+    monkeypatch.undo()
+    weights.save_weights(folder, torch.nn.Linear(3, 2), "net.safetensors", {"kind": "new"})
+    assert (folder / "MODEL_CARD.md").read_text() == "card"  # the folder's other files carried over
+    other = tmp_path / "other"
+    weights.save_weights(other, torch.nn.Linear(3, 2), "net.safetensors", {})
+    (folder / "net.safetensors").write_bytes((other / "net.safetensors").read_bytes())  # swapped behind its back
+    with pytest.raises(UserError, match="checksum differs"):
+        weights.load_state_into(torch.nn.Linear(3, 2), folder / "net.safetensors")

@@ -188,7 +188,7 @@ def load_vae_config(folder: Path | None = None) -> VAEConfig:
     folder = Path(folder) if folder else SHIPPED_VAE
     cfg = read_config(folder, "vae.safetensors", "VAE", "python -m python.train_vae")
     try:
-        return VAEConfig(**cfg)
+        return VAEConfig(**{k: v for k, v in cfg.items() if k != "sha256"})  # the file checksum, not the shape
     except TypeError as e:
         raise UserError(f"{folder / 'config.json'}: not a VAE config ({e})") from None
 

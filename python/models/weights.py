@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from python.core.checksum import sha256
 from python.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,17 +19,31 @@ SHIPPED = REPO / "weights"
 
 
 def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: dict, half: bool = False) -> None:
-    """`filename` (safetensors; floating tensors as fp16 with half) and config.json, each written to a temporary
-    file and swapped in, so a reader never sees half of either."""
+    """`filename` (safetensors; floating tensors as fp16 with half) and config.json (with the file's sha256, checked
+    at load), written atomically as a folder: a copy of the folder (its other files, e.g. MODEL_CARD.md, kept) is
+    staged beside it, the new files written and read back there, and the staged folder swapped in with renames. A
+    crash or a full disk leaves the old folder whole, never new weights beside an old config."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{filename}.tmp"
-    save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / filename)
-    tmp = folder / ".config.tmp"
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, folder / "config.json")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = folder.parent / f".{folder.name}.saving-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        if folder.is_dir():
+            shutil.copytree(folder, stage)
+        else:
+            stage.mkdir()
+        save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                   for k, v in model.state_dict().items()}, str(stage / filename))
+        read_state(stage / filename)  # verify: what was written reads back
+        checksums = {**config.get("sha256", {}), filename: sha256(stage / filename)}
+        (stage / "config.json").write_text(json.dumps({**config, "sha256": checksums}, indent=1))
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(stage, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_config(folder: Path, filename: str, what: str, how: str) -> dict:
@@ -55,9 +71,21 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """model with the weights of `path`, which must match it exactly."""
+    """model with the weights of `path`, which must match it exactly (and its sha256, where the folder's config.json
+    records one: a file replaced or damaged after it was saved is refused)."""
+    path = Path(path)
+    state = read_state(path)  # a truncated or corrupt file is named as such before any checksum is compared
+    config = path.parent / "config.json"
+    if config.exists():
+        try:
+            recorded = json.loads(config.read_text()).get("sha256", {}).get(path.name)
+        except (ValueError, AttributeError):
+            recorded = None  # read_config reports a malformed config.json to whoever reads it
+        if recorded and sha256(path) != recorded:
+            raise UserError(f"{path}: its checksum differs from {config}'s (damaged, or replaced without its "
+                            f"config); restore the folder or save it again")
     try:
-        model.load_state_dict(read_state(path))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not match config.json ({str(e).splitlines()[0]})") from None
     return model

@@ -19,7 +19,8 @@ POSITIVE = ("steps", "batch", "save_every", "eval_every", "eval_conditions", "ev
             "train_images", "width", "depth", "heads", "patch", "channels", "g_channels", "d_channels")
 NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps")
 # (low, high, whether high is allowed) for the fractions and rates
-RANGES = {"lr": (0.0, math.inf, False), "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False)}
+RANGES = {"lr": (0.0, math.inf, False),  # lr 0: a step that changes nothing (tests of a warm start use it)
+          "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False)}
 
 
 def add_run_options(parser: argparse.ArgumentParser, run_dir: str, presets: dict | None = None,
@@ -70,10 +71,8 @@ def check_settings(cfg: dict) -> None:
             raise UserError(f"{option(k)} must be an integer >= 0, got {v!r}")
         if k in RANGES and isinstance(v, (int, float)):
             lo, hi, hi_ok = RANGES[k]
-            if not (math.isfinite(v) or hi_ok) or not (lo <= v and (v <= hi if hi_ok else v < hi)) or \
-                    (k == "lr" and v <= 0):
-                raise UserError(f"{option(k)} must be in {'(' if k == 'lr' else '['}{lo:g}, {hi:g}"
-                                f"{']' if hi_ok else ')'}, got {v!r}")
+            if not (lo <= v and (v <= hi if hi_ok else v < hi)):  # NaN fails every comparison
+                raise UserError(f"{option(k)} must be in [{lo:g}, {hi:g}{']' if hi_ok else ')'}, got {v!r}")
 
 
 class Progress:
