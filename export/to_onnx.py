@@ -32,6 +32,7 @@ import torch.nn as nn
 from python.core.checksum import sha256
 from python.core.diffusion import Schedule
 from python.core.errors import UserError, cli
+from python.core.folders import replace_folder
 from python.core.labels import CLASS_NAMES
 from python.models.classifier import load_classifier
 from python.models.denoiser import load_denoiser
@@ -270,20 +271,10 @@ def export_all(weights: Path | None, out: Path, formats=("onnx",), fp16: bool = 
         raise UserError(f"{out}: output folder is not writable ({e.strerror})") from None
     try:
         manifest = _export_into(weights, stage, formats, fp16, int8_data, vae)
-        _replace_folder(stage, out)
+        replace_folder(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Put the folder `new` in the place of `out` (which may not exist) with renames only: at every moment `out` is
-    either the old export whole or the new one whole (between the two renames, briefly, absent)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_into(weights: Path | None, out: Path, formats, fp16: bool, int8_data: Path | None,

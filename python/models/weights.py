@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from python.core.checksum import sha256
 from python.core.errors import UserError
+from python.core.folders import replace_folder
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "weights"
@@ -37,11 +38,7 @@ def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: di
         read_state(stage / filename)  # verify: what was written reads back
         checksums = {**config.get("sha256", {}), filename: sha256(stage / filename)}
         (stage / "config.json").write_text(json.dumps({**config, "sha256": checksums}, indent=1))
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(stage, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(stage, folder)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
