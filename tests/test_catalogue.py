@@ -132,6 +132,10 @@ CASES = [
           ["--steps must be a positive integer"], "{tmp}/run"),
     _case("python.distill", ["train", "--pairs", "{tmp}/pairs", "--steps", "0", "--run-dir", "{tmp}/run"],
           ["--steps must be >= 1"], "{tmp}/run"),
+    _case("python.adversarial", ["--data", "{data}", "--d-t-max", "0", "--run-dir", "{tmp}/run"],
+          ["--d-t-max must be a positive integer"], "{tmp}/run"),
+    _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-layers", "99", "--run-dir", "{tmp}/run"],
+          ["--d-layers must be block indices in 0..7, got [99]"], "{tmp}/run"),
     # the server refuses to start on bad settings or a broken export (its requests: test_serve.py)
     _case("runtime.serve", ["--max-n", "0"], ["--max-n"], None),
     _case("runtime.serve", ["--timeout", "0"], ["--timeout > 0"], None),

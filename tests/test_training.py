@@ -155,15 +155,18 @@ runpy.run_module(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("trainer", ["python.train_ldm", "python.train_gan", "python.train_vae"])
+@pytest.mark.parametrize("trainer", ["python.train_ldm", "python.train_gan", "python.train_vae", "python.adversarial"])
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_completes(trainer, tiny_data, parts,
-                                                                                      tmp_path):
+                                                                                      tiny_weights, tmp_path):
     import subprocess
     import sys
 
     run = tmp_path / "run"
     args = ["--preset", "tiny", "--data", str(tiny_data), "--run-dir", str(run)]
-    if trainer != "python.train_vae":
+    if trainer == "python.adversarial":  # a one-step generator on a tiny LDM's features, in that LDM's latent space
+        args += ["--vae", str(tiny_weights / "vae"), "--ldm", str(tiny_weights / "ldm"), "--init", "none",
+                 "--judge", str(tiny_weights / "judge" / "checkpoint.pth")]
+    elif trainer != "python.train_vae":
         args += ["--vae", str(parts / "vae"), "--judge", str(parts / "judge" / "checkpoint.pth")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_CHECKPOINT, trainer, *args], env=env,

@@ -137,6 +137,28 @@ class Denoiser(nn.Module):
         """x: (N, C, H, W) noisy latents, t: (N,) integer timesteps, cond: (N, 24) multi-hot."""
         cfg = self.cfg
         n = x.shape[0]
+        h, emb, ctx, mask = self._inputs(x, t, cond)
+        for blk in self.blocks:
+            h = blk(h, emb, ctx, mask)  # (N, L, d)
+        sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)  # 2 x (N, d)
+        h = self.out(modulate(self.norm_out(h), sh, sc))  # (N, L, p * p * C)
+        g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
+        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)  # (N, C, H, W)
+
+    def features(self, x, t, cond, layers) -> list[torch.Tensor]:
+        """The token features (N, L, d) after each block in `layers` (indices, ascending): what a discriminator
+        built on this network reads (python/adversarial.py). Blocks past the last one asked for are not run."""
+        h, emb, ctx, mask = self._inputs(x, t, cond)
+        out = []
+        for i, blk in enumerate(self.blocks[: max(layers) + 1]):
+            h = blk(h, emb, ctx, mask)
+            if i in layers:
+                out.append(h)
+        return out
+
+    def _inputs(self, x, t, cond):
+        """(patch tokens, time and pooled-label embedding, class tokens, their mask): what every block takes."""
+        cfg = self.cfg
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (N, L, d), L = (H / p)^2 tokens
         emb = self.t_mlp(timestep_embedding(t, cfg.width))  # (N, d)
         ctx = mask = None
@@ -151,12 +173,7 @@ class Denoiser(nn.Module):
             # empty). An additive mask rather than a boolean one: exp(-1e4) is exactly 0 in fp32 and fp16, and
             # the ONNX graph needs no NaN guard for fully masked rows.
             mask = ((present - 1.0) * 1e4)[:, None, None, :]
-        for blk in self.blocks:
-            h = blk(h, emb, ctx, mask)  # (N, L, d)
-        sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)  # 2 x (N, d)
-        h = self.out(modulate(self.norm_out(h), sh, sc))  # (N, L, p * p * C)
-        g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
-        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)  # (N, C, H, W)
+        return h, emb, ctx, mask
 
 
 def save_denoiser(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:

@@ -16,10 +16,12 @@ from python.training.rundir import RunDir
 # Settings a trainer reads as counts (> 0) or as counts that may be 0; a value outside them would divide by zero
 # (--save-every 0), train nothing and save an untrained model as final (--steps -5), or fail deep inside a loop.
 POSITIVE = ("steps", "batch", "save_every", "eval_every", "eval_conditions", "eval_steps", "eval_images",
-            "train_images", "width", "depth", "heads", "patch", "channels", "g_channels", "d_channels")
-NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps")
+            "train_images", "width", "depth", "heads", "patch", "channels", "g_channels", "d_channels", "head_width",
+            "d_t_max", "d_steps")
+NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps", "d_warmup")
 # (low, high, whether high is allowed) for the fractions and rates
 RANGES = {"lr": (0.0, math.inf, False),  # lr 0: a step that changes nothing (tests of a warm start use it)
+          "d_lr": (0.0, math.inf, False), "cls_weight": (0.0, math.inf, False),
           "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False)}
 
 

@@ -1,0 +1,273 @@
+"""The GAN path trained against real data: a one-step generator and a discriminator on the frozen LDM's features.
+
+    python -m python.adversarial --data D --init weights/gan --run-dir ~/runs/adv   # fine-tune the one-step student
+    python -m python.ship gan --run ~/runs/adv --out weights/gan                     # ship it as the GAN path
+
+Latent adversarial diffusion distillation (LADD, Sauer et al. 2024) in this project's latent space. The generator
+is the one-step student (python/models/one_step.py: the LDM's denoiser called once at t = T-1 on a noise latent).
+The discriminator reads a latent the way the LDM does: the latent is noised to a random t <= --d-t-max, the
+frozen LDM denoiser runs on it with the label set, and small trainable heads read its token features after the
+blocks in --d-layers; each head gives a real/fake logit per token (8 x 8), conditioned on the label set by a
+projection (the inner product of each token's head features with an embedding of the set; Miyato & Koyama 2018).
+Hinge loss. The real latents are the training images' (the latent cache, q(z|x) samples), so the generator is
+pulled towards the data, not towards the teacher's samples: a teacher that draws a requested colour twice cannot
+be what the student imitates here. Noising is what keeps the game stable without a gradient penalty (LADD): at
+high t the heads see layout and objects, at low t edges and texture.
+
+No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
+makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
+a judge, and better another than the best-of selector) for runs that measure what it adds. No judge in any loss or
+selection: the judge scores --eval-conditions held-out conditions for the log only, and the run's final EMA
+(after --steps, fixed in advance) is what gets shipped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from python.core.diffusion import Schedule
+from python.core.errors import UserError, cli
+from python.data.dataset import load_condition_file
+from python.evaluation.metrics import object_rates
+from python.models.classifier import load_classifier_for
+from python.models.denoiser import SHIPPED_LDM, Denoiser, load_denoiser
+from python.models.generators import SHIPPED_GAN, generator_config, load_generator, save_generator
+from python.models.judge import judge_score, load_judge
+from python.models.one_step import OneStep
+from python.models.sampling import decode, gan_latents
+from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
+from python.training.ema import ema_update
+from python.training.latents import load_latents
+from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.losses import class_term
+from python.training.rundir import RunDir
+
+PRESETS = {
+    "tiny": dict(batch=4, steps=6, eval_every=3, save_every=3, eval_conditions=4, lr=1e-4, d_lr=1e-4,
+                 head_width=16, d_layers=[0, 1], d_warmup=1, d_steps=2),
+    "full": dict(batch=32, steps=3000, eval_every=250, save_every=250, eval_conditions=256, lr=1e-5, d_lr=2e-4,
+                 head_width=64, d_layers=[1, 3, 5, 7], d_warmup=300, d_steps=2),
+}
+
+
+class Head(nn.Module):
+    """Token features (N, L, d) of one block + label set (N, 24) -> a real/fake logit per token (N, L)."""
+
+    def __init__(self, d: int, width: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.body = nn.Sequential(nn.Conv2d(d, width, 3, 1, 1), nn.GroupNorm(min(8, width), width), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(width, width, 3, 1, 1), nn.LeakyReLU(0.2))
+        self.out = nn.Conv2d(width, 1, 1)
+        # a small MLP of the multi-hot set, not a sum of class embeddings: it can weigh the set's size and its pairs
+        self.embed = nn.Sequential(nn.Linear(num_classes, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, f: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        n, L, d = f.shape
+        g = int(round(L ** 0.5))
+        h = self.body(self.norm(f).transpose(1, 2).reshape(n, d, g, g))  # (N, w, g, g)
+        proj = (h * self.embed(cond)[:, :, None, None]).sum(1)  # (N, g, g)
+        return (self.out(h)[:, 0] + proj).flatten(1)  # (N, L)
+
+
+class FeatureDiscriminator(nn.Module):
+    """Heads on a frozen denoiser's features at a noised latent. The denoiser is held outside the module's state
+    (it is the shipped LDM, saved elsewhere), so checkpoints carry the heads only."""
+
+    def __init__(self, teacher: Denoiser, layers: list[int], width: int):
+        super().__init__()
+        if not layers or any(not 0 <= i < teacher.cfg.depth for i in layers):
+            raise UserError(f"--d-layers must be block indices in 0..{teacher.cfg.depth - 1}, got {layers}")
+        self.layers = sorted(set(layers))
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.heads = nn.ModuleList(Head(teacher.cfg.width, width, teacher.cfg.num_classes) for _ in self.layers)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+        return self.score(self.teacher.features(x_t, t, cond, self.layers), cond)
+
+    def score(self, feats: list[torch.Tensor], cond: torch.Tensor) -> list[torch.Tensor]:
+        """Per head, the token logits (N, L) of features the frozen LDM computed (forward = features + score)."""
+        return [head(f, cond) for head, f in zip(self.heads, feats)]
+
+
+def noised(x: torch.Tensor, t: torch.Tensor, tables, gen: torch.Generator) -> torch.Tensor:
+    ca, cs = tables
+    return ca[t] * x + cs[t] * torch.randn(x.shape, generator=gen)
+
+
+def _student(init: Path | None, teacher: Denoiser, tcfg: dict) -> OneStep:
+    """The generator to fine-tune: a saved one-step student (a weights folder such as weights/gan), or, with no
+    --init, the teacher itself called once."""
+    if init is None:
+        student = OneStep(teacher.cfg, tcfg["schedule"])
+        student.denoiser.load_state_dict(teacher.state_dict())
+        return student
+    student, cfg = load_generator(init)
+    if not isinstance(student, OneStep):
+        raise UserError(f"--init {init}: a {cfg.get('kind')} generator; this trainer fine-tunes a one-step "
+                        "student (kind 'distilled', e.g. weights/gan)")
+    if cfg.get("vae_sha") and tcfg.get("vae_sha") and cfg["vae_sha"] != tcfg["vae_sha"]:
+        raise UserError(f"--init {init}: its latent space (vae_sha {cfg['vae_sha']}) is not the LDM's "
+                        f"({tcfg['vae_sha']})")
+    return student.float().train()
+
+
+def train(args, cfg: dict) -> Path:
+    teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
+    vae_dir = args.vae or SHIPPED_VAE
+    if tcfg.get("vae_sha") and tcfg["vae_sha"] != vae_digest(vae_dir):
+        raise UserError(f"--ldm {args.ldm or SHIPPED_LDM} was trained on another VAE's latents than {vae_dir}")
+    schedule = Schedule(**tcfg["schedule"])
+    if not 1 <= cfg["d_t_max"] <= schedule.T:
+        raise UserError(f"--d-t-max must be in 1..{schedule.T}, got {cfg['d_t_max']}")
+    lat = load_latents(args.data, vae_dir)
+    torch.manual_seed(args.seed)
+    student = _student(args.init, teacher, tcfg)
+    disc = FeatureDiscriminator(teacher, cfg["d_layers"], cfg["head_width"])
+    cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
+    cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), objective="adversarial",
+               discriminator={"features": str(args.ldm or SHIPPED_LDM), "layers": disc.layers,
+                              "head_width": cfg["head_width"], "t_max": cfg["d_t_max"]})
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator"))
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
+    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["d_lr"], betas=(0.0, 0.99))
+    gen = torch.Generator().manual_seed(args.seed)
+    modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "d_opt": d_opt, "gen": gen}
+    step = run.restore(modules, objects) if args.resume else 0
+    tables = tuple(torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(torch.arange(schedule.T).numpy()))
+    decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
+    eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
+    run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
+            f"{' from ' + str(args.init) if args.init else ' (the LDM called once)'}; discriminator heads "
+            f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M params on blocks {disc.layers} of the frozen "
+            f"LDM at t <= {cfg['d_t_max']}; {len(lat)} real latents")
+    batch, z_dim, t_max = cfg["batch"], student.cfg.z_dim, cfg["d_t_max"]
+
+    def log_heldout(at: int) -> None:
+        with torch.no_grad():
+            images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
+        res, rates = judge_score(judge, images, eval_cond), object_rates(judge, images, eval_cond)
+        run.metrics(step=at, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"],
+                                             "unrequested": rates["unrequested"]})
+        progress.write(f"step {at}: accuracy {res['accuracy']:.4f}, unrequested objects in {rates['unrequested']:.3f} "
+                       f"of {len(eval_cond)} held-out conditions (EMA; log only)")
+        run.sample_grid("heldout", at, images)
+
+    progress = Progress(run, cfg["steps"], step, show=("d_loss", "g_adv"))
+    if step == 0:
+        log_heldout(0)  # where the fine-tune starts, on the same conditions and noise
+    def draw():
+        """A batch of real latents, their label sets (the fakes are asked for the same sets) and noise."""
+        idx = torch.randint(0, len(lat), (batch,), generator=gen)
+        return lat.sample(idx, gen), lat.labels[idx], torch.randn(batch, z_dim, generator=gen)
+
+    def ldm_features(x, cond):
+        t = torch.randint(0, t_max, (batch,), generator=gen)  # each latent at its own noise level
+        return disc.teacher.features(noised(x, t, tables, gen), t, cond, disc.layers)
+
+    def d_update(real, cond, f_fake):
+        with torch.no_grad():  # the frozen LDM's features need no graph; the heads do
+            f_real = ldm_features(real, cond)
+        d_real = torch.stack([F.relu(1 - o).mean() for o in disc.score(f_real, cond)]).mean()
+        d_fake = torch.stack([F.relu(1 + o).mean() for o in disc.score([f.detach() for f in f_fake], cond)]).mean()
+        d_opt.zero_grad(set_to_none=True)
+        (d_real + d_fake).backward()
+        d_opt.step()
+        return d_real, d_fake
+
+    while step < cfg["steps"]:
+        real, cond, z = draw()
+        extra, gnorm = {}, 0.0
+        if step >= cfg["d_warmup"]:
+            # generator: fool the heads at a random noise level (its gradient flows through the frozen LDM)
+            fake = student(z, cond)
+            f_fake = ldm_features(fake, cond)
+            disc.requires_grad_(False)
+            g_adv = -torch.stack([o.mean() for o in disc.score(f_fake, cond)]).mean()
+            disc.requires_grad_(True)
+            loss = g_adv
+            extra["g_adv"] = g_adv.item()
+            if cls_nets:
+                cls_term = class_term(cls_nets, fake, cond)
+                loss = loss + args.cls_weight * cls_term
+                extra["cls"] = cls_term.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+            opt.step()
+        else:  # the heads' warm-up: a generator step against untrained heads would follow noise
+            with torch.no_grad():
+                f_fake = ldm_features(student(z, cond), cond)
+        # discriminator: real latents against this step's fakes as the generator's step saw them (their LDM features
+        # reused, detached), then --d-steps - 1 more updates on fresh batches
+        d_real, d_fake = d_update(real, cond, f_fake)
+        for _ in range(cfg["d_steps"] - 1):
+            real, cond, z = draw()
+            with torch.no_grad():
+                f_fake = ldm_features(student(z, cond), cond)
+            d_real, d_fake = d_update(real, cond, f_fake)
+        d_loss = d_real + d_fake
+        step += 1
+        ema_update(ema, student, step, args.ema)
+        progress.step(step, batch, lambda: dict(d_loss=d_loss.item(), d_real=d_real.item(), d_fake=d_fake.item(),
+                                                grad_norm=gnorm, **extra))
+        evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
+        if evaluating:
+            log_heldout(step)
+        if evaluating or step % cfg["save_every"] == 0:
+            run.checkpoint(step, modules, objects)
+    progress.close()
+    final = run.path / "final"
+    save_generator(copy.deepcopy(ema).float(), final, {"vae_sha": cfg["vae_sha"], "trained_steps": step,
+                                                       "objective": "adversarial",
+                                                       "discriminator": cfg["discriminator"],
+                                                       "train_seconds": round(run.elapsed(), 1)})
+    run.log(f"saved the EMA generator to {final}")
+    return final
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, "adversarial", PRESETS)
+    parser.add_argument("--init", type=Path, default=SHIPPED_GAN,
+                        help="one-step student to fine-tune (default: weights/gan); 'none': the LDM called once")
+    parser.add_argument("--ldm", type=Path, help="the frozen LDM whose features the discriminator reads "
+                                                 "(default: weights/ldm)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--lr", type=float, help="generator learning rate (Adam, betas 0 / 0.99)")
+    parser.add_argument("--d-lr", type=float, help="discriminator heads' learning rate")
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--d-layers", type=int, nargs="+", help="LDM blocks whose features the heads read")
+    parser.add_argument("--head-width", type=int)
+    parser.add_argument("--d-warmup", type=int, help="first steps that train the heads alone (the generator waits)")
+    parser.add_argument("--d-steps", type=int, help="discriminator updates per generator step (TTUR, as in DMD2)")
+    parser.add_argument("--d-t-max", type=int, default=750,
+                        help="the discriminator sees latents noised to t ~ U{0..this-1} (of the LDM's T)")
+    parser.add_argument("--cls-weight", type=float, default=0.0,
+                        help="class term: x BCE of frozen latent classifier(s) on the generator's latents (0: none)")
+    parser.add_argument("--cls-classifier", type=Path, nargs="+",
+                        help="classifier(s) for --cls-weight (trained on real latents only; default weights/classifier)")
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (also at every evaluation)")
+    parser.add_argument("--eval-conditions", type=int, help="heldout.json conditions the judge scores (log only)")
+    args = parser.parse_args(argv)
+    if str(args.init).lower() == "none":
+        args.init = None
+    if args.cls_weight < 0:
+        raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
+    cfg = resolve_config(PRESETS[args.preset], args)
+    final = train(args, cfg)
+    print(json.dumps({"final": str(final), "steps": cfg["steps"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from python import adversarial
+from python.core.errors import UserError
+from python.models.denoiser import load_denoiser
+from python.models.generators import load_generator
+from python.models.one_step import OneStep
+
+
+def _args(tiny_data, w, run, *extra):
+    return ["--preset", "tiny", "--data", str(tiny_data), "--ldm", str(w / "ldm"), "--vae", str(w / "vae"),
+            "--judge", str(w / "judge" / "checkpoint.pth"), "--run-dir", str(run), "--init", "none", *extra]
+
+
+def test_features_are_the_blocks_outputs_of_the_forward_pass(tiny_weights):
+    den, _ = load_denoiser(tiny_weights / "ldm")
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in den.blocks]
+    x, t, cond = torch.randn(3, 4, 16, 16), torch.tensor([0, 500, 999]), torch.zeros(3, 24)
+    cond[0, 3] = cond[1, [1, 7]] = 1
+    with torch.no_grad():
+        den(x, t, cond)
+        feats = den.features(x, t, cond, [0, 1])
+    for h in hooks:
+        h.remove()
+    assert len(feats) == 2 and all(torch.equal(a, b) for a, b in zip(feats, seen))
+    with torch.no_grad():  # blocks past the last one asked for are not run
+        assert len(den.features(x, t, cond, [0])) == 1
+
+
+def test_heads_read_the_label_set_and_train_without_touching_the_frozen_ldm(tiny_weights):
+    den, _ = load_denoiser(tiny_weights / "ldm")
+    before = {k: v.clone() for k, v in den.state_dict().items()}
+    disc = adversarial.FeatureDiscriminator(den, [1, 0], width=8)
+    assert disc.layers == [0, 1] and not any(k.startswith("teacher") for k in disc.state_dict())
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 10])
+    a, b = torch.zeros(2, 24), torch.zeros(2, 24)
+    a[:, 2], b[:, 5] = 1, 1
+    with torch.no_grad():
+        out_a, out_b = disc(x, t, a), disc(x, t, b)
+    assert [o.shape for o in out_a] == [(2, 64)] * 2
+    assert not torch.allclose(out_a[0], out_b[0])  # the same latent under another label set scores differently
+    fake = torch.randn(2, 4, 16, 16, requires_grad=True)
+    sum(o.mean() for o in disc(fake, t, a)).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0  # the generator's gradient goes through the LDM
+    assert all(p.grad is None for p in den.parameters())
+    assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
+    with pytest.raises(UserError, match="--d-layers"):
+        adversarial.FeatureDiscriminator(den, [den.cfg.depth], width=8)
+
+
+def test_trainer_fine_tunes_a_one_step_generator_against_real_latents(tiny_data, tiny_weights, tmp_path, capsys):
+    run = tmp_path / "run"
+    adversarial.main(_args(tiny_data, tiny_weights, run))
+    gen, cfg = load_generator(run / "final")
+    assert isinstance(gen, OneStep) and cfg["kind"] == "distilled" and cfg["objective"] == "adversarial"
+    assert cfg["discriminator"]["layers"] == [0, 1] and cfg["trained_steps"] == 6
+    teacher, _ = load_denoiser(tiny_weights / "ldm")
+    moved = [not torch.equal(a, b) for a, b in zip(gen.denoiser.state_dict().values(), teacher.state_dict().values())]
+    assert any(moved)  # started as the LDM called once, changed by the adversarial term alone
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "heldout_subset" in r] == [0, 3, 6]  # the start is logged, then each eval
+    trained = [r for r in rows if "d_loss" in r]
+    assert trained and all(r["d_loss"] >= 0 and "g_adv" in r for r in trained)
+    # the shipped student (a GAN-kind folder here) is refused with what it is
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r2")[:-2] + ["--init", str(tiny_weights / "gan")])
+    assert "adversarial generator" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_side_by_side_puts_real_renders_above_each_generators_samples(tiny_data, tiny_weights, tmp_path):
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import side_by_side
+
+    from python.core.labels import encode, read_json
+    from python.data.synthetic import render_conditions
+
+    out = tmp_path / "grid.png"
+    side_by_side.main(["--data", str(tiny_data), "--file", "heldout.json", "--limit", "3", "--gan",
+                       str(tiny_weights / "gan"), "--ldm", str(tiny_weights / "ldm"), "--vae", str(tiny_weights / "vae"),
+                       "--steps", "2", "--out", str(out)])
+    img = np.asarray(Image.open(out))
+    assert img.shape == (3 * 66 + 2, side_by_side.LABEL_WIDTH + 3 * 66 + 2, 3)  # real, GAN, LDM rows of 3
+    cond = np.stack([encode(x) for x in read_json(tiny_data / "heldout.json")[:3]])
+    real = render_conditions(cond, 1)
+    x0 = side_by_side.LABEL_WIDTH + 2
+    assert np.array_equal(img[2:66, x0:x0 + 64], real[0]) and np.array_equal(img[2:66, x0 + 132:x0 + 196], real[2])
+    assert not np.array_equal(img[68:132, x0:x0 + 64], real[0])  # the generator's row is its own
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--data", str(tiny_data), "--out", str(tmp_path / "none.png")])
+    assert not (tmp_path / "none.png").exists()
