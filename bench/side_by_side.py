@@ -79,13 +79,15 @@ def main(argv=None):
 
             gen, cfg = load_generator(folder)
             what = cfg.get("objective", cfg.get("kind"))
-            rows.append((f"GAN path, one pass\n{folder.name} ({what})", to_uint8(decode(decoder, gan_latents(gen, cond, seed=args.seed)))))
+            images = decode(decoder, gan_latents(gen, cond, seed=args.seed))
+            rows.append((f"GAN path, one pass\n{folder.name} ({what})", to_uint8(images)))
         for folder in args.ldm:
             from python.core.diffusion import Schedule
             from python.models.denoiser import load_denoiser
 
             model, cfg = load_denoiser(folder)
-            lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance, seed=args.seed)
+            lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
+                              seed=args.seed)
             rows.append((f"LDM {args.steps} steps, g {args.guidance:g}\n{folder.name}", to_uint8(decode(decoder, lat))))
     from PIL import Image
 

@@ -141,7 +141,8 @@ def train(args, cfg: dict) -> Path:
     gen = torch.Generator().manual_seed(args.seed)
     modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "d_opt": d_opt, "gen": gen}
     step = run.restore(modules, objects) if args.resume else 0
-    tables = tuple(torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(torch.arange(schedule.T).numpy()))
+    tables = tuple(torch.from_numpy(c).float()[:, None, None, None]
+                   for c in schedule.coeffs(torch.arange(schedule.T).numpy()))  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
     run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
@@ -255,7 +256,8 @@ def main(argv=None):
     parser.add_argument("--cls-weight", type=float, default=0.0,
                         help="class term: x BCE of frozen latent classifier(s) on the generator's latents (0: none)")
     parser.add_argument("--cls-classifier", type=Path, nargs="+",
-                        help="classifier(s) for --cls-weight (trained on real latents only; default weights/classifier)")
+                        help="classifier(s) for --cls-weight (trained on real latents only; "
+                             "default weights/classifier)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (also at every evaluation)")
     parser.add_argument("--eval-conditions", type=int, help="heldout.json conditions the judge scores (log only)")

@@ -85,9 +85,9 @@ def test_side_by_side_puts_real_renders_above_each_generators_samples(tiny_data,
     from python.data.synthetic import render_conditions
 
     out = tmp_path / "grid.png"
-    side_by_side.main(["--data", str(tiny_data), "--file", "heldout.json", "--limit", "3", "--gan",
-                       str(tiny_weights / "gan"), "--ldm", str(tiny_weights / "ldm"), "--vae", str(tiny_weights / "vae"),
-                       "--steps", "2", "--out", str(out)])
+    w = tiny_weights
+    side_by_side.main(["--data", str(tiny_data), "--file", "heldout.json", "--limit", "3", "--gan", str(w / "gan"),
+                       "--ldm", str(w / "ldm"), "--vae", str(w / "vae"), "--steps", "2", "--out", str(out)])
     img = np.asarray(Image.open(out))
     assert img.shape == (3 * 66 + 2, side_by_side.LABEL_WIDTH + 3 * 66 + 2, 3)  # real, GAN, LDM rows of 3
     cond = np.stack([encode(x) for x in read_json(tiny_data / "heldout.json")[:3]])
