@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from python.core.diffusion import Schedule
+from python.core.diffusion import Schedule, add_noise
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import object_rates
@@ -41,7 +41,7 @@ from python.models.generators import SHIPPED_GAN, generator_config, load_generat
 from python.models.judge import judge_score, load_judge
 from python.models.one_step import OneStep
 from python.models.sampling import decode, gan_latents
-from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
+from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
@@ -97,11 +97,12 @@ class FeatureDiscriminator(nn.Module):
 
 
 def noised(x: torch.Tensor, t: torch.Tensor, tables, gen: torch.Generator) -> torch.Tensor:
+    """x_t for clean latents x at timesteps t, `tables` the schedule's (a_t, s_t) for every t."""
     ca, cs = tables
-    return ca[t] * x + cs[t] * torch.randn(x.shape, generator=gen)
+    return add_noise(x, torch.randn(x.shape, generator=gen), ca[t], cs[t])
 
 
-def _student(init: Path | None, teacher: Denoiser, tcfg: dict) -> OneStep:
+def _student(init: Path | None, teacher: Denoiser, tcfg: dict, vae_dir: Path) -> OneStep:
     """The generator to fine-tune: a saved one-step student (a weights folder such as weights/gan), or, with no
     --init, the teacher itself called once."""
     if init is None:
@@ -112,23 +113,20 @@ def _student(init: Path | None, teacher: Denoiser, tcfg: dict) -> OneStep:
     if not isinstance(student, OneStep):
         raise UserError(f"--init {init}: a {cfg.get('kind')} generator; this trainer fine-tunes a one-step "
                         "student (kind 'distilled', e.g. weights/gan)")
-    if cfg.get("vae_sha") and tcfg.get("vae_sha") and cfg["vae_sha"] != tcfg["vae_sha"]:
-        raise UserError(f"--init {init}: its latent space (vae_sha {cfg['vae_sha']}) is not the LDM's "
-                        f"({tcfg['vae_sha']})")
+    require_latent_space(init, cfg, vae_dir)
     return student.float().train()
 
 
 def train(args, cfg: dict) -> Path:
     teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
     vae_dir = args.vae or SHIPPED_VAE
-    if tcfg.get("vae_sha") and tcfg["vae_sha"] != vae_digest(vae_dir):
-        raise UserError(f"--ldm {args.ldm or SHIPPED_LDM} was trained on another VAE's latents than {vae_dir}")
+    require_latent_space(args.ldm or SHIPPED_LDM, tcfg, vae_dir)
     schedule = Schedule(**tcfg["schedule"])
     if not 1 <= cfg["d_t_max"] <= schedule.T:
         raise UserError(f"--d-t-max must be in 1..{schedule.T}, got {cfg['d_t_max']}")
     lat = load_latents(args.data, vae_dir)
     torch.manual_seed(args.seed)
-    student = _student(args.init, teacher, tcfg)
+    student = _student(args.init, teacher, tcfg, vae_dir)
     disc = FeatureDiscriminator(teacher, cfg["d_layers"], cfg["head_width"])
     cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), objective="adversarial",
@@ -264,8 +262,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if str(args.init).lower() == "none":
         args.init = None
-    if args.cls_weight < 0:
-        raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
     cfg = resolve_config(PRESETS[args.preset], args)
     final = train(args, cfg)
     print(json.dumps({"final": str(final), "steps": cfg["steps"]}))
