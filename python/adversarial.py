@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from python.core.diffusion import Schedule, add_noise
 from python.core.errors import UserError, cli
+from python.core.labels import COLORS
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import object_rates
 from python.models.classifier import load_classifier_for
@@ -50,9 +51,9 @@ from python.training.rundir import RunDir
 
 PRESETS = {
     "tiny": dict(batch=4, steps=6, eval_every=3, save_every=3, eval_conditions=4, lr=1e-4, d_lr=1e-4,
-                 head_width=16, d_layers=[0, 1], d_warmup=1, d_steps=2),
+                 head_width=16, d_layers=[0, 1], d_warmup=1, d_steps=2, mismatch=1.0),
     "full": dict(batch=32, steps=3000, eval_every=250, save_every=250, eval_conditions=256, lr=1e-5, d_lr=2e-4,
-                 head_width=64, d_layers=[1, 3, 5, 7], d_warmup=300, d_steps=2),
+                 head_width=64, d_layers=[1, 3, 5, 7], d_warmup=300, d_steps=2, mismatch=1.0),
 }
 
 
@@ -96,6 +97,30 @@ class FeatureDiscriminator(nn.Module):
         return [head(f, cond) for head, f in zip(self.heads, feats)]
 
 
+def mismatched(cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each label set changed by one object, a hard negative for the discriminator: a present object dropped (the
+    image then holds an object the set does not ask for), an absent one added (the image lacks one it asks for), or
+    one replaced by an absent object of the same colour or the same shape (colour bound to the wrong shape). Drops
+    need two or more objects; a one-object set gets an addition or a replacement instead."""
+    out = cond.clone()
+    kinds = torch.randint(0, 3, (len(cond),), generator=gen).tolist()
+    picks = torch.rand(len(cond), 2, generator=gen).tolist()
+    for i, (kind, (u, v)) in enumerate(zip(kinds, picks)):
+        present = out[i].nonzero().flatten().tolist()
+        absent = (out[i] == 0).nonzero().flatten().tolist()
+        if kind == 0 and len(present) < 2:
+            kind = 1 + int(u < 0.5)
+        p = present[int(u * len(present))]
+        if kind == 0:
+            out[i, p] = 0
+        elif kind == 1:
+            out[i, absent[int(v * len(absent))]] = 1
+        else:  # class index = shape * len(COLORS) + colour
+            near = [c for c in absent if c % len(COLORS) == p % len(COLORS) or c // len(COLORS) == p // len(COLORS)]
+            out[i, p], out[i, near[int(v * len(near))]] = 0, 1
+    return out
+
+
 def noised(x: torch.Tensor, t: torch.Tensor, tables, gen: torch.Generator) -> torch.Tensor:
     """x_t for clean latents x at timesteps t, `tables` the schedule's (a_t, s_t) for every t."""
     ca, cs = tables
@@ -131,7 +156,8 @@ def train(args, cfg: dict) -> Path:
     cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), objective="adversarial",
                discriminator={"features": str(args.ldm or SHIPPED_LDM), "layers": disc.layers,
-                              "head_width": cfg["head_width"], "t_max": cfg["d_t_max"]})
+                              "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
+                              "mismatch": cfg["mismatch"]})
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator"))
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
@@ -176,10 +202,17 @@ def train(args, cfg: dict) -> Path:
             f_real = ldm_features(real, cond)
         d_real = torch.stack([F.relu(1 - o).mean() for o in disc.score(f_real, cond)]).mean()
         d_fake = torch.stack([F.relu(1 + o).mean() for o in disc.score([f.detach() for f in f_fake], cond)]).mean()
+        loss, d_mis = d_real + d_fake, None
+        if cfg["mismatch"] > 0:  # real latents under a label set one object off count as fake (matching-aware D)
+            wrong = mismatched(cond, gen)
+            with torch.no_grad():
+                f_wrong = ldm_features(real, wrong)
+            d_mis = torch.stack([F.relu(1 + o).mean() for o in disc.score(f_wrong, wrong)]).mean()
+            loss = loss + cfg["mismatch"] * d_mis
         d_opt.zero_grad(set_to_none=True)
-        (d_real + d_fake).backward()
+        loss.backward()
         d_opt.step()
-        return d_real, d_fake
+        return d_real, d_fake, d_mis
 
     while step < cfg["steps"]:
         real, cond, z = draw()
@@ -206,13 +239,15 @@ def train(args, cfg: dict) -> Path:
                 f_fake = ldm_features(student(z, cond), cond)
         # discriminator: real latents against this step's fakes as the generator's step saw them (their LDM features
         # reused, detached), then --d-steps - 1 more updates on fresh batches
-        d_real, d_fake = d_update(real, cond, f_fake)
+        d_real, d_fake, d_mis = d_update(real, cond, f_fake)
         for _ in range(cfg["d_steps"] - 1):
             real, cond, z = draw()
             with torch.no_grad():
                 f_fake = ldm_features(student(z, cond), cond)
-            d_real, d_fake = d_update(real, cond, f_fake)
+            d_real, d_fake, d_mis = d_update(real, cond, f_fake)
         d_loss = d_real + d_fake
+        if d_mis is not None:
+            extra["d_mismatch"] = d_mis.item()
         step += 1
         ema_update(ema, student, step, args.ema)
         progress.step(step, batch, lambda: dict(d_loss=d_loss.item(), d_real=d_real.item(), d_fake=d_fake.item(),
@@ -251,6 +286,10 @@ def main(argv=None):
     parser.add_argument("--d-steps", type=int, help="discriminator updates per generator step (TTUR, as in DMD2)")
     parser.add_argument("--d-t-max", type=int, default=750,
                         help="the discriminator sees latents noised to t ~ U{0..this-1} (of the LDM's T)")
+    parser.add_argument("--mismatch", type=float,
+                        help="weight of the matching-aware term: real latents under a label set one object off "
+                             "(dropped, added, or swapped for one of the same colour or shape) count as fake for the "
+                             "discriminator (0: off)")
     parser.add_argument("--cls-weight", type=float, default=0.0,
                         help="class term: x BCE of frozen latent classifier(s) on the generator's latents (0: none)")
     parser.add_argument("--cls-classifier", type=Path, nargs="+",

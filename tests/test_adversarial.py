@@ -52,6 +52,36 @@ def test_heads_read_the_label_set_and_train_without_touching_the_frozen_ldm(tiny
         adversarial.FeatureDiscriminator(den, [den.cfg.depth], width=8)
 
 
+def test_mismatched_label_sets_are_one_object_off():
+    from python.core.labels import COLORS, encode
+
+    sets = [["red cube"], ["red cube", "blue sphere"], ["gray cube", "cyan cylinder", "yellow sphere"]] * 40
+    cond = torch.from_numpy(encode_sets(sets, encode)).float()
+    wrong = adversarial.mismatched(cond, torch.Generator().manual_seed(0))
+    assert torch.equal(cond, torch.from_numpy(encode_sets(sets, encode)).float())  # the input is left alone
+    diff = wrong - cond
+    kinds = set()
+    for i in range(len(cond)):
+        added, dropped = (diff[i] > 0).nonzero().flatten().tolist(), (diff[i] < 0).nonzero().flatten().tolist()
+        assert set(wrong[i].unique().tolist()) <= {0.0, 1.0} and wrong[i].sum() >= 1
+        if added and dropped:  # a swap keeps the colour or the shape of the object it replaces
+            (a,), (d,) = added, dropped
+            assert a % len(COLORS) == d % len(COLORS) or a // len(COLORS) == d // len(COLORS)
+            kinds.add("swap")
+        else:
+            assert len(added) + len(dropped) == 1  # exactly one object off
+            kinds.add("add" if added else "drop")
+            if dropped:
+                assert cond[i].sum() >= 2  # a one-object set is never emptied
+    assert kinds == {"swap", "add", "drop"}
+
+
+def encode_sets(sets, encode):
+    import numpy as np
+
+    return np.stack([encode(s) for s in sets])
+
+
 def test_trainer_fine_tunes_a_one_step_generator_against_real_latents(tiny_data, tiny_weights, tmp_path, capsys):
     run = tmp_path / "run"
     adversarial.main(_args(tiny_data, tiny_weights, run))
@@ -65,6 +95,8 @@ def test_trainer_fine_tunes_a_one_step_generator_against_real_latents(tiny_data,
     assert [r["step"] for r in rows if "heldout_subset" in r] == [0, 3, 6]  # the start is logged, then each eval
     trained = [r for r in rows if "d_loss" in r]
     assert trained and all(r["d_loss"] >= 0 and "g_adv" in r for r in trained)
+    # the tiny preset trains a matching-aware discriminator: real latents under a wrong label set are its fakes too
+    assert cfg["discriminator"]["mismatch"] == 1.0 and all(r["d_mismatch"] >= 0 for r in trained)
     # the shipped student (a GAN-kind folder here) is refused with what it is
     with pytest.raises(SystemExit):
         adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r2")[:-2] + ["--init", str(tiny_weights / "gan")])
