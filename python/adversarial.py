@@ -58,7 +58,11 @@ PRESETS = {
 
 
 class Head(nn.Module):
-    """Token features (N, L, d) of one block + label set (N, 24) -> a real/fake logit per token (N, L)."""
+    """Token features (N, L, d) of one block + label set (N, 24) -> logits (N, L + 1): one real/fake logit per token
+    (is this patch realistic?) and, last, one for the whole image (does the image hold this label set?). The label
+    set enters both by a projection (Miyato & Koyama 2018); the image logit's projection reads features pooled over
+    every token, since a set one object off (an extra or a missing object) differs from the right one at a few
+    tokens only, which per-token logits average away."""
 
     def __init__(self, d: int, width: int, num_classes: int):
         super().__init__()
@@ -66,15 +70,31 @@ class Head(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(d, width, 3, 1, 1), nn.GroupNorm(min(8, width), width), nn.LeakyReLU(0.2),
                                   nn.Conv2d(width, width, 3, 1, 1), nn.LeakyReLU(0.2))
         self.out = nn.Conv2d(width, 1, 1)
+        self.out_image = nn.Linear(2 * width, 1)
         # a small MLP of the multi-hot set, not a sum of class embeddings: it can weigh the set's size and its pairs
-        self.embed = nn.Sequential(nn.Linear(num_classes, width), nn.SiLU(), nn.Linear(width, width))
+        self.embed = nn.Sequential(nn.Linear(num_classes, width), nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, f: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         n, L, d = f.shape
         g = int(round(L ** 0.5))
         h = self.body(self.norm(f).transpose(1, 2).reshape(n, d, g, g))  # (N, w, g, g)
-        proj = (h * self.embed(cond)[:, :, None, None]).sum(1)  # (N, g, g)
-        return (self.out(h)[:, 0] + proj).flatten(1)  # (N, L)
+        e_tok, e_img = self.embed(cond).chunk(2, dim=1)  # 2 x (N, w)
+        tokens = self.out(h)[:, 0] + (h * e_tok[:, :, None, None]).sum(1)  # (N, g, g)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)  # (N, 2w): mean and max over the tokens
+        image = self.out_image(pooled)[:, 0] + (pooled * torch.cat([e_img, e_img], dim=1)).sum(1)  # (N,)
+        return torch.cat([tokens.flatten(1), image[:, None]], dim=1)  # (N, L + 1)
+
+
+def hinge(logits: list[torch.Tensor], sign: float) -> torch.Tensor:
+    """The discriminator's hinge loss on every head's logits (N, L + 1), sign +1 for real, -1 for fake: the tokens'
+    mean and the image logit's mean weigh the same."""
+    return torch.stack([F.relu(1 - sign * o[:, :-1]).mean() + F.relu(1 - sign * o[:, -1]).mean()
+                        for o in logits]).mean() / 2
+
+
+def generator_adv(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The generator's side: minus the heads' logits, tokens and image weighed as in `hinge`."""
+    return -torch.stack([o[:, :-1].mean() + o[:, -1].mean() for o in logits]).mean() / 2
 
 
 class FeatureDiscriminator(nn.Module):
@@ -200,15 +220,18 @@ def train(args, cfg: dict) -> Path:
     def d_update(real, cond, f_fake):
         with torch.no_grad():  # the frozen LDM's features need no graph; the heads do
             f_real = ldm_features(real, cond)
-        d_real = torch.stack([F.relu(1 - o).mean() for o in disc.score(f_real, cond)]).mean()
-        d_fake = torch.stack([F.relu(1 + o).mean() for o in disc.score([f.detach() for f in f_fake], cond)]).mean()
+        d_real = hinge(disc.score(f_real, cond), 1.0)
+        d_fake = hinge(disc.score([f.detach() for f in f_fake], cond), -1.0)
         loss, d_mis = d_real + d_fake, None
         if cfg["mismatch"] > 0:  # real latents under a label set one object off count as fake (matching-aware D)
             wrong = mismatched(cond, gen)
             with torch.no_grad():
                 f_wrong = ldm_features(real, wrong)
-            d_mis = torch.stack([F.relu(1 + o).mean() for o in disc.score(f_wrong, wrong)]).mean()
-            loss = loss + cfg["mismatch"] * d_mis
+            d_mis = hinge(disc.score(f_wrong, wrong), -1.0)
+            # the fake side is a weighted mean, so that it weighs what the real side does: with a sum, a head that
+            # calls everything fake (-1) would beat any other constant and learn nothing
+            w = cfg["mismatch"]
+            loss = d_real + (d_fake + w * d_mis) / (1 + w)
         d_opt.zero_grad(set_to_none=True)
         loss.backward()
         d_opt.step()
@@ -222,7 +245,7 @@ def train(args, cfg: dict) -> Path:
             fake = student(z, cond)
             f_fake = ldm_features(fake, cond)
             disc.requires_grad_(False)
-            g_adv = -torch.stack([o.mean() for o in disc.score(f_fake, cond)]).mean()
+            g_adv = generator_adv(disc.score(f_fake, cond))
             disc.requires_grad_(True)
             loss = g_adv
             extra["g_adv"] = g_adv.item()

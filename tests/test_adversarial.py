@@ -41,7 +41,7 @@ def test_heads_read_the_label_set_and_train_without_touching_the_frozen_ldm(tiny
     a[:, 2], b[:, 5] = 1, 1
     with torch.no_grad():
         out_a, out_b = disc(x, t, a), disc(x, t, b)
-    assert [o.shape for o in out_a] == [(2, 64)] * 2
+    assert [o.shape for o in out_a] == [(2, 65)] * 2  # 64 tokens and the image
     assert not torch.allclose(out_a[0], out_b[0])  # the same latent under another label set scores differently
     fake = torch.randn(2, 4, 16, 16, requires_grad=True)
     sum(o.mean() for o in disc(fake, t, a)).backward()
