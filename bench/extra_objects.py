@@ -3,6 +3,7 @@ requested label set, split by label-set size, by whether the label set occurs in
 object shares with the requested ones (its colour, its shape, neither).
 
     python bench/extra_objects.py --data data/iclevr [--model ldm|gan] [--limit 384] [--steps 10] [--guidance 4] \\
+        [--sampler dpmpp|ddim|ddpm] [--eta 0] \\
         [--grid docs/ldm_extra_objects.png] [--json out.json]
 
 An extra object of a requested colour but another shape is a duplicated colour (the model drew that colour twice) or
@@ -73,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--file", default="heldout.json")
     parser.add_argument("--limit", type=int, default=384)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sampler", choices=("dpmpp", "ddim", "ddpm"), default="dpmpp")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic, 1: DDPM's noise)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="PNG of the first 16 images with an unrequested object")
@@ -80,6 +83,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.limit < 1 or args.steps < 1:
         raise UserError("--limit and --steps must be >= 1")
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     labels = read_json(args.data / args.file)[: args.limit]
     train = read_json(args.data / "train.json")
     in_train = {tuple(sorted(v)) for v in (train.values() if isinstance(train, dict) else train)}
@@ -92,8 +97,8 @@ def main(argv=None):
             from python.models.denoiser import load_denoiser
 
             model, cfg = load_denoiser(args.weights / "ldm")
-            lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
-                              seed=args.seed)
+            lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, args.sampler, args.steps, args.guidance,
+                              seed=args.seed, eta=args.eta)
         else:
             from python.models.generators import load_generator
 
@@ -101,7 +106,8 @@ def main(argv=None):
         images = decode(decoder, lat)
         probs = judge_probs(load_judge(args.weights / "judge" / "judge.safetensors"), images).numpy()
     res = {"model": args.model, "file": args.file, "limit": args.limit, "seed": args.seed,
-           **({"steps": args.steps, "guidance": args.guidance} if args.model == "ldm" else {}),
+           **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance}
+              if args.model == "ldm" else {}),
            **analyse(probs, cond, seen)}
     print(json.dumps(res, indent=1))
     if args.json:
