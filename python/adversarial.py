@@ -7,11 +7,13 @@ Latent adversarial diffusion distillation (LADD, Sauer et al. 2024) in this proj
 is the one-step student (python/models/one_step.py: the LDM's denoiser called once at t = T-1 on a noise latent).
 The discriminator reads a latent the way the LDM does: the latent is noised to a random t <= --d-t-max, the
 frozen LDM denoiser runs on it with the label set, and small trainable heads read its token features after the
-blocks in --d-layers; each head gives a real/fake logit per token (8 x 8), conditioned on the label set by a
-projection (the inner product of each token's head features with an embedding of the set; Miyato & Koyama 2018).
-Hinge loss. The real latents are the training images' (the latent cache, q(z|x) samples), so the generator is
-pulled towards the data, not towards the teacher's samples: a teacher that draws a requested colour twice cannot
-be what the student imitates here. Noising is what keeps the game stable without a gradient penalty (LADD): at
+blocks in --d-layers; each head gives a real/fake logit per token (8 x 8) and one for the whole image (pooled
+features), both conditioned on the label set by a projection (the inner product of the head's features with an
+embedding of the set; Miyato & Koyama 2018). Hinge loss. Matching-aware (--mismatch, Reed et al. 2016): real latents
+under a label set one object off (dropped, added, swapped for an object of the same colour or shape) are fakes too,
+so that realism alone does not satisfy the heads; the objects must be the ones asked for. The real latents are the
+training images' (the latent cache, q(z|x) samples), so the generator is pulled towards the data, not towards the
+teacher's samples: a teacher that draws a requested colour twice cannot be what the student imitates here. Noising is what keeps the game stable without a gradient penalty (LADD): at
 high t the heads see layout and objects, at low t edges and texture.
 
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
