@@ -13,8 +13,9 @@ embedding of the set; Miyato & Koyama 2018). Hinge loss. Matching-aware (--misma
 under a label set one object off (dropped, added, swapped for an object of the same colour or shape) are fakes too,
 so that realism alone does not satisfy the heads; the objects must be the ones asked for. The real latents are the
 training images' (the latent cache, q(z|x) samples), so the generator is pulled towards the data, not towards the
-teacher's samples: a teacher that draws a requested colour twice cannot be what the student imitates here. Noising is what keeps the game stable without a gradient penalty (LADD): at
-high t the heads see layout and objects, at low t edges and texture.
+teacher's samples: a teacher that draws a requested colour twice cannot be what the student imitates here.
+Noising is what keeps the game stable without a gradient penalty (LADD): at high t the heads see layout and
+objects, at low t edges and texture.
 
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
 makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
