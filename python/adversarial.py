@@ -36,10 +36,10 @@ import torch.nn.functional as F
 
 from python.core.diffusion import Schedule, add_noise
 from python.core.errors import UserError, cli
-from python.core.labels import COLORS
+from python.core.labels import COLORS, NUM_CLASSES
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import object_rates
-from python.models.classifier import load_classifier_for
+from python.models.classifier import SHIPPED_CLASSIFIER, load_classifier_for
 from python.models.denoiser import SHIPPED_LDM, Denoiser, load_denoiser
 from python.models.generators import SHIPPED_GAN, generator_config, load_generator, save_generator
 from python.models.judge import judge_score, load_judge
@@ -100,23 +100,57 @@ def generator_adv(logits: list[torch.Tensor]) -> torch.Tensor:
     return -torch.stack([o[:, :-1].mean() + o[:, -1].mean() for o in logits]).mean() / 2
 
 
-class FeatureDiscriminator(nn.Module):
-    """Heads on a frozen denoiser's features at a noised latent. The denoiser is held outside the module's state
-    (it is the shipped LDM, saved elsewhere), so checkpoints carry the heads only."""
+class ClassifierFeatures(nn.Module):
+    """A frozen latent classifier (python.models.classifier.LatentClassifier, trained on real latents only) read as
+    the discriminator's feature network: the output of each of its conv stages (conv, batch norm, ReLU) as tokens
+    (N, H * W, C). Its features are about which objects are there, which the LDM's are not (a linear probe on the
+    LDM's pooled block features reads the label set at 0.56 top-k; see weights/gan/MODEL_CARD.md). It takes no t
+    and no label set: the set reaches the heads only through their projections."""
 
-    def __init__(self, teacher: Denoiser, layers: list[int], width: int):
+    def __init__(self, classifier: nn.Module):
         super().__init__()
-        if not layers or any(not 0 <= i < teacher.cfg.depth for i in layers):
-            raise UserError(f"--d-layers must be block indices in 0..{teacher.cfg.depth - 1}, got {layers}")
+        if not hasattr(classifier, "features") or not isinstance(classifier.features, nn.Sequential) or \
+                hasattr(classifier, "decoder"):
+            raise UserError("--d-features classifier takes a latent classifier (train_classifier without --pixels)")
+        self.net = classifier.eval().requires_grad_(False)
+        mods = list(classifier.features)
+        self.stage_ends = [i for i, m in enumerate(mods) if isinstance(m, nn.ReLU)]  # (N, C, H, W) after each
+        self.widths = [next(m.out_channels for m in reversed(mods[:i]) if isinstance(m, nn.Conv2d))
+                       for i in self.stage_ends]
+
+    @property
+    def depth(self) -> int:
+        return len(self.stage_ends)
+
+    def features(self, x, t, cond, layers) -> list[torch.Tensor]:
+        out, ends = [], {self.stage_ends[i]: i for i in layers}
+        for i, m in enumerate(self.net.features[: self.stage_ends[max(layers)] + 1]):
+            x = m(x)
+            if i in ends:
+                out.append(x.flatten(2).transpose(1, 2))  # (N, H * W, C)
+        return out
+
+
+class FeatureDiscriminator(nn.Module):
+    """Heads on a frozen network's features: the LDM denoiser's blocks at a noised latent, or a latent classifier's
+    stages (ClassifierFeatures). The network is held outside the module's state (it is saved elsewhere: the shipped
+    LDM, a classifier folder), so checkpoints carry the heads only."""
+
+    def __init__(self, backbone: nn.Module, layers: list[int], width: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        depth = backbone.depth if isinstance(backbone, ClassifierFeatures) else backbone.cfg.depth
+        dims = backbone.widths if isinstance(backbone, ClassifierFeatures) else [backbone.cfg.width] * depth
+        if not layers or any(not 0 <= i < depth for i in layers):
+            raise UserError(f"--d-layers must be block indices in 0..{depth - 1}, got {layers}")
         self.layers = sorted(set(layers))
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
-        self.heads = nn.ModuleList(Head(teacher.cfg.width, width, teacher.cfg.num_classes) for _ in self.layers)
+        object.__setattr__(self, "backbone", backbone.eval().requires_grad_(False))
+        self.heads = nn.ModuleList(Head(dims[i], width, num_classes) for i in self.layers)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
-        return self.score(self.teacher.features(x_t, t, cond, self.layers), cond)
+        return self.score(self.backbone.features(x_t, t, cond, self.layers), cond)
 
     def score(self, feats: list[torch.Tensor], cond: torch.Tensor) -> list[torch.Tensor]:
-        """Per head, the token logits (N, L) of features the frozen LDM computed (forward = features + score)."""
+        """Per head, the token and image logits (N, L + 1) of features the frozen network computed."""
         return [head(f, cond) for head, f in zip(self.heads, feats)]
 
 
@@ -175,10 +209,21 @@ def train(args, cfg: dict) -> Path:
     lat = load_latents(args.data, vae_dir)
     torch.manual_seed(args.seed)
     student = _student(args.init, teacher, tcfg, vae_dir)
-    disc = FeatureDiscriminator(teacher, cfg["d_layers"], cfg["head_width"])
+    if cfg["d_features"] == "classifier":
+        if not args.d_classifier:
+            raise UserError("--d-features classifier needs --d-classifier FOLDER (a latent classifier trained on real "
+                            "latents, not weights/classifier: that one is the best-of selector)")
+        if Path(args.d_classifier).resolve() == SHIPPED_CLASSIFIER.resolve():
+            raise UserError(f"--d-classifier {args.d_classifier} is the best-of selector; a network the generator is "
+                            "trained against must not also pick its samples. Train another: python -m "
+                            "python.train_classifier ... --out FOLDER")
+        backbone, feature_source = ClassifierFeatures(load_classifier_for(args.d_classifier, vae_dir)), args.d_classifier
+    else:
+        backbone, feature_source = teacher, args.ldm or SHIPPED_LDM
+    disc = FeatureDiscriminator(backbone, cfg["d_layers"], cfg["head_width"], teacher.cfg.num_classes)
     cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), objective="adversarial",
-               discriminator={"features": str(args.ldm or SHIPPED_LDM), "layers": disc.layers,
+               discriminator={"backbone": cfg["d_features"], "features": str(feature_source), "layers": disc.layers,
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
                               "mismatch": cfg["mismatch"]})
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator"))
@@ -195,7 +240,8 @@ def train(args, cfg: dict) -> Path:
     run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
             f"{' from ' + str(args.init) if args.init else ' (the LDM called once)'}; discriminator heads "
             f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M params on blocks {disc.layers} of the frozen "
-            f"LDM at t <= {cfg['d_t_max']}; {len(lat)} real latents")
+            f"{'LDM' if cfg['d_features'] == 'ldm' else 'classifier ' + str(feature_source)} at t <= "
+            f"{cfg['d_t_max']}; {len(lat)} real latents")
     batch, z_dim, t_max = cfg["batch"], student.cfg.z_dim, cfg["d_t_max"]
 
     def log_heldout(at: int) -> None:
@@ -218,7 +264,7 @@ def train(args, cfg: dict) -> Path:
 
     def ldm_features(x, cond):
         t = torch.randint(0, t_max, (batch,), generator=gen)  # each latent at its own noise level
-        return disc.teacher.features(noised(x, t, tables, gen), t, cond, disc.layers)
+        return disc.backbone.features(noised(x, t, tables, gen), t, cond, disc.layers)
 
     def d_update(real, cond, f_fake):
         with torch.no_grad():  # the frozen LDM's features need no graph; the heads do
@@ -306,7 +352,14 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, help="generator learning rate (Adam, betas 0 / 0.99)")
     parser.add_argument("--d-lr", type=float, help="discriminator heads' learning rate")
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--d-layers", type=int, nargs="+", help="LDM blocks whose features the heads read")
+    parser.add_argument("--d-features", choices=("ldm", "classifier"), default="ldm",
+                        help="the frozen network the heads read: the LDM's blocks (LADD) or a latent classifier's "
+                             "conv stages (--d-classifier; use a small --d-t-max, it was trained on near-clean latents)")
+    parser.add_argument("--d-classifier", type=Path,
+                        help="latent classifier folder for --d-features classifier (trained on real latents only; "
+                             "not weights/classifier, the best-of selector)")
+    parser.add_argument("--d-layers", type=int, nargs="+", help="blocks (or classifier stages) whose features the "
+                                                               "heads read")
     parser.add_argument("--head-width", type=int)
     parser.add_argument("--d-warmup", type=int, help="first steps that train the heads alone (the generator waits)")
     parser.add_argument("--d-steps", type=int, help="discriminator updates per generator step (TTUR, as in DMD2)")

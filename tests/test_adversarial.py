@@ -35,7 +35,7 @@ def test_heads_read_the_label_set_and_train_without_touching_the_frozen_ldm(tiny
     den, _ = load_denoiser(tiny_weights / "ldm")
     before = {k: v.clone() for k, v in den.state_dict().items()}
     disc = adversarial.FeatureDiscriminator(den, [1, 0], width=8)
-    assert disc.layers == [0, 1] and not any(k.startswith("teacher") for k in disc.state_dict())
+    assert disc.layers == [0, 1] and not any(k.startswith("backbone") for k in disc.state_dict())
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 10])
     a, b = torch.zeros(2, 24), torch.zeros(2, 24)
     a[:, 2], b[:, 5] = 1, 1
@@ -130,3 +130,31 @@ def test_side_by_side_puts_real_renders_above_each_generators_samples(tiny_data,
     with pytest.raises(SystemExit):
         side_by_side.main(["--data", str(tiny_data), "--out", str(tmp_path / "none.png")])
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_latent_classifiers_stages_can_be_the_discriminators_features(tiny_data, tiny_weights, tmp_path, capsys):
+    import shutil
+
+    from python.models.classifier import SHIPPED_CLASSIFIER, load_classifier
+
+    cls, _ = load_classifier(tiny_weights / "classifier")
+    feats = adversarial.ClassifierFeatures(cls)
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        out = feats.features(x, None, None, [0, feats.depth - 1])
+        logits = cls(x)
+    # the last stage's tokens, averaged, are what the classifier's own head reads
+    assert out[0].shape == (2, 256, feats.widths[0]) and out[1].shape[2] == feats.widths[-1]
+    assert torch.allclose(cls.head(out[1].mean(1)), logits, atol=1e-5)
+    # trained end to end with it: the heads are the only trained part of the discriminator, on the stages asked for
+    own = tmp_path / "own_classifier"  # not the best-of selector's folder (weights/classifier), which is refused
+    shutil.copytree(tiny_weights / "classifier", own)
+    run = tmp_path / "run"
+    adversarial.main(_args(tiny_data, tiny_weights, run, "--d-features", "classifier", "--d-classifier", str(own),
+                           "--d-layers", "1", "5", "--d-t-max", "50"))
+    _, cfg = load_generator(run / "final")
+    assert cfg["discriminator"]["backbone"] == "classifier" and cfg["discriminator"]["layers"] == [1, 5]
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r2", "--d-features", "classifier",
+                               "--d-classifier", str(SHIPPED_CLASSIFIER), "--d-layers", "1"))
+    assert "best-of selector" in capsys.readouterr().err and not (tmp_path / "r2").exists()
