@@ -217,7 +217,8 @@ def train(args, cfg: dict) -> Path:
             raise UserError(f"--d-classifier {args.d_classifier} is the best-of selector; a network the generator is "
                             "trained against must not also pick its samples. Train another: python -m "
                             "python.train_classifier ... --out FOLDER")
-        backbone, feature_source = ClassifierFeatures(load_classifier_for(args.d_classifier, vae_dir)), args.d_classifier
+        backbone = ClassifierFeatures(load_classifier_for(args.d_classifier, vae_dir))
+        feature_source = args.d_classifier
     else:
         backbone, feature_source = teacher, args.ldm or SHIPPED_LDM
     disc = FeatureDiscriminator(backbone, cfg["d_layers"], cfg["head_width"], teacher.cfg.num_classes)
@@ -354,7 +355,8 @@ def main(argv=None):
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--d-features", choices=("ldm", "classifier"), default="ldm",
                         help="the frozen network the heads read: the LDM's blocks (LADD) or a latent classifier's "
-                             "conv stages (--d-classifier; use a small --d-t-max, it was trained on near-clean latents)")
+                             "conv stages (--d-classifier; use a small --d-t-max: it was trained on near-clean "
+                             "latents)")
     parser.add_argument("--d-classifier", type=Path,
                         help="latent classifier folder for --d-features classifier (trained on real latents only; "
                              "not weights/classifier, the best-of selector)")

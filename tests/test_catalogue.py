@@ -137,7 +137,8 @@ CASES = [
     _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-layers", "99", "--run-dir", "{tmp}/run"],
           ["--d-layers must be block indices in 0..7, got [99]"], "{tmp}/run"),
     _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-features", "classifier",
-                                 "--run-dir", "{tmp}/run"], ["--d-features classifier needs --d-classifier"], "{tmp}/run"),
+                                 "--run-dir", "{tmp}/run"],
+          ["--d-features classifier needs --d-classifier"], "{tmp}/run"),
     _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--mismatch", "-1", "--run-dir", "{tmp}/run"],
           ["--mismatch must be in [0, inf)"], "{tmp}/run"),
     # the server refuses to start on bad settings or a broken export (its requests: test_serve.py)
