@@ -43,6 +43,11 @@ def probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, train: int) -> flo
     return float(np.mean([y[i, top[i, :k[i]]].sum().item() / k[i].item() for i in range(len(k))]))
 
 
+def pooled(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Token features (N, L, d) of several layers -> (N, sum of 2d): each layer's mean and max over its tokens."""
+    return torch.cat([torch.cat([h.mean(1), h.amax(1)], 1) for h in feats], 1)
+
+
 @cli
 def main(argv=None):
     from python.adversarial import ClassifierFeatures
@@ -75,6 +80,9 @@ def main(argv=None):
     z, y = lat.sample(idx, gen), lat.labels[idx].float()
     ca, cs = (torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(np.arange(schedule.T)))
     train = 2 * args.latents // 3
+    den = den.float()
+    if args.network == "classifier":
+        net = ClassifierFeatures(load_classifier_for(args.classifier or args.weights / "classifier", vae))
     rows = []
     for t_max in args.t_max:
         t = torch.randint(0, t_max, (args.latents,), generator=gen)
@@ -83,16 +91,13 @@ def main(argv=None):
             nets = {"label set withheld": torch.zeros_like(y), "label set given": y}
             for name, c in nets.items():
                 with torch.no_grad():
-                    f = den.float().features(x, t, c, [1, 3, 5, 7])
-                feats = torch.cat([torch.cat([h.mean(1), h.amax(1)], 1) for h in f], 1)
+                    feats = pooled(den.features(x, t, c, [1, 3, 5, 7]))
                 rows.append({"network": "ldm", "t_max": t_max, "input": name,
                              "accuracy": round(probe_accuracy(feats, y, train), 4)})
                 print(json.dumps(rows[-1]), flush=True)
         else:
-            net = ClassifierFeatures(load_classifier_for(args.classifier or args.weights / "classifier", vae))
             with torch.no_grad():
-                f = net.features(x, t, None, list(range(net.depth)))
-            feats = torch.cat([torch.cat([h.mean(1), h.amax(1)], 1) for h in f], 1)
+                feats = pooled(net.features(x, t, None, list(range(net.depth))))
             rows.append({"network": "classifier", "t_max": t_max,
                          "accuracy": round(probe_accuracy(feats, y, train), 4)})
             print(json.dumps(rows[-1]), flush=True)

@@ -138,8 +138,9 @@ class FeatureDiscriminator(nn.Module):
 
     def __init__(self, backbone: nn.Module, layers: list[int], width: int, num_classes: int = NUM_CLASSES):
         super().__init__()
-        depth = backbone.depth if isinstance(backbone, ClassifierFeatures) else backbone.cfg.depth
-        dims = backbone.widths if isinstance(backbone, ClassifierFeatures) else [backbone.cfg.width] * depth
+        dims = backbone.widths if isinstance(backbone, ClassifierFeatures) else \
+            [backbone.cfg.width] * backbone.cfg.depth  # one width per block (or stage)
+        depth = len(dims)
         if not layers or any(not 0 <= i < depth for i in layers):
             raise UserError(f"--d-layers must be block indices in 0..{depth - 1}, got {layers}")
         self.layers = sorted(set(layers))
@@ -263,20 +264,20 @@ def train(args, cfg: dict) -> Path:
         idx = torch.randint(0, len(lat), (batch,), generator=gen)
         return lat.sample(idx, gen), lat.labels[idx], torch.randn(batch, z_dim, generator=gen)
 
-    def ldm_features(x, cond):
+    def backbone_features(x, cond):
         t = torch.randint(0, t_max, (batch,), generator=gen)  # each latent at its own noise level
         return disc.backbone.features(noised(x, t, tables, gen), t, cond, disc.layers)
 
     def d_update(real, cond, f_fake):
-        with torch.no_grad():  # the frozen LDM's features need no graph; the heads do
-            f_real = ldm_features(real, cond)
+        with torch.no_grad():  # the frozen network's features need no graph; the heads do
+            f_real = backbone_features(real, cond)
         d_real = hinge(disc.score(f_real, cond), 1.0)
         d_fake = hinge(disc.score([f.detach() for f in f_fake], cond), -1.0)
         loss, d_mis = d_real + d_fake, None
         if cfg["mismatch"] > 0:  # real latents under a label set one object off count as fake (matching-aware D)
             wrong = mismatched(cond, gen)
             with torch.no_grad():
-                f_wrong = ldm_features(real, wrong)
+                f_wrong = backbone_features(real, wrong)
             d_mis = hinge(disc.score(f_wrong, wrong), -1.0)
             # the fake side is a weighted mean, so that it weighs what the real side does: with a sum, a head that
             # calls everything fake (-1) would beat any other constant and learn nothing
@@ -293,7 +294,7 @@ def train(args, cfg: dict) -> Path:
         if step >= cfg["d_warmup"]:
             # generator: fool the heads at a random noise level (its gradient flows through the frozen LDM)
             fake = student(z, cond)
-            f_fake = ldm_features(fake, cond)
+            f_fake = backbone_features(fake, cond)
             disc.requires_grad_(False)
             g_adv = generator_adv(disc.score(f_fake, cond))
             disc.requires_grad_(True)
@@ -309,14 +310,14 @@ def train(args, cfg: dict) -> Path:
             opt.step()
         else:  # the heads' warm-up: a generator step against untrained heads would follow noise
             with torch.no_grad():
-                f_fake = ldm_features(student(z, cond), cond)
+                f_fake = backbone_features(student(z, cond), cond)
         # discriminator: real latents against this step's fakes as the generator's step saw them (their LDM features
         # reused, detached), then --d-steps - 1 more updates on fresh batches
         d_real, d_fake, d_mis = d_update(real, cond, f_fake)
         for _ in range(cfg["d_steps"] - 1):
             real, cond, z = draw()
             with torch.no_grad():
-                f_fake = ldm_features(student(z, cond), cond)
+                f_fake = backbone_features(student(z, cond), cond)
             d_real, d_fake, d_mis = d_update(real, cond, f_fake)
         d_loss = d_real + d_fake
         if d_mis is not None:
