@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from python.core.diffusion import Schedule, add_noise
 from python.core.errors import UserError, cli
@@ -200,6 +201,25 @@ def _student(init: Path | None, teacher: Denoiser, tcfg: dict, vae_dir: Path) ->
     return student.float().train()
 
 
+def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
+    """Load the heads of another run's checkpoint (a run folder: its latest; or a ckpt-N folder) into `disc`, after
+    checking that run's discriminator is this one (backbone, features, layers, width)."""
+    source = Path(source)
+    ckpt = source
+    if (source / "latest").exists():
+        ckpt = source / (source / "latest").read_text().strip()
+    run_cfg = next((p / "config.json" for p in (ckpt.parent, source) if (p / "config.json").exists()), None)
+    if not (ckpt / "disc.safetensors").exists() or run_cfg is None:
+        raise UserError(f"--init-disc {source}: not a python.adversarial run folder or checkpoint (expected "
+                        "disc.safetensors in it or in the folder its `latest` names, and the run's config.json)")
+    theirs = json.loads(run_cfg.read_text()).get("discriminator", {})
+    keys = ("backbone", "features", "layers", "head_width")
+    if any(theirs.get(k) != spec[k] for k in keys):
+        raise UserError(f"--init-disc {source}: its discriminator {({k: theirs.get(k) for k in keys})} is not this "
+                        f"run's {({k: spec[k] for k in keys})}")
+    disc.load_state_dict(load_file(str(ckpt / "disc.safetensors")))
+
+
 def train(args, cfg: dict) -> Path:
     teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
     vae_dir = args.vae or SHIPPED_VAE
@@ -228,6 +248,8 @@ def train(args, cfg: dict) -> Path:
                discriminator={"backbone": cfg["d_features"], "features": str(feature_source), "layers": disc.layers,
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
                               "mismatch": cfg["mismatch"]})
+    if args.init_disc:  # checked before the run folder is made; a resumed run's own heads replace these below
+        _warm_start_heads(disc, args.init_disc, cfg["discriminator"])
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator"))
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
@@ -235,6 +257,8 @@ def train(args, cfg: dict) -> Path:
     gen = torch.Generator().manual_seed(args.seed)
     modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "d_opt": d_opt, "gen": gen}
     step = run.restore(modules, objects) if args.resume else 0
+    if args.init_disc and not step:
+        run.log(f"discriminator heads warm-started from {args.init_disc}")
     tables = tuple(torch.from_numpy(c).float()[:, None, None, None]
                    for c in schedule.coeffs(torch.arange(schedule.T).numpy()))  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
@@ -365,6 +389,9 @@ def main(argv=None):
                                                                "heads read")
     parser.add_argument("--head-width", type=int)
     parser.add_argument("--d-warmup", type=int, help="first steps that train the heads alone (the generator waits)")
+    parser.add_argument("--init-disc", type=Path,
+                        help="warm-start the discriminator's heads from another run of the same discriminator "
+                             "(its folder, the latest checkpoint, or one ckpt-N folder in it)")
     parser.add_argument("--d-steps", type=int, help="discriminator updates per generator step (TTUR, as in DMD2)")
     parser.add_argument("--d-t-max", type=int, default=750,
                         help="the discriminator sees latents noised to t ~ U{0..this-1} (of the LDM's T)")

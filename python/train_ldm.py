@@ -84,6 +84,9 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint interval (also at every evaluation)")
     parser.add_argument("--eval-conditions", type=int, help="how many heldout.json conditions to score")
+    parser.add_argument("--eval-data", type=Path, help="the data folder whose heldout.json the evaluation samples "
+                                                        "(default: --data; set it to compare runs on different "
+                                                        "training sets on one probe)")
     parser.add_argument("--eval-steps", type=int)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
@@ -164,7 +167,8 @@ def main(argv=None):
 
     judge = load_judge(args.judge) if rank == 0 else None
     decoder = Decoder(load_vae(vae_folder)).eval() if rank == 0 else None
-    eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]] if rank == 0 else None
+    eval_cond = load_condition_file(args.eval_data or args.data, "heldout.json")[: cfg["eval_conditions"]] \
+        if rank == 0 else None
     per_rank = cfg["batch"] // world
     if run:
         run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "

@@ -158,3 +158,31 @@ def test_a_latent_classifiers_stages_can_be_the_discriminators_features(tiny_dat
         adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r2", "--d-features", "classifier",
                                "--d-classifier", str(SHIPPED_CLASSIFIER), "--d-layers", "1"))
     assert "best-of selector" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_heads_warm_start_from_another_run_of_the_same_discriminator(tiny_data, tiny_weights, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from python.training.rundir import load_checkpoint
+
+    first = tmp_path / "first"
+    adversarial.main(_args(tiny_data, tiny_weights, first))
+    _, theirs, _ = load_checkpoint(first)
+    # with a zero learning rate for the heads, the second run's heads are exactly the first run's last ones
+    second = tmp_path / "second"
+    adversarial.main(_args(tiny_data, tiny_weights, second, "--init-disc", str(first), "--d-lr", "0"))
+    _, ours, _ = load_checkpoint(second)
+    assert theirs["disc"].keys() == ours["disc"].keys()
+    assert all(torch.equal(theirs["disc"][k], ours["disc"][k]) for k in ours["disc"])
+    assert "warm-started from" in (second / "log.txt").read_text()
+    # a checkpoint folder works too; a different discriminator (other blocks) is refused before anything trains
+    ckpt = sorted(first.glob("ckpt-*"))[0]
+    assert load_file(str(ckpt / "disc.safetensors"))
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r3", "--init-disc", str(ckpt),
+                               "--d-layers", "1"))
+    err = capsys.readouterr().err
+    assert "is not this run's" in err and "layers" in err and not (tmp_path / "r3").exists()
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "r4", "--init-disc", str(tmp_path)))
+    assert "not a python.adversarial run folder" in capsys.readouterr().err

@@ -99,6 +99,17 @@ def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data
     train_ldm(_args(tiny_data, parts, run, "--steps", "2", "--eval-every", "2", "--no-bf16", "--init",
                     str(tmp_path / "plain"), "--lr", "0"))
     warm, _ = load_denoiser(run / "final")
+    # --eval-data: the held-out conditions come from that folder, not --data (here: two 3-object conditions)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "heldout.json").write_text(json.dumps([["red sphere", "blue cube", "gray cylinder"]] * 2))
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "heldout_subset" in line]
+    assert set(evals[-1]["heldout_subset"]["by_objects"]) != {"3"}
+    run2 = tmp_path / "warm_probe"
+    train_ldm(_args(tiny_data, parts, run2, "--steps", "1", "--eval-every", "1", "--no-bf16",
+                    "--eval-data", str(probe)))
+    evals = [json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines() if "heldout_subset" in line]
+    assert set(evals[-1]["heldout_subset"]["by_objects"]) == {"3"}
     assert warm.cfg.pooled and warm.cond_emb.weight.abs().max() == 0  # lr 0: nothing moved, the new part is zero
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(warm.state_dict()[k], v, msg=k)
