@@ -72,6 +72,8 @@ def main(argv=None):
     parser.add_argument("--cond", choices=("tokens", "sum"), default="tokens")
     parser.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
                    help="with --cond tokens, also add a pooled embedding of the label set to the time embedding")
+    parser.add_argument("--token-update", action=argparse.BooleanOptionalAction, default=False,
+                        help="the class tokens attend to the patches after each block (two-way; see denoiser.py)")
     parser.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
     parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
     parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
@@ -118,7 +120,8 @@ def main(argv=None):
     lat = load_latents(args.data, vae_folder)
     schedule = Schedule(args.schedule, prediction=args.prediction)
     dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=args.patch, width=cfg["width"],
-                            depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled)
+                            depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled,
+                            token_update=args.token_update)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
     # the class term's inputs are checked before the run folder is made
     cls_max_t = schedule.T if args.cls_max_t is None else args.cls_max_t
@@ -138,9 +141,12 @@ def main(argv=None):
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
             raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
-        # a pooled embedding the init lacks starts at zero, so the warm start computes what the init did
+        # a pooled embedding or token update the init lacks starts at zero, so the warm start computes what the init
+        # did
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
-        if any(not k.startswith("cond_emb.") for k in missing):
+        new_part = lambda k: k.startswith("cond_emb.") or any(f".{n}" in k for n in  # noqa: E731
+                                                              ("norm_t", "q_t.", "kv_t.", "proj_t.", "mlp_t."))
+        if any(not new_part(k) for k in missing):
             raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -120,6 +120,49 @@ def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data
     assert "its denoiser {'width': 64" in capsys.readouterr().err
 
 
+def test_token_update_lets_the_class_tokens_read_the_image_and_warm_starts_unchanged(tiny_data, parts, tmp_path):
+    """token_update: after each block but the last, the class tokens attend to the patches, so a later block's
+    patches read tokens that depend on the image. Zero-initialised, so --init from a model without it computes
+    the same function."""
+    torch.manual_seed(0)
+    plain = Denoiser(DenoiserConfig(width=32, depth=3, heads=2))
+    for q in plain.parameters():
+        torch.nn.init.normal_(q, std=0.05)
+    two_way = Denoiser(DenoiserConfig(width=32, depth=3, heads=2, token_update=True))
+    missing = two_way.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("blocks.0.", "blocks.1.")) for k in missing)  # not the last block
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([3, 900]), torch.zeros(2, 24)
+    cond[0, 1], cond[1, [1, 5]] = 1, 1
+    torch.testing.assert_close(two_way(x, t, cond), plain(x, t, cond), rtol=0, atol=0)
+    for blk in two_way.blocks[:2]:
+        torch.nn.init.normal_(blk.proj_t.weight, std=0.5)
+    # the tokens now carry what they read from the image: the output moves, and one sample's tokens are not
+    # another's (a change to sample 1's latent leaves sample 0's output alone)
+    assert not torch.allclose(two_way(x, t, cond), plain(x, t, cond))
+    x2 = x.clone()
+    x2[1] += 1.0
+    out, out2 = two_way(x, t, cond), two_way(x2, t, cond)
+    torch.testing.assert_close(out[0], out2[0])
+    assert not torch.allclose(out[1], out2[1])
+    # it exports like the rest (ONNX and TorchScript, a dynamic batch, verified against torch within 1e-4)
+    from export.to_onnx import export_onnx, export_torchscript
+    example, check = dict(x=x, t=t, cond=cond), dict(x=torch.randn(3, 4, 16, 16), t=torch.tensor([999, 10, 500]),
+                                                     cond=torch.eye(3, 24) + torch.eye(3, 24).roll(5, 1))
+    assert export_onnx(two_way, example, ["out"], tmp_path / "d.onnx", check)["verified_max_rel_err"] <= 1e-4
+    assert export_torchscript(two_way, example, tmp_path / "d.pt", check)["verified_max_rel_err"] <= 1e-4
+    with pytest.raises(UserError, match="token_update needs cond='tokens'"):
+        DenoiserConfig(cond="sum", token_update=True)
+    # train_ldm --init --token-update from a saved model without it: nothing moves at lr 0, the new parts stay zero
+    save_denoiser(plain, tmp_path / "plain", {"schedule": Schedule("cosine", prediction="v_prediction").config()})
+    run = tmp_path / "warm"
+    train_ldm(_args(tiny_data, parts, run, "--steps", "2", "--eval-every", "2", "--no-bf16", "--init",
+                    str(tmp_path / "plain"), "--lr", "0", "--depth", "3", "--no-pooled", "--token-update"))
+    warm, _ = load_denoiser(run / "final")
+    assert warm.cfg.token_update and warm.blocks[0].proj_t.weight.abs().max() == 0
+    assert not hasattr(warm.blocks[2], "proj_t")
+    torch.testing.assert_close(warm(x, t, cond), plain(x, t, cond))
+
+
 def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

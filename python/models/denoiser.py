@@ -12,6 +12,12 @@ With cond="sum", the class embeddings of the present objects are summed into the
 With pooled=True, cond="tokens" does both: the softmax over the present tokens hides how many objects
 were asked for, and the pooled embedding (a linear map of the multi-hot vector, zero at initialisation so
 that a model without it warm-starts unchanged) tells every block the whole set, its size included.
+With token_update=True, the class tokens also read the image: after the patches' cross-attention each token
+attends to the patches and is updated (a residual attention and MLP, two-way as in MM-DiT's joint attention or
+SAM's mask decoder), so that the next block's patches see tokens that know where, and whether, their object is
+being drawn. Without it the tokens are fixed embeddings, and nothing stops two regions from drawing one token (a
+requested colour drawn twice, weights/ldm/MODEL_CARD.md). Its output projections start at zero, so a model
+without it warm-starts unchanged.
 Both take the condition as the multi-hot vector itself, so ONNX export needs no token bookkeeping.
 """
 from __future__ import annotations
@@ -43,10 +49,13 @@ class DenoiserConfig:
     cond: str = "tokens"  # "tokens" | "sum"
     num_classes: int = NUM_CLASSES
     pooled: bool = False  # also add a linear embedding of the whole label set to the time embedding ("tokens")
+    token_update: bool = False  # the class tokens attend to the patches after each block but the last ("tokens")
 
     def __post_init__(self):
         if self.cond not in ("tokens", "sum"):
             raise UserError(f"cond must be 'tokens' or 'sum', got {self.cond!r}")
+        if self.token_update and self.cond != "tokens":
+            raise UserError("token_update needs cond='tokens' (there are no class tokens to update with 'sum')")
         if self.size % self.patch or self.width % self.heads:
             raise UserError(f"size {self.size} must be divisible by patch {self.patch} and width {self.width} by "
                             f"heads {self.heads}")
@@ -69,7 +78,7 @@ def modulate(x, shift, scale):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DenoiserConfig):
+    def __init__(self, cfg: DenoiserConfig, update: bool = False):
         super().__init__()
         d, self.heads = cfg.width, cfg.heads
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -81,6 +90,18 @@ class Block(nn.Module):
             self.q_c = nn.Linear(d, d)
             self.kv_c = nn.Linear(d, 2 * d)
             self.proj_c = nn.Linear(d, d)
+        self.update = update and self.cross
+        if self.update:  # the tokens read the patches: attention, then an MLP, both residual and zero at the start
+            self.norm_t = nn.LayerNorm(d, eps=1e-6)
+            self.norm_tx = nn.LayerNorm(d, eps=1e-6)
+            self.q_t = nn.Linear(d, d)
+            self.kv_t = nn.Linear(d, 2 * d)
+            self.proj_t = nn.Linear(d, d)
+            self.mlp_t = nn.Sequential(nn.LayerNorm(d, eps=1e-6), nn.Linear(d, 2 * d), nn.GELU(approximate="tanh"),
+                                       nn.Linear(2 * d, d))
+            for m in (self.proj_t, self.mlp_t[-1]):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
@@ -93,9 +114,10 @@ class Block(nn.Module):
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x, emb, ctx=None, ctx_bias=None):
-        """x: (N, L, d) patch tokens; emb: (N, d) time (and pooled label) embedding; ctx: the class tokens
-        (1, 25, d), the same for every sample, so their keys and values are computed once per call and broadcast;
-        ctx_bias: (N, 1, 1, 25) additive mask, 0 where present, -1e4 where absent."""
+        """x: (N, L, d) patch tokens; emb: (N, d) time (and pooled label) embedding; ctx: the class tokens,
+        (1, 25, d) while they are the same for every sample (their keys and values computed once per call and
+        broadcast), (N, 25, d) once a block has updated them; ctx_bias: (N, 1, 1, 25) additive mask, 0 where
+        present, -1e4 where absent. Returns (x, ctx), ctx updated by a block with `update`."""
         b, n, d = x.shape
         scale = 1.0 / math.sqrt(d // self.heads)  # a constant, so an ONNX export needs no shape arithmetic
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(emb)).chunk(6, dim=1)  # 6 x (N, d)
@@ -107,7 +129,13 @@ class Block(nn.Module):
             a = F.scaled_dot_product_attention(self._split(self.q_c(self.norm_c(x))), k, v, attn_mask=ctx_bias,
                                                scale=scale)  # (N, H, L, d/H)
             x = x + self.proj_c(a.transpose(1, 2).reshape(b, n, d))  # (N, L, d)
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # (N, L, d)
+            if self.update:
+                k, v = (self._split(z) for z in self.kv_t(self.norm_tx(x)).chunk(2, dim=-1))  # (N, H, L, d/H)
+                q = self._split(self.q_t(self.norm_t(ctx)).expand(b, -1, -1))  # (N, H, 25, d/H)
+                a = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (N, H, 25, d/H)
+                ctx = ctx + self.proj_t(a.transpose(1, 2).reshape(b, -1, d))  # (N, 25, d)
+                ctx = ctx + self.mlp_t(ctx)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2)), ctx  # (N, L, d), tokens
 
 
 class Denoiser(nn.Module):
@@ -125,7 +153,8 @@ class Denoiser(nn.Module):
             self.cond_emb = nn.Linear(cfg.num_classes, d)
             nn.init.zeros_(self.cond_emb.weight)
             nn.init.zeros_(self.cond_emb.bias)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        # the last block's tokens would be read by no one: it does not update them
+        self.blocks = nn.ModuleList(Block(cfg, update=cfg.token_update and i < cfg.depth - 1) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(d, 2 * d)
         self.out = nn.Linear(d, p * p * cfg.in_channels)
@@ -139,7 +168,7 @@ class Denoiser(nn.Module):
         n = x.shape[0]
         h, emb, ctx, mask = self._inputs(x, t, cond)
         for blk in self.blocks:
-            h = blk(h, emb, ctx, mask)  # (N, L, d)
+            h, ctx = blk(h, emb, ctx, mask)  # (N, L, d)
         sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)  # 2 x (N, d)
         h = self.out(modulate(self.norm_out(h), sh, sc))  # (N, L, p * p * C)
         g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
@@ -151,7 +180,7 @@ class Denoiser(nn.Module):
         h, emb, ctx, mask = self._inputs(x, t, cond)
         out = []
         for i, blk in enumerate(self.blocks[: max(layers) + 1]):
-            h = blk(h, emb, ctx, mask)
+            h, ctx = blk(h, emb, ctx, mask)
             if i in layers:
                 out.append(h)
         return out
