@@ -130,7 +130,8 @@ def main(argv=None):
     cls_nets = []
     if args.cls_weight > 0:
         cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
-    run = RunDir(args.run_dir, cfg, args.resume, fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup")) \
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup"),
+                 defaults={"denoiser": asdict(DenoiserConfig())}) \
         if rank == 0 else None
 
     torch.manual_seed(args.seed)

@@ -75,6 +75,17 @@ def test_resume_refuses_changed_settings_that_define_the_run_before_writing(tmp_
     assert '"width": 128' in (tmp_path / "run" / "config.json").read_text()  # nothing written
     RunDir(tmp_path / "run", {"width": 128, "lr": 4e-4, "steps": 200}, resume=True, fixed=("width", "lr"))
     assert "resuming with changed settings: {'steps': (100, 200)}" in (tmp_path / "run" / "log.txt").read_text()
+    # a field added to a dict-valued setting after the run was saved: its default is what the run had
+    net = {"width": 128}
+    RunDir(tmp_path / "old", {"net": net})
+    defaults = {"net": {"width": 192, "two_way": False}}
+    RunDir(tmp_path / "old", {"net": {**net, "two_way": False}}, resume=True, fixed=("net",), defaults=defaults)
+    with pytest.raises(UserError, match=r"net was \{'width': 128, 'two_way': False\}, now"):
+        RunDir(tmp_path / "old", {"net": {**net, "two_way": True}}, resume=True, fixed=("net",), defaults=defaults)
+    # the default fills only what the saved run lacks: its own width stays 128
+    with pytest.raises(UserError, match="net was"):
+        RunDir(tmp_path / "old", {"net": {"width": 192, "two_way": False}}, resume=True, fixed=("net",),
+               defaults=defaults)
 
 
 def test_two_checkpoints_kept_and_a_damaged_newest_falls_back_to_the_one_before(tmp_path, capsys):

@@ -28,7 +28,10 @@ from python.core.images import image_grid, rows_grid
 
 
 class RunDir:
-    def __init__(self, path: Path, config: dict, resume: bool = False, fixed: tuple = ()):
+    def __init__(self, path: Path, config: dict, resume: bool = False, fixed: tuple = (), defaults: dict | None = None):
+        """`fixed`: settings a resumed run must keep. `defaults` ({setting: {field: value}}): the value a field of a
+        dict-valued setting had before the field existed; a run saved without it is compared as if it had it (a
+        run folder from before an option was added resumes, unless the option is now set otherwise)."""
         self.path = Path(path)
         self.t0 = time.time()
         if self.path.exists() and (self.path / "latest").exists() and not resume:
@@ -40,6 +43,9 @@ class RunDir:
             raise UserError(f"{self.path}: cannot create the run folder ({e.strerror})") from None
         if resume and (self.path / "config.json").exists():
             old = json.loads((self.path / "config.json").read_text())
+            for key, fields in (defaults or {}).items():
+                if isinstance(old.get(key), dict):
+                    old[key] = {**json.loads(json.dumps(fields, default=str)), **old[key]}
             new = json.loads(json.dumps(config, default=str))  # as it will be stored: tuples become lists
             changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in ("resume",)}
             refused = {k: v for k, v in changed.items() if k in fixed and k in old}
