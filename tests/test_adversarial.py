@@ -18,7 +18,7 @@ def _args(tiny_data, w, run, *extra):
 def test_features_are_the_blocks_outputs_of_the_forward_pass(tiny_weights):
     den, _ = load_denoiser(tiny_weights / "ldm")
     seen = []
-    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in den.blocks]
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[0])) for b in den.blocks]  # (patches, tokens)
     x, t, cond = torch.randn(3, 4, 16, 16), torch.tensor([0, 500, 999]), torch.zeros(3, 24)
     cond[0, 3] = cond[1, [1, 7]] = 1
     with torch.no_grad():
