@@ -51,7 +51,7 @@ from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import class_term
-from python.training.rundir import RunDir
+from python.training.rundir import RunDir, load_checkpoint
 
 PRESETS = {
     "tiny": dict(batch=4, steps=6, eval_every=3, save_every=3, eval_conditions=4, lr=1e-4, d_lr=1e-4,
@@ -202,14 +202,18 @@ def _student(init: Path | None, teacher: Denoiser, tcfg: dict, vae_dir: Path) ->
 
 
 def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
-    """Load the heads of another run's checkpoint (a run folder: its latest; or a ckpt-N folder) into `disc`, after
-    checking that run's discriminator is this one (backbone, features, layers, width)."""
+    """Load the heads of another run's checkpoint (a run folder: its newest checkpoint that loads, as a resume
+    would read it; or one ckpt-N folder) into `disc`, after checking that run's discriminator is this one
+    (backbone, features, layers, width)."""
     source = Path(source)
-    ckpt = source
-    if (source / "latest").exists():
-        ckpt = source / (source / "latest").read_text().strip()
-    run_cfg = next((p / "config.json" for p in (ckpt.parent, source) if (p / "config.json").exists()), None)
-    if not (ckpt / "disc.safetensors").exists() or run_cfg is None:
+    is_run = (source / "latest").exists()
+    run_cfg = (source if is_run else source.parent) / "config.json"
+    heads = None
+    if is_run:
+        heads = load_checkpoint(source)[1].get("disc")
+    elif (source / "disc.safetensors").exists():
+        heads = load_file(str(source / "disc.safetensors"))
+    if heads is None or not run_cfg.exists():
         raise UserError(f"--init-disc {source}: not a python.adversarial run folder or checkpoint (expected "
                         "disc.safetensors in it or in the folder its `latest` names, and the run's config.json)")
     theirs = json.loads(run_cfg.read_text()).get("discriminator", {})
@@ -217,7 +221,7 @@ def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
     if any(theirs.get(k) != spec[k] for k in keys):
         raise UserError(f"--init-disc {source}: its discriminator {({k: theirs.get(k) for k in keys})} is not this "
                         f"run's {({k: spec[k] for k in keys})}")
-    disc.load_state_dict(load_file(str(ckpt / "disc.safetensors")))
+    disc.load_state_dict(heads)
 
 
 def train(args, cfg: dict) -> Path:

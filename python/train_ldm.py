@@ -22,7 +22,7 @@ import argparse
 import copy
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -143,11 +143,10 @@ def main(argv=None):
         if shape(init.cfg) != shape(dcfg):
             raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
         # a pooled embedding or token update the init lacks starts at zero, so the warm start computes what the init
-        # did
+        # did; any other weight it lacks is an error
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
-        new_part = lambda k: k.startswith("cond_emb.") or any(f".{n}" in k for n in  # noqa: E731
-                                                              ("norm_t", "q_t.", "kv_t.", "proj_t.", "mlp_t."))
-        if any(not new_part(k) for k in missing):
+        plain = Denoiser(replace(dcfg, pooled=False, token_update=False)).state_dict().keys()
+        if any(k in plain for k in missing):
             raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
