@@ -2,6 +2,11 @@
 
     python -m python.train_classifier --data data/iclevr --run-dir runs/classifier --out weights/classifier
     python -m python.train_classifier --pixels --data data/iclevr --run-dir runs/pixel_classifier   # reads decoded images
+    python -m python.train_classifier --counts 24000 --run-dir runs/counter     # object counter on fresh renders
+
+--counts N trains the object counter (python/models/classifier.py CountClassifier) instead: N fresh scenes of 1-5
+objects in which a class may repeat (the official data never repeats one) are rendered and encoded into the run
+folder (reused on a rerun), and it learns how many objects of each class and in all each latent holds.
 
 It never sees a judge, a judge's outputs or a generated latent (python/models/classifier.py says why), so the
 judges that score the result stay independent of it. Its own held-out accuracy (top-k, the official metric, on
@@ -11,17 +16,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from python.core.errors import UserError, cli
+from python.data.synthetic import render_count_arrays
 from python.models.classifier import save_classifier
-from python.models.vae import SHIPPED_VAE, vae_digest
-from python.training.classifier import train_classifier
-from python.training.latents import load_latents
+from python.models.vae import SHIPPED_VAE, load_vae, vae_digest
+from python.training.classifier import train_classifier, train_count_classifier
+from python.training.latents import LatentSet, encode_images, load_latents
 from python.training.loop import add_run_options, resolve_config
 from python.training.rundir import RunDir
+
+
+def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path):
+    """The object counter's data: `scenes` fresh renders encoded by the VAE (and their mirror images, as the latent
+    cache holds them), with their per-class counts; kept in the run folder so a rerun skips the rendering."""
+    path = run.path / "count-latents.npz"
+    if not path.exists():
+        images, counts = render_count_arrays(seed, scenes)
+        run.log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
+        mean, std = encode_images(load_vae(vae_folder), images)
+        tmp = run.path / ".count-latents.tmp.npz"
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), counts=np.concatenate([counts, counts]))
+        os.replace(tmp, path)
+    else:
+        run.log(f"rendered scenes' latents read from {path}")
+    d = np.load(path)
+    counts = torch.from_numpy(d["counts"])
+    lat = LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), (counts > 0).float(),
+                    load_vae(vae_folder).cfg.scale_factor)
+    return lat, counts
 
 
 @cli
@@ -34,21 +62,34 @@ def main(argv=None):
     parser.add_argument("--pixels", action="store_true",
                    help="classify the decoded image (frozen VAE decoder + a small CNN) instead of the latent: "
                         "stricter about shape; for distill's class term, not for best-of selection (~5x the FLOPs)")
+    parser.add_argument("--counts", type=int, metavar="N",
+                        help="train the object counter on N fresh renders (1-5 objects, repeats allowed) instead")
     parser.add_argument("--out", type=Path, help="also write the fp16 weights folder here (e.g. weights/classifier)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise UserError(f"--steps and --batch must be >= 1 (got {args.steps}, {args.batch})")
+    if args.counts is not None and (args.counts < 20 or args.pixels):
+        raise UserError("--counts N needs N >= 20 scenes (a tenth is held out) and reads latents (no --pixels)"
+                        if args.pixels else f"--counts must be >= 20 scenes, got {args.counts}")
     vae_folder = args.vae or SHIPPED_VAE
     device = torch.device(args.device)
-    lat = load_latents(args.data, vae_folder).to(device)
     cfg = resolve_config({}, args)
     cfg["vae_sha"] = vae_digest(vae_folder)
     run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists(),
-                 fixed=("vae_sha", "pixels"))
-    cls = train_classifier(lat, args.steps, args.batch, args.seed, run, args.noise, device,
-                           pixels_vae=vae_folder if args.pixels else None).cpu()
+                 fixed=("vae_sha", "pixels", "counts"))
+    if args.counts:
+        lat, counts = count_latents(run, args.counts, args.seed, vae_folder)
+        cls = train_count_classifier(lat.to(device), counts, args.steps, args.batch, args.seed, run, args.noise,
+                                     device).cpu()
+    else:
+        lat = load_latents(args.data, vae_folder).to(device)
+        cls = train_classifier(lat, args.steps, args.batch, args.seed, run, args.noise, device,
+                               pixels_vae=vae_folder if args.pixels else None).cpu()
     extra = {"vae_sha": cfg["vae_sha"], "steps": args.steps, "batch": args.batch, "noise": args.noise, "seed": args.seed,
              "heldout_accuracy": round(cls.heldout_accuracy, 4), "train_seconds": round(run.elapsed(), 1)}
+    if args.counts:
+        extra.update(scenes=args.counts, objects="1-5, a class may repeat (render_count_arrays)",
+                     heldout_total_accuracy=round(cls.heldout_total_accuracy, 4))
     for folder in [run.path / "final"] + ([args.out] if args.out else []):
         save_classifier(cls, folder, extra)
     print(json.dumps({"final": str(run.path / "final"), **extra}))

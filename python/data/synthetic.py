@@ -23,7 +23,8 @@ from python.core.labels import CLASS_NAMES, NUM_CLASSES, OBJECTS
 from python.data.dataset import to64
 from python.data.render import render, sample_scene
 
-TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE = 0, 1, 2, 3, 4  # random streams (REFERENCE: evaluation's renders)
+# random streams (REFERENCE: evaluation's renders; COUNTS: the object counter's scenes, duplicates allowed)
+TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE, COUNTS = 0, 1, 2, 3, 4, 5
 RESOLUTION = (160, 120)  # 4:3 like CLEVR's 320x240, at a quarter of the pixels
 
 
@@ -87,6 +88,39 @@ def render_labelled_arrays(seed: int, n: int, lo: int = 1, hi: int = 5, stream: 
     tasks = [(seed, stream, i, size, lo, hi) for i in range(n)]
     res = pool_map(_render_array, tasks, workers or os.cpu_count(), f"rendering {n} images")
     return np.stack([r[0] for r in res]), np.stack([r[1] for r in res])
+
+
+def count_classes(rng: np.random.Generator, n: int, repeat: float) -> list[int]:
+    """n class indices; each after the first repeats an earlier one with probability `repeat` (two red cubes),
+    else is drawn uniformly (which may repeat too)."""
+    classes: list[int] = []
+    for _ in range(n):
+        repeated = classes and rng.random() < repeat
+        classes.append(int(rng.choice(classes)) if repeated else int(rng.integers(NUM_CLASSES)))
+    return classes
+
+
+def _render_counted(args):
+    seed, index, size, lo, hi, repeat = args
+    rng = scene_rng(seed, COUNTS, index)
+    classes = count_classes(rng, int(rng.integers(lo, hi + 1)), repeat)
+    try:
+        sc = sample_scene(rng, classes, *size)
+    except RuntimeError:  # no room for these objects in this frame: the scene is skipped
+        return None
+    return to64(Image.fromarray(render(sc, *size))), np.bincount(classes, minlength=NUM_CLASSES)
+
+
+def render_count_arrays(seed: int, n: int, lo: int = 1, hi: int = 5, repeat: float = 0.3,
+                        workers: int | None = None, size=RESOLUTION):
+    """Up to n fresh 64x64 uint8 renders of lo..hi objects, a class allowed more than once, and the number of
+    objects of each class (N, 24) int64: the object counter's training data (python/models/classifier.py). The
+    official label sets never repeat a class; a counter must see repeats to tell one red cube from two."""
+    if not 1 <= lo <= hi:
+        raise UserError(f"object counts must satisfy 1 <= lo <= hi, got {lo}..{hi}")
+    tasks = [(seed, i, size, lo, hi, repeat) for i in range(n)]
+    res = [r for r in pool_map(_render_counted, tasks, workers or os.cpu_count(), f"rendering {n} scenes") if r]
+    return np.stack([r[0] for r in res]), np.stack([r[1] for r in res]).astype(np.int64)
 
 
 def render_conditions(cond: np.ndarray, per: int, seed: int = 0, stream: int = REFERENCE,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from python.models.classifier import LatentClassifier, PixelClassifier
+from python.models.classifier import CountClassifier, LatentClassifier, PixelClassifier
 from python.models.judge import topk_accuracy
 from python.models.weights import load_state_into
 from python.training.latents import LatentSet
@@ -66,3 +66,56 @@ def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: Run
         save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
         os.replace(tmp, path)
     return cls
+
+
+def count_loss(net, latents: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A CountClassifier's loss on (N, 24) object counts: the labels' binary cross-entropy (which classes are
+    there) plus the cross-entropy of the total (counts above its range read as its last bin)."""
+    labels, total = net(latents)
+    return F.binary_cross_entropy_with_logits(labels, (counts > 0).float()) + \
+        F.cross_entropy(total, counts.sum(1).clamp(max=net.max_total))
+
+
+def train_count_classifier(lat: LatentSet, counts: torch.Tensor, steps: int, batch: int, seed: int, run: RunDir,
+                           noise: float = 0.0, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The object counter (CountClassifier) on real latents `lat` whose rows hold counts[row] objects of each class;
+    trained and saved like train_classifier (held-out rows, one-cycle AdamW, reused if the run folder has it). Its
+    held-out figures: the share of latents whose label set it reads exactly (p > 0.5), and whose total is right."""
+    net = CountClassifier(lat.mean.shape[1]).to(device)
+    path = run.path / "classifier.safetensors"
+    held = heldout_rows(len(lat)).to(device)
+    rng = torch.Generator(device=device).manual_seed(seed + 17)
+    counts = counts.to(device)
+    if path.exists():
+        load_state_into(net, path)
+        run.log(f"object counter loaded from {path}")
+    else:
+        mask = torch.ones(len(lat), dtype=torch.bool, device=device)
+        mask[held] = False
+        train_rows = mask.nonzero().squeeze(1)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+        net.train()
+        for _ in tqdm(range(steps), desc="object counter", unit="step", dynamic_ncols=True):
+            idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
+            loss = count_loss(net, noise_augment(lat.sample(idx, rng), noise, rng), counts[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval().requires_grad_(False)
+    with torch.no_grad():
+        outs = [net(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)]
+    labels, total = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    c = counts[held]
+    net.heldout_accuracy = float(((labels > 0) == (c > 0)).all(1).float().mean())
+    net.heldout_total_accuracy = float((total.argmax(1) == c.sum(1).clamp(max=net.max_total)).float().mean())
+    if not path.exists():
+        run.metrics(step=0, counter={"steps": steps, "heldout_latents": len(held), "label_set": net.heldout_accuracy,
+                                     "total": net.heldout_total_accuracy})
+        run.log(f"object counter: {steps} steps; the label set right on {net.heldout_accuracy:.4f}, the total "
+                f"on {net.heldout_total_accuracy:.4f} of {len(held)} held-out latents")
+        tmp = run.path / ".classifier.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return net

@@ -43,7 +43,9 @@ class LatentSet:
 
 
 @torch.no_grad()
-def _encode(vae: VAE, images_u8: np.ndarray, batch: int = 256):
+def encode_images(vae: VAE, images_u8: np.ndarray, batch: int = 256):
+    """Posterior (mean, std) as float16 of uint8 images (N, 64, 64, 3) and of their mirror images: all originals,
+    then all mirrors (the latent cache's layout)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = vae.to(device)
     means, stds = [], []
@@ -68,7 +70,7 @@ def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = 
     path = cache_dir(Path(data)) / f"latents-{Path(labels_file).stem}-{encoder_digest(vae_folder)}-{key}.npz"
     if not path.exists():
         print(f"encoding {len(split)} images (and their mirror images) into the latent cache {path}", flush=True)
-        mean, std = _encode(vae, split.images)
+        mean, std = encode_images(vae, split.images)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, mean=mean.numpy(), std=std.numpy(), labels=np.concatenate([split.labels, split.labels]))
         os.replace(tmp, path)

@@ -1,0 +1,186 @@
+"""The object counter (renders with repeated classes, CountClassifier, train_classifier --counts) and the LDM's
+fine-tune through its own sampler against it (python/tune_ldm.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from python.core.diffusion import Schedule
+from python.core.errors import UserError
+from python.core.sampling import diffusion_latents
+from python.data.synthetic import render_count_arrays
+from python.models.classifier import CountClassifier, load_classifier, load_classifier_for, save_classifier
+from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
+from python.models.sampling import torch_call
+from python.models.vae import vae_digest
+from python.ship import main as ship
+from python.train_classifier import main as train_classifier
+from python.tune_ldm import count_reward, sample_with_grad
+from python.tune_ldm import main as tune_ldm
+
+
+def test_count_renders_repeat_classes_and_count_them():
+    images, counts = render_count_arrays(3, 6, lo=2, hi=4, repeat=1.0, workers=1)
+    assert images.shape[1:] == (64, 64, 3) and images.dtype == np.uint8 and counts.shape == (len(images), 24)
+    # repeat 1: every object after the first is a copy of an earlier class, so one class holds them all
+    assert len(images) >= 4 and ((counts > 0).sum(1) == 1).all() and (2 <= counts.sum(1)).all()
+    assert (counts.sum(1) <= 4).all()
+    again = render_count_arrays(3, 6, lo=2, hi=4, repeat=1.0, workers=2)
+    assert np.array_equal(images, again[0]) and np.array_equal(counts, again[1])  # same bytes for any workers
+    with pytest.raises(UserError, match="lo <= hi"):
+        render_count_arrays(0, 2, lo=3, hi=2)
+
+
+def _counter(parts, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("counter")
+    train_classifier(["--counts", "30", "--steps", "3", "--batch", "8", "--vae", str(parts / "vae"),
+                      "--run-dir", str(folder / "run"), "--out", str(folder / "out")])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def counter_dir(parts, tmp_path_factory):
+    return _counter(parts, tmp_path_factory)
+
+
+def test_train_classifier_counts_trains_and_saves_an_object_counter(counter_dir, parts):
+    cfg = json.loads((counter_dir / "out" / "config.json").read_text())
+    assert cfg["output"] == "counts" and cfg["scenes"] == 30 and 0 <= cfg["heldout_total_accuracy"] <= 1
+    assert (counter_dir / "run" / "count-latents.npz").exists()  # a rerun skips the rendering
+    net = load_classifier_for(counter_dir / "out", parts / "vae", output="counts")
+    labels, total = net(torch.randn(3, 4, 16, 16))
+    assert isinstance(net, CountClassifier) and labels.shape == (3, 24) and total.shape == (3, 6)
+    with pytest.raises(UserError, match="classifier of counts, but labels are needed"):
+        load_classifier_for(counter_dir / "out", parts / "vae")  # a label classifier's users refuse it
+    with pytest.raises(SystemExit):
+        train_classifier(["--counts", "5", "--run-dir", str(counter_dir / "bad")])
+
+
+class _Fixed(torch.nn.Module):
+    """A counter that reads `counts` (N, 24) off nothing: sharp logits at those classes and at their total."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def forward(self, x):
+        labels = torch.where(self.counts > 0, 8.0, -8.0)
+        total = torch.full((len(x), 6), -8.0).scatter(1, self.counts.sum(1, keepdim=True).clamp(max=5), 8.0)
+        return labels, total
+
+
+def test_count_reward_is_low_for_exactly_the_set_and_high_for_extras_and_repeats():
+    cond = torch.zeros(1, 24)
+    cond[0, [3, 9]] = 1
+    exact = cond.long()
+    extra = exact.clone()
+    extra[0, 4] = 1  # an object nobody asked for
+    twice = exact.clone()
+    twice[0, 3] = 2  # a requested class drawn twice
+    missing = exact.clone()
+    missing[0, 9] = 0
+    r = {k: count_reward(_Fixed(c), torch.zeros(1), cond).item()
+         for k, c in (("exact", exact), ("extra", extra), ("twice", twice), ("missing", missing))}
+    assert r["exact"] < 0.01 and min(r["extra"], r["twice"], r["missing"]) > 1.0, r
+    # the weights say which part counts: without the total and the absent classes an extra object costs nothing,
+    # and without the total a requested class drawn twice costs nothing
+    assert count_reward(_Fixed(extra), torch.zeros(1), cond, absent=0.0, total=0.0).item() < 0.01
+    assert count_reward(_Fixed(twice), torch.zeros(1), cond, total=0.0).item() < 0.01
+
+
+def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
+    torch.manual_seed(0)
+    model = Denoiser(DenoiserConfig(in_channels=4, width=32, depth=2, heads=2, pooled=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sch = Schedule("cosine", prediction="v_prediction")
+    cond = torch.zeros(2, 24)
+    cond[0, 3] = cond[1, [5, 17]] = 1
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref = diffusion_latents(torch_call(model), sch, cond.numpy(), (4, 16, 16), "dpmpp", 3, 4.0, x_T=x_T.numpy())
+    seen = []
+    model.patchify.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    out = sample_with_grad(model.eval(), sch, cond, x_T.requires_grad_(True), 3, 4.0)
+    np.testing.assert_allclose(out.detach().numpy(), ref, atol=1e-4)  # the numpy loop the runtime runs
+    out.square().mean().backward()
+    assert len(seen) == 3 and x_T.grad.abs().sum() > 0  # a gradient through each step's denoiser call, to x_T
+    assert model.patchify.weight.grad.abs().sum() > 0
+
+
+def _init_ldm(parts, folder):
+    torch.manual_seed(0)
+    den = Denoiser(DenoiserConfig(in_channels=4, width=32, depth=2, heads=2, pooled=False))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sch = Schedule("cosine", prediction="v_prediction")
+    save_denoiser(den, folder, {"schedule": sch.config(), "vae_sha": vae_digest(parts / "vae")})
+    return folder
+
+
+def _tune_args(tiny_data, parts, init, counter, run, *extra):
+    return ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--init", str(init),
+            "--judge", str(parts / "judge" / "checkpoint.pth"), "--counter", str(counter), "--run-dir", str(run),
+            *extra]
+
+
+def test_tune_ldm_lowers_the_reward_resumes_and_ships(tiny_data, parts, counter_dir, tmp_path):
+    init = _init_ldm(parts, tmp_path / "init")
+    counter = counter_dir / "out"
+    run = tmp_path / "run"
+    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "2"))
+    assert (run / "latest").read_text().strip() == "ckpt-00000002"
+    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "4", "--resume"))
+    assert "resumed at step 2" in (run / "log.txt").read_text()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "heldout_subset" in m] == [2, 4]
+    assert all(np.isfinite(m["reward"]) and np.isfinite(m["anchor"]) for m in metrics if "reward" in m)
+    with pytest.raises(SystemExit):  # a resume that changes the run
+        tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "6", "--resume", "--lr", "1e-3"))
+    ship(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    assert load_denoiser(tmp_path / "shipped")[1]["trained_steps"] == 4
+
+    # the reward alone, at a learning rate that moves a tiny model: the counter's loss on fixed noise falls (a
+    # counter trained for 3 steps reads everything alike; a perturbed one has gradients to follow)
+    torch.manual_seed(0)
+    net = CountClassifier(4).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    counter = tmp_path / "sensitive"
+    save_classifier(net, counter, {"vae_sha": vae_digest(parts / "vae")})
+    net = load_classifier(counter)[0]
+    sch = Schedule("cosine", prediction="v_prediction")
+    cond = torch.zeros(8, 24)
+    for i in range(8):
+        cond[i, [i, (i * 5 + 3) % 24]] = 1
+    x_T = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def reward(folder):
+        with torch.no_grad():
+            return count_reward(net, sample_with_grad(load_denoiser(folder)[0], sch, cond, x_T, 2, 4.0), cond).item()
+
+    tuned = tmp_path / "tuned"
+    tune_ldm(_tune_args(tiny_data, parts, init, counter, tuned, "--steps", "12", "--lr", "3e-3",
+                        "--anchor-weight", "0", "--batch", "8", "--eval-every", "12", "--save-every", "12"))
+    assert reward(tuned / "final") < reward(init) - 1e-3
+
+
+def test_tune_ldm_refuses_bad_inputs_before_the_run_folder(tiny_data, parts, tmp_path):
+    init = _init_ldm(parts, tmp_path / "init")
+    labels = tmp_path / "labels"
+    save_classifier(_label_classifier(), labels,
+                    {"vae_sha": vae_digest(parts / "vae")})
+    with pytest.raises(SystemExit):  # a label classifier is not a counter
+        tune_ldm(_tune_args(tiny_data, parts, init, labels, tmp_path / "r1"))
+    with pytest.raises(SystemExit):
+        tune_ldm(_tune_args(tiny_data, parts, init, labels, tmp_path / "r2", "--absent-weight", "-1"))
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def _label_classifier():
+    from python.models.classifier import LatentClassifier
+
+    return LatentClassifier(4).eval()
