@@ -51,29 +51,34 @@ PRESETS = {
 }
 
 
-def count_reward(counter, latents: torch.Tensor, cond: torch.Tensor, present: float = 1.0, absent: float = 3.0,
-                 total: float = 1.0) -> torch.Tensor:
+def count_reward(counter, latents: torch.Tensor, cond: torch.Tensor, present: float = 1.0, absent: float = 1.0,
+                 total: float = 1.0, parts: dict | None = None) -> torch.Tensor:
     """The counter's cross-entropy for "exactly the label set `cond` (N, 24 multi-hot)": the mean over requested
     classes of -log p(there), over the other classes of -log p(not there) (each a mean per image, so a set's size
     does not change its weight), and -log p(k objects in all), which a requested class drawn twice also fails;
-    weighted and averaged over the images."""
+    weighted and averaged over the images. `parts`, if given, receives the three unweighted means (for the log)."""
     labels, tot = counter(latents)
     ce = F.binary_cross_entropy_with_logits(labels, cond, reduction="none")
     pos = (ce * cond).sum(1) / cond.sum(1).clamp(min=1)
     neg = (ce * (1 - cond)).sum(1) / (1 - cond).sum(1).clamp(min=1)
     tl = F.cross_entropy(tot, cond.sum(1).long().clamp(max=tot.shape[1] - 1), reduction="none")
+    if parts is not None:
+        parts.update(present=pos.mean().item(), absent=neg.mean().item(), total=tl.mean().item())
     return (present * pos + absent * neg + total * tl).mean()
 
 
 def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.Tensor, steps: int,
-                     guidance: float) -> torch.Tensor:
+                     guidance: float, detach_inputs: bool = False) -> torch.Tensor:
     """The deployed sampler (DPM-Solver++(2M), the maths of python/core/diffusion.py) with classifier-free
-    guidance, every step differentiable: the final latent (generator scale)."""
+    guidance, every step differentiable: the final latent (generator scale). With `detach_inputs` the network sees
+    each step's x detached: the final latent's gradient reaches every step's output through the sampler's linear
+    updates but not through the network's Jacobian in x, whose product over the chain explodes."""
     n = len(cond)
     both = torch.cat([cond, torch.zeros_like(cond)])
     sampler, x = DPMSolverPP(schedule, steps), x_T
     for i, t in enumerate(sampler.timesteps):
-        out = model(torch.cat([x, x]), torch.full((2 * n,), int(t), dtype=torch.long, device=x.device), both)
+        x_in = x.detach() if detach_inputs else x
+        out = model(torch.cat([x_in, x_in]), torch.full((2 * n,), int(t), dtype=torch.long, device=x.device), both)
         x = sampler.step(guide(out[:n], out[n:], guidance), i, x)
     return x
 
@@ -88,14 +93,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="label sets sampled with gradients per step")
     parser.add_argument("--anchor-batch", type=int, help="real latents of the diffusion loss per step")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the diffusion loss (0: none)")
-    parser.add_argument("--present-weight", type=float, default=1.0)
-    parser.add_argument("--absent-weight", type=float, default=3.0)
+    parser.add_argument("--present-weight", type=float, default=2.0)
+    parser.add_argument("--absent-weight", type=float, default=1.0)
     parser.add_argument("--total-weight", type=float, default=1.0)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the weights)")
     parser.add_argument("--sample-steps", type=int, help="sampler steps run with gradients (the deployed count)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--detach-inputs", action="store_true",
+                        help="the gradient skips the network's Jacobian in x between steps (see sample_with_grad)")
     parser.add_argument("--min-snr", type=float, default=5.0, help="the diffusion loss's min-SNR gamma (0 disables)")
     parser.add_argument("--p-uncond", type=float, default=0.1, help="the diffusion loss's condition dropout")
     parser.add_argument("--eval-every", type=int)
@@ -144,8 +151,9 @@ def main(argv=None):
         idx = torch.randint(0, len(lat), (cfg["batch"],), generator=gen, device=device)
         cond = lat.labels[idx]
         x_T = torch.randn((cfg["batch"], *shape), generator=gen, device=device)
-        final = sample_with_grad(model, schedule, cond, x_T, cfg["sample_steps"], args.guidance)
-        reward = count_reward(counter, final, cond, args.present_weight, args.absent_weight, args.total_weight)
+        final = sample_with_grad(model, schedule, cond, x_T, cfg["sample_steps"], args.guidance, args.detach_inputs)
+        parts = {}
+        reward = count_reward(counter, final, cond, args.present_weight, args.absent_weight, args.total_weight, parts)
         loss, anchor = reward, torch.zeros(())
         if args.anchor_weight > 0:
             idx = torch.randint(0, len(lat), (cfg["anchor_batch"],), generator=gen, device=device)
@@ -163,7 +171,7 @@ def main(argv=None):
         opt.step()
         step += 1
         ema_update(ema, model, step, args.ema)
-        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), anchor=anchor.item(),
+        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(),
                                                        grad_norm=float(gnorm)))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:

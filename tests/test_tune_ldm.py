@@ -107,6 +107,15 @@ def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
     out.square().mean().backward()
     assert len(seen) == 3 and x_T.grad.abs().sum() > 0  # a gradient through each step's denoiser call, to x_T
     assert model.patchify.weight.grad.abs().sum() > 0
+    # detached inputs: the same samples, a gradient still reaching the weights at every step, but none through the
+    # network's Jacobian in x (x_T's gradient is then the sampler's linear path alone)
+    full_grad, x_T.grad = x_T.grad.clone(), None
+    model.zero_grad()
+    out = sample_with_grad(model, sch, cond, x_T, 3, 4.0, detach_inputs=True)
+    np.testing.assert_allclose(out.detach().numpy(), ref, atol=1e-4)
+    out.square().mean().backward()
+    assert len(seen) == 6 and model.patchify.weight.grad.abs().sum() > 0
+    assert not torch.allclose(x_T.grad, full_grad)
 
 
 def _init_ldm(parts, folder):
