@@ -6,7 +6,8 @@
 
 --counts N trains the object counter (python/models/classifier.py CountClassifier) instead: N fresh scenes of 1-5
 objects in which a class may repeat (the official data never repeats one) are rendered and encoded into the run
-folder (reused on a rerun), and it learns how many objects of each class and in all each latent holds.
+folder (reused on a rerun), and it learns which classes each latent holds and how many objects in all (its held-out
+figures: the label set read exactly, and the total).
 
 It never sees a judge, a judge's outputs or a generated latent (python/models/classifier.py says why), so the
 judges that score the result stay independent of it. Its own held-out accuracy (top-k, the official metric, on
@@ -68,9 +69,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise UserError(f"--steps and --batch must be >= 1 (got {args.steps}, {args.batch})")
-    if args.counts is not None and (args.counts < 20 or args.pixels):
-        raise UserError("--counts N needs N >= 20 scenes (a tenth is held out) and reads latents (no --pixels)"
-                        if args.pixels else f"--counts must be >= 20 scenes, got {args.counts}")
+    if args.counts is not None and args.counts < 20:
+        raise UserError(f"--counts must be >= 20 scenes (a tenth is held out), got {args.counts}")
+    if args.counts is not None and args.pixels:
+        raise UserError("--counts trains a counter of latents; it does not take --pixels")
     vae_folder = args.vae or SHIPPED_VAE
     device = torch.device(args.device)
     cfg = resolve_config({}, args)

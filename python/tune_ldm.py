@@ -128,7 +128,8 @@ def main(argv=None):
     schedule = Schedule(**init_cfg["schedule"])
     cfg.update(denoiser=asdict(init.cfg), schedule=schedule.config(),
                vae_sha=vae_digest(vae_folder))
-    run = RunDir(args.run_dir, cfg, args.resume, fixed=("denoiser", "schedule", "vae_sha", "lr", "init", "counter"))
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("denoiser", "schedule", "vae_sha", "lr", "init", "counter",
+                                                      "detach_inputs"))
 
     torch.manual_seed(args.seed)
     model = init.float().to(device).train()

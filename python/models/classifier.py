@@ -1,10 +1,11 @@
 """Label classifiers of latents, trained on real latents only (python/training/classifier.py trains them).
 
-Two users: best-of-N selection reads the shipped one (python/core/best_of.py), and training freezes one as a class
-term (train_gan, distill, train_ldm --cls-weight). Neither judge takes part in training them, and they never see a
+Their users: best-of-N selection reads the shipped one (python/core/best_of.py), training freezes one as a class
+term (train_gan, distill, train_ldm --cls-weight), and tune_ldm's reward reads an object counter. Neither judge takes part in training them, and they never see a
 generated latent, so the judges that score the result stay independent of them.
 
 - LatentClassifier: a small CNN on the latent grid itself.
+- CountClassifier: a label network and a total-count network, trained on renders in which a class may repeat.
 - PixelClassifier: the latent through the frozen VAE decoder, then a CNN on the 64x64 image. Still a classifier of
   latents trained on real latents only (the decoder is its frozen first stage), but it sees what the decoder draws:
   stricter about shape (a sphere without its highlight reads as a cube in the image, not in the latent). Decoder
