@@ -11,7 +11,10 @@ and a frozen object counter reads that latent (python/models/classifier.py Count
 never on a generated latent; never a judge): the cross-entropy of "one of each requested class (--present-weight),
 none of any other (--absent-weight), k objects in all (--total-weight)" is back-propagated through every step (as in
 DRaFT, Clark et al. 2023, without its truncation: the steps that decide the objects are the first ones). The
-ordinary diffusion loss on real latents (--anchor-weight) keeps the model a denoiser of the data. The held-out
+ordinary diffusion loss on real latents (--anchor-weight) keeps the model a denoiser of the data. --detach-inputs
+keeps the network's Jacobian in x out of the gradient (its product over ten guided steps gave gradient norms of
+170-1,000 on the shipped model; 40-70 without it). Measured so far (weights/ldm/MODEL_CARD.md): the counter is gamed
+(objects drawn smaller or dropped, then a tinted floor), so no tuned weights are shipped. The held-out
 figure (the judge's accuracy and unrequested-object rate on heldout.json, as train_ldm logs it) only watches.
 
 The run folder is train_ldm's (config, log, metrics.jsonl, sample grids, checkpoints with "model" and "ema"), so
@@ -93,9 +96,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="label sets sampled with gradients per step")
     parser.add_argument("--anchor-batch", type=int, help="real latents of the diffusion loss per step")
     parser.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the diffusion loss (0: none)")
-    parser.add_argument("--present-weight", type=float, default=2.0)
-    parser.add_argument("--absent-weight", type=float, default=1.0)
-    parser.add_argument("--total-weight", type=float, default=1.0)
+    parser.add_argument("--present-weight", type=float, default=2.0, help="requested classes' term")
+    parser.add_argument("--absent-weight", type=float, default=1.0, help="other classes' term")
+    parser.add_argument("--total-weight", type=float, default=1.0,
+                        help="total-count term (its gradient dominates even at 0.1: see the LDM card)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the weights)")

@@ -1,8 +1,9 @@
 """Label classifiers of latents, trained on real latents only (python/training/classifier.py trains them).
 
 Their users: best-of-N selection reads the shipped one (python/core/best_of.py), training freezes one as a class
-term (train_gan, distill, train_ldm --cls-weight), and tune_ldm's reward reads an object counter. Neither judge takes part in training them, and they never see a
-generated latent, so the judges that score the result stay independent of them.
+term (train_gan, distill, train_ldm --cls-weight), and tune_ldm's reward reads an object counter. Neither judge
+takes part in training them, and they never see a generated latent, so the judges that score the result stay
+independent of them.
 
 - LatentClassifier: a small CNN on the latent grid itself.
 - CountClassifier: a label network and a total-count network, trained on renders in which a class may repeat.
