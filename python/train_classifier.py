@@ -33,12 +33,12 @@ from python.training.loop import add_run_options, resolve_config
 from python.training.rundir import RunDir
 
 
-def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path):
+def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path, workers: int | None = None):
     """The object counter's data: `scenes` fresh renders encoded by the VAE (and their mirror images, as the latent
     cache holds them), with their per-class counts; kept in the run folder so a rerun skips the rendering."""
     path = run.path / "count-latents.npz"
     if not path.exists():
-        images, counts = render_count_arrays(seed, scenes)
+        images, counts = render_count_arrays(seed, scenes, workers=workers)
         run.log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
         mean, std = encode_images(load_vae(vae_folder), images)
         tmp = run.path / ".count-latents.tmp.npz"
@@ -65,12 +65,16 @@ def main(argv=None):
                         "stricter about shape; for distill's class term, not for best-of selection (~5x the FLOPs)")
     parser.add_argument("--counts", type=int, metavar="N",
                         help="train the object counter on N fresh renders (1-5 objects, repeats allowed) instead")
+    parser.add_argument("--workers", type=int, help="--counts: rendering processes (default: all cores; 1 renders "
+                                                    "in this process, as from inside a program that already ran torch)")
     parser.add_argument("--out", type=Path, help="also write the fp16 weights folder here (e.g. weights/classifier)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         raise UserError(f"--steps and --batch must be >= 1 (got {args.steps}, {args.batch})")
     if args.counts is not None and args.counts < 20:
         raise UserError(f"--counts must be >= 20 scenes (a tenth is held out), got {args.counts}")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.counts is not None and args.pixels:
         raise UserError("--counts trains a counter of latents; it does not take --pixels")
     vae_folder = args.vae or SHIPPED_VAE
@@ -80,7 +84,7 @@ def main(argv=None):
     run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists(),
                  fixed=("vae_sha", "pixels", "counts"))
     if args.counts:
-        lat, counts = count_latents(run, args.counts, args.seed, vae_folder)
+        lat, counts = count_latents(run, args.counts, args.seed, vae_folder, args.workers)
         cls = train_count_classifier(lat.to(device), counts, args.steps, args.batch, args.seed, run, args.noise,
                                      device).cpu()
     else:

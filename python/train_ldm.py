@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
-from python.evaluation.metrics import object_rates
+from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
-from python.models.judge import judge_score, load_judge
-from python.models.sampling import decode, ldm_latents
+from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import load_latents
@@ -53,12 +52,6 @@ PRESETS = {
     "full": dict(width=128, depth=8, heads=4, batch=128, steps=40000, eval_every=2000, eval_conditions=256,
                  eval_steps=20, lr=4e-4, warmup=1000),
 }
-
-
-def evaluate(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0):
-    """(the judge's score, the images) of `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance`)."""
-    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device))
-    return judge_score(judge, images, cond), images
 
 
 @cli
@@ -216,9 +209,8 @@ def main(argv=None):
             run.checkpoint(step, modules, objects)
         if evaluating:
             if run:
-                res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
-                res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
-                       "unrequested": object_rates(judge, images, eval_cond)["unrequested"]}
+                res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance,
+                                        device)
                 run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
                 progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
                                f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")

@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from python.core.diffusion import DEFAULT_GUIDANCE, DPMSolverPP, Schedule, add_noise, guide, target
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
-from python.evaluation.metrics import object_rates
+from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import load_denoiser, save_denoiser
 from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space, vae_digest
-from python.train_ldm import evaluate
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
@@ -180,9 +179,7 @@ def main(argv=None):
                                                        grad_norm=float(gnorm)))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:
-            res, images = evaluate(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
-            res = {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
-                   "unrequested": object_rates(judge, images, eval_cond)["unrequested"]}
+            res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
             run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
             progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
                            f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from python.models.judge import judge_probs
+from python.models.judge import judge_probs, judge_score
+from python.models.sampling import decode, ldm_latents
 
 
 def object_rates(judge, images: torch.Tensor, labels) -> dict:
@@ -24,3 +25,12 @@ def spread(feats: torch.Tensor, groups: int) -> float:
     d = torch.cdist(f, f)
     k = f.shape[1]
     return float(d.sum((1, 2)).div(k * (k - 1)).mean())
+
+
+def ldm_probe(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0):
+    """The LDM trainers' held-out figure: `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance`, noise
+    `seed`) decoded and read by the judge. Returns ({accuracy, by_objects, unrequested}, the images)."""
+    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device))
+    res = judge_score(judge, images, cond)
+    return {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
+            "unrequested": object_rates(judge, images, cond)["unrequested"]}, images
