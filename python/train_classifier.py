@@ -37,10 +37,11 @@ def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path, workers
     """The object counter's data: `scenes` fresh renders encoded by the VAE (and their mirror images, as the latent
     cache holds them), with their per-class counts; kept in the run folder so a rerun skips the rendering."""
     path = run.path / "count-latents.npz"
+    vae = load_vae(vae_folder)
     if not path.exists():
         images, counts = render_count_arrays(seed, scenes, workers=workers)
         run.log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
-        mean, std = encode_images(load_vae(vae_folder), images)
+        mean, std = encode_images(vae, images)
         tmp = run.path / ".count-latents.tmp.npz"
         np.savez(tmp, mean=mean.numpy(), std=std.numpy(), counts=np.concatenate([counts, counts]))
         os.replace(tmp, path)
@@ -49,7 +50,7 @@ def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path, workers
     d = np.load(path)
     counts = torch.from_numpy(d["counts"])
     lat = LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), (counts > 0).float(),
-                    load_vae(vae_folder).cfg.scale_factor)
+                    vae.cfg.scale_factor)
     return lat, counts
 
 

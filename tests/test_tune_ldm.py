@@ -90,12 +90,23 @@ def test_count_reward_is_low_for_exactly_the_set_and_high_for_extras_and_repeats
     assert count_reward(_Fixed(twice), torch.zeros(1), cond, total=0.0).item() < 0.01
 
 
-def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
+def _perturbed(make, scale: float = 0.05):
+    """make() with seed 0 and its weights nudged by Gaussian noise of `scale`: an untrained network whose output
+    depends on its inputs (a zero-initialised output layer would not)."""
     torch.manual_seed(0)
-    model = Denoiser(DenoiserConfig(in_channels=4, width=32, depth=2, heads=2, pooled=False))
+    net = make()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return net
+
+
+def _denoiser():
+    return _perturbed(lambda: Denoiser(DenoiserConfig(in_channels=4, width=32, depth=2, heads=2, pooled=False)))
+
+
+def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
+    model = _denoiser()
     sch = Schedule("cosine", prediction="v_prediction")
     cond = torch.zeros(2, 24)
     cond[0, 3] = cond[1, [5, 17]] = 1
@@ -120,13 +131,8 @@ def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
 
 
 def _init_ldm(parts, folder):
-    torch.manual_seed(0)
-    den = Denoiser(DenoiserConfig(in_channels=4, width=32, depth=2, heads=2, pooled=False))
-    with torch.no_grad():
-        for p in den.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     sch = Schedule("cosine", prediction="v_prediction")
-    save_denoiser(den, folder, {"schedule": sch.config(), "vae_sha": vae_digest(parts / "vae")})
+    save_denoiser(_denoiser(), folder, {"schedule": sch.config(), "vae_sha": vae_digest(parts / "vae")})
     return folder
 
 
@@ -154,11 +160,7 @@ def test_tune_ldm_lowers_the_reward_resumes_and_ships(tiny_data, parts, counter_
 
     # the reward alone, at a learning rate that moves a tiny model: the counter's loss on fixed noise falls (a
     # counter trained for 3 steps reads everything alike; a perturbed one has gradients to follow)
-    torch.manual_seed(0)
-    net = CountClassifier(4).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    net = _perturbed(lambda: CountClassifier(4), 0.1).eval()
     counter = tmp_path / "sensitive"
     save_classifier(net, counter, {"vae_sha": vae_digest(parts / "vae")})
     net = load_classifier(counter)[0]

@@ -25,6 +25,38 @@ def heldout_rows(n: int, held: int = 1000) -> torch.Tensor:
     return torch.cat([torch.arange(half - held, half), torch.arange(n - held, n)])
 
 
+def _fit_or_load(net: nn.Module, lat: LatentSet, held: torch.Tensor, steps: int, batch: int, noise: float,
+                 rng: torch.Generator, run: RunDir, path, kind: str, loss) -> None:
+    """`net` loaded from `path` if the run folder has it, else trained on the rows of `lat` not in `held`: one-cycle
+    AdamW (lr 2e-3) over its trainable parameters, `batch` posterior samples per step with noise_augment(noise),
+    loss(latents, rows) minimised. Left in eval mode, frozen."""
+    if path.exists():
+        load_state_into(net, path)
+        run.log(f"{kind} loaded from {path}")
+    else:
+        mask = torch.ones(len(lat), dtype=torch.bool, device=held.device)
+        mask[held] = False
+        train_rows = mask.nonzero().squeeze(1)
+        opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=2e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+        net.train()
+        for _ in tqdm(range(steps), desc=kind, unit="step", dynamic_ncols=True):
+            idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=held.device)]
+            loss_value = loss(noise_augment(lat.sample(idx, rng), noise, rng), idx)
+            opt.zero_grad(set_to_none=True)
+            loss_value.backward()
+            opt.step()
+            sched.step()
+    net.eval().requires_grad_(False)
+
+
+def _save(net: nn.Module, path) -> None:
+    """The weights as safetensors at `path`, written whole then swapped in."""
+    tmp = path.parent / ".classifier.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: RunDir, noise: float = 0.0,
                      device: torch.device = torch.device("cpu"), pixels_vae=None) -> nn.Module:
     """The latent classifier on real latents (posterior samples), AdamW with a one-cycle schedule; its top-k
@@ -36,25 +68,8 @@ def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: Run
     path = run.path / "classifier.safetensors"
     held = heldout_rows(len(lat)).to(device)
     rng = torch.Generator(device=device).manual_seed(seed + 17)
-    if path.exists():
-        load_state_into(cls, path)
-        run.log(f"{kind} loaded from {path}")
-    else:
-        mask = torch.ones(len(lat), dtype=torch.bool, device=device)
-        mask[held] = False
-        train_rows = mask.nonzero().squeeze(1)
-        opt = torch.optim.AdamW([q for q in cls.parameters() if q.requires_grad], lr=2e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
-        cls.train()
-        for _ in tqdm(range(steps), desc=kind, unit="step", dynamic_ncols=True):
-            idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
-            loss = F.binary_cross_entropy_with_logits(cls(noise_augment(lat.sample(idx, rng), noise, rng)),
-                                                      lat.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    cls.eval().requires_grad_(False)
+    _fit_or_load(cls, lat, held, steps, batch, noise, rng, run, path, kind,
+                 lambda z, idx: F.binary_cross_entropy_with_logits(cls(z), lat.labels[idx]))
     with torch.no_grad():
         logits = torch.cat([cls(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)])
     cls.heldout_accuracy = float(topk_accuracy(logits, lat.labels[held]))
@@ -62,9 +77,7 @@ def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: Run
         run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": cls.heldout_accuracy})
         run.log(f"{kind}: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} "
                 f"held-out latents")
-        tmp = run.path / ".classifier.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in cls.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        _save(cls, path)
     return cls
 
 
@@ -86,24 +99,8 @@ def train_count_classifier(lat: LatentSet, counts: torch.Tensor, steps: int, bat
     held = heldout_rows(len(lat)).to(device)
     rng = torch.Generator(device=device).manual_seed(seed + 17)
     counts = counts.to(device)
-    if path.exists():
-        load_state_into(net, path)
-        run.log(f"object counter loaded from {path}")
-    else:
-        mask = torch.ones(len(lat), dtype=torch.bool, device=device)
-        mask[held] = False
-        train_rows = mask.nonzero().squeeze(1)
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
-        net.train()
-        for _ in tqdm(range(steps), desc="object counter", unit="step", dynamic_ncols=True):
-            idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=device)]
-            loss = count_loss(net, noise_augment(lat.sample(idx, rng), noise, rng), counts[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval().requires_grad_(False)
+    _fit_or_load(net, lat, held, steps, batch, noise, rng, run, path, "object counter",
+                 lambda z, idx: count_loss(net, z, counts[idx]))
     with torch.no_grad():
         outs = [net(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)]
     labels, total = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
@@ -115,7 +112,5 @@ def train_count_classifier(lat: LatentSet, counts: torch.Tensor, steps: int, bat
                                      "total": net.heldout_total_accuracy})
         run.log(f"object counter: {steps} steps; the label set right on {net.heldout_accuracy:.4f}, the total "
                 f"on {net.heldout_total_accuracy:.4f} of {len(held)} held-out latents")
-        tmp = run.path / ".classifier.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        _save(net, path)
     return net
