@@ -17,6 +17,13 @@ teacher's samples: a teacher that draws a requested colour twice cannot be what 
 Noising is what keeps the game stable without a gradient penalty (LADD): at high t the heads see layout and
 objects, at low t edges and texture.
 
+Distribution matching (--dmd-weight, DMD / DMD2, Yin et al. 2024) is the second objective, alone (--adv-weight 0)
+or beside the heads: a copy of the LDM (the "fake score") is trained online on the generator's latents with the
+LDM's own loss, and each generated latent is moved along the difference between that copy's clean prediction and
+the frozen, guided LDM's at a random noise level in --dmd-t-range: the gradient of KL(generator || guided LDM),
+mode-seeking, so a blurred average of two layouts is pushed to one of them rather than kept. A narrower range
+(e.g. 20 500) asks the LDM about edges and texture only and leaves the layout to the generator.
+
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
 makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
 a judge, and better another than the best-of selector) for runs that measure what it adds. No judge in any loss or
@@ -35,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from python.core.diffusion import Schedule, add_noise
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, guide, x0_eps
 from python.core.errors import UserError, cli
 from python.core.labels import COLORS, NUM_CLASSES
 from python.data.dataset import load_condition_file
@@ -50,14 +57,14 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import class_term
+from python.training.losses import class_term, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
 
 PRESETS = {
     "tiny": dict(batch=4, steps=6, eval_every=3, save_every=3, eval_conditions=4, lr=1e-4, d_lr=1e-4,
-                 head_width=16, d_layers=[0, 1], d_warmup=1, d_steps=2, mismatch=1.0),
+                 head_width=16, d_layers=[0, 1], d_warmup=1, d_steps=2, mismatch=1.0, fake_lr=1e-4),
     "full": dict(batch=32, steps=3000, eval_every=250, save_every=250, eval_conditions=256, lr=1e-5, d_lr=2e-4,
-                 head_width=64, d_layers=[1, 3, 5, 7], d_warmup=300, d_steps=2, mismatch=1.0),
+                 head_width=64, d_layers=[1, 3, 5, 7], d_warmup=300, d_steps=2, mismatch=1.0, fake_lr=1e-5),
 }
 
 
@@ -186,6 +193,27 @@ def noised(x: torch.Tensor, t: torch.Tensor, tables, gen: torch.Generator) -> to
     return add_noise(x, torch.randn(x.shape, generator=gen), ca[t], cs[t])
 
 
+def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_score: Denoiser, guidance: float,
+             t_range: tuple[int, int], tables, prediction: str, gen: torch.Generator) -> torch.Tensor:
+    """Distribution matching (DMD, Yin et al. 2024): the generator's latents noised to t ~ U{t_range}, then the
+    difference of two denoisers' clean-latent predictions there: the frozen LDM with classifier-free guidance (the
+    data's score, as the deployed sampler guides it) and `fake_score`, a copy of it trained online on the
+    generator's own latents (their score). Its gradient moves each latent along fake - real, which is the gradient
+    of KL(generator || guided LDM) (mode-seeking: towards the LDM's sharp modes, not their blurred mean), normalised
+    per sample by the mean |latent - real prediction| as in DMD. A squared error to the moved latent carries that
+    gradient; its value is not a distance worth reading, its gradient is."""
+    ca, cs = tables
+    with torch.no_grad():
+        t = torch.randint(t_range[0], t_range[1], (len(fake),), generator=gen)
+        x_t = add_noise(fake, torch.randn(fake.shape, generator=gen), ca[t], cs[t])
+        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+        real_x0 = x0_eps(x_t, guide(both[: len(fake)], both[len(fake):], guidance), ca[t], cs[t], prediction)[0]
+        fake_x0 = x0_eps(x_t, fake_score(x_t, t, cond), ca[t], cs[t], prediction)[0]
+        scale = (fake - real_x0).abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-4)
+        step = (fake_x0 - real_x0) / scale
+    return 0.5 * F.mse_loss(fake, (fake - step).detach())
+
+
 def _student(init: Path | None, teacher: Denoiser, tcfg: dict, vae_dir: Path) -> OneStep:
     """The generator to fine-tune: a saved one-step student (a weights folder such as weights/gan), or, with no
     --init, the teacher itself called once."""
@@ -248,18 +276,37 @@ def train(args, cfg: dict) -> Path:
         backbone, feature_source = teacher, args.ldm or SHIPPED_LDM
     disc = FeatureDiscriminator(backbone, cfg["d_layers"], cfg["head_width"], teacher.cfg.num_classes)
     cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
-    cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), objective="adversarial",
+    use_adv, use_dmd = cfg["adv_weight"] > 0, cfg["dmd_weight"] > 0
+    if not (use_adv or use_dmd):
+        raise UserError("--adv-weight 0 and --dmd-weight 0 leave the generator no objective against the data; "
+                        "give one of them a weight > 0")
+    lo, hi = cfg["dmd_t_range"]
+    if not 0 <= lo < hi <= schedule.T:
+        raise UserError(f"--dmd-t-range must be two timesteps 0 <= LOW < HIGH <= {schedule.T}, got {lo} {hi}")
+    cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"),
+               objective="+".join(name for name, on in (("adversarial", use_adv), ("dmd", use_dmd)) if on),
                discriminator={"backbone": cfg["d_features"], "features": str(feature_source), "layers": disc.layers,
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
-                              "mismatch": cfg["mismatch"]})
+                              "mismatch": cfg["mismatch"]} if use_adv else None,
+               dmd={"guidance": cfg["dmd_guidance"], "t_range": [lo, hi], "fake_lr": cfg["fake_lr"]}
+               if use_dmd else None)
     if args.init_disc:  # checked before the run folder is made; a resumed run's own heads replace these below
+        if not use_adv:
+            raise UserError("--init-disc warm-starts the discriminator's heads, which --adv-weight 0 does not use")
         _warm_start_heads(disc, args.init_disc, cfg["discriminator"])
-    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator"))
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator", "dmd"))
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["d_lr"], betas=(0.0, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
-    modules, objects = {"generator": student, "ema": ema, "disc": disc}, {"opt": opt, "d_opt": d_opt, "gen": gen}
+    modules, objects = {"generator": student, "ema": ema}, {"opt": opt, "gen": gen}
+    if use_adv:
+        modules["disc"], objects["d_opt"] = disc, d_opt
+    if use_dmd:  # the generator's own score: the LDM's copy, trained online on the generator's latents (DMD)
+        fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+        f_opt = torch.optim.AdamW(fake_score.parameters(), lr=cfg["fake_lr"], weight_decay=0.0)
+        modules["fake_score"], objects["f_opt"] = fake_score, f_opt
+        w_tab = min_snr_weight(schedule, torch.arange(schedule.T), args.min_snr)
     step = run.restore(modules, objects) if args.resume else 0
     if args.init_disc and not step:
         run.log(f"discriminator heads warm-started from {args.init_disc}")
@@ -267,11 +314,15 @@ def train(args, cfg: dict) -> Path:
                    for c in schedule.coeffs(torch.arange(schedule.T).numpy()))  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
+    reads = "LDM" if cfg["d_features"] == "ldm" else f"classifier {feature_source}"
     run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
-            f"{' from ' + str(args.init) if args.init else ' (the LDM called once)'}; discriminator heads "
-            f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M params on blocks {disc.layers} of the frozen "
-            f"{'LDM' if cfg['d_features'] == 'ldm' else 'classifier ' + str(feature_source)} at t <= "
-            f"{cfg['d_t_max']}; {len(lat)} real latents")
+            f"{' from ' + str(args.init) if args.init else ' (the LDM called once)'}; "
+            + (f"discriminator heads {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M params on blocks "
+               f"{disc.layers} of the frozen {reads} at t <= {cfg['d_t_max']} (x{cfg['adv_weight']:g}); "
+               if use_adv else "")
+            + (f"distribution matching against the LDM at guidance {cfg['dmd_guidance']:g}, t in [{lo}, {hi}) "
+               f"(x{cfg['dmd_weight']:g}); " if use_dmd else "")
+            + f"{len(lat)} real latents")
     batch, z_dim, t_max = cfg["batch"], student.cfg.z_dim, cfg["d_t_max"]
 
     def log_heldout(at: int) -> None:
@@ -284,7 +335,7 @@ def train(args, cfg: dict) -> Path:
                        f"of {len(eval_cond)} held-out conditions (EMA; log only)")
         run.sample_grid("heldout", at, images)
 
-    progress = Progress(run, cfg["steps"], step, show=("d_loss", "g_adv"))
+    progress = Progress(run, cfg["steps"], step, show=("d_loss", "g_adv", "f_loss"))
     if step == 0:
         log_heldout(0)  # where the fine-tune starts, on the same conditions and noise
     def draw():
@@ -316,18 +367,47 @@ def train(args, cfg: dict) -> Path:
         d_opt.step()
         return d_real, d_fake, d_mis
 
+    def f_update(fake, cond):
+        """One step of the fake score: the LDM's own training loss on the generator's latents (detached)."""
+        t = torch.randint(0, schedule.T, (len(fake),), generator=gen)
+        loss = diffusion_loss(fake_score, fake, cond, t, torch.randn(fake.shape, generator=gen), tables, w_tab,
+                              schedule.prediction)[0]
+        f_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fake_score.parameters(), 1.0)
+        f_opt.step()
+        return loss
+
+    def critics(real, cond, fake, f_fake):
+        """Every critic's update on this batch: the heads (real against fake) and the fake score (fake only)."""
+        out = {}
+        if use_adv:
+            d_real, d_fake, d_mis = d_update(real, cond, f_fake)
+            out.update(d_loss=(d_real + d_fake).item(), d_real=d_real.item(), d_fake=d_fake.item())
+            if d_mis is not None:
+                out["d_mismatch"] = d_mis.item()
+        if use_dmd:
+            out["f_loss"] = f_update(fake.detach(), cond).item()
+        return out
+
     while step < cfg["steps"]:
         real, cond, z = draw()
-        extra, gnorm = {}, 0.0
+        extra, gnorm, f_fake = {}, 0.0, None
         if step >= cfg["d_warmup"]:
-            # generator: fool the heads at a random noise level (its gradient flows through the frozen LDM)
             fake = student(z, cond)
-            f_fake = backbone_features(fake, cond)
-            disc.requires_grad_(False)
-            g_adv = generator_adv(disc.score(f_fake, cond))
-            disc.requires_grad_(True)
-            loss = g_adv
-            extra["g_adv"] = g_adv.item()
+            loss = torch.zeros(())
+            if use_adv:  # fool the heads at a random noise level (the gradient flows through the frozen network)
+                f_fake = backbone_features(fake, cond)
+                disc.requires_grad_(False)
+                g_adv = generator_adv(disc.score(f_fake, cond))
+                disc.requires_grad_(True)
+                loss = loss + cfg["adv_weight"] * g_adv
+                extra["g_adv"] = g_adv.item()
+            if use_dmd:  # towards the guided LDM's distribution, away from the generator's own
+                g_dmd = dmd_loss(fake, cond, teacher, fake_score, cfg["dmd_guidance"], (lo, hi), tables,
+                                 schedule.prediction, gen)
+                loss = loss + cfg["dmd_weight"] * g_dmd
+                extra["g_dmd"] = g_dmd.item()
             if cls_nets:
                 cls_term = class_term(cls_nets, fake, cond)
                 loss = loss + args.cls_weight * cls_term
@@ -336,24 +416,25 @@ def train(args, cfg: dict) -> Path:
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
             opt.step()
-        else:  # the heads' warm-up: a generator step against untrained heads would follow noise
+        else:  # the critics' warm-up: a generator step against untrained heads would follow noise
             with torch.no_grad():
-                f_fake = backbone_features(student(z, cond), cond)
-        # discriminator: real latents against this step's fakes as the generator's step saw them (their LDM features
-        # reused, detached), then --d-steps - 1 more updates on fresh batches
-        d_real, d_fake, d_mis = d_update(real, cond, f_fake)
+                fake = student(z, cond)
+                f_fake = backbone_features(fake, cond) if use_adv else None
+        # critics: this step's fakes as the generator's step saw them (the heads reuse their features, detached),
+        # then --d-steps - 1 more updates on fresh batches
+        if f_fake is not None:
+            f_fake = [f.detach() for f in f_fake]
+        figures = critics(real, cond, fake, f_fake)
         for _ in range(cfg["d_steps"] - 1):
             real, cond, z = draw()
             with torch.no_grad():
-                f_fake = backbone_features(student(z, cond), cond)
-            d_real, d_fake, d_mis = d_update(real, cond, f_fake)
-        d_loss = d_real + d_fake
-        if d_mis is not None:
-            extra["d_mismatch"] = d_mis.item()
+                fake = student(z, cond)
+                f_fake = backbone_features(fake, cond) if use_adv else None
+            figures = critics(real, cond, fake, f_fake)
+        extra.update(figures)
         step += 1
         ema_update(ema, student, step, args.ema)
-        progress.step(step, batch, lambda: dict(d_loss=d_loss.item(), d_real=d_real.item(), d_fake=d_fake.item(),
-                                                grad_norm=gnorm, **extra))
+        progress.step(step, batch, lambda: dict(grad_norm=gnorm, **extra))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:
             log_heldout(step)
@@ -362,8 +443,8 @@ def train(args, cfg: dict) -> Path:
     progress.close()
     final = run.path / "final"
     save_generator(copy.deepcopy(ema).float(), final, {"vae_sha": cfg["vae_sha"], "trained_steps": step,
-                                                       "objective": "adversarial",
-                                                       "discriminator": cfg["discriminator"],
+                                                       "objective": cfg["objective"],
+                                                       "discriminator": cfg["discriminator"], "dmd": cfg["dmd"],
                                                        "train_seconds": round(run.elapsed(), 1)})
     run.log(f"saved the EMA generator to {final}")
     return final
@@ -403,6 +484,18 @@ def main(argv=None):
                         help="weight of the matching-aware term: real latents under a label set one object off "
                              "(dropped, added, or swapped for one of the same colour or shape) count as fake for the "
                              "discriminator (0: off)")
+    parser.add_argument("--adv-weight", type=float, default=1.0,
+                        help="weight of the adversarial term (0: no discriminator; then --dmd-weight must be > 0)")
+    parser.add_argument("--dmd-weight", type=float, default=0.0,
+                        help="weight of distribution matching (DMD2): the generator's latents moved along the "
+                             "difference of the guided LDM's and an online fake score's predictions (0: off)")
+    parser.add_argument("--dmd-guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance of the LDM's score in the DMD term")
+    parser.add_argument("--dmd-t-range", type=int, nargs=2, default=[20, 980], metavar=("LOW", "HIGH"),
+                        help="the DMD term's noise levels: t ~ U{LOW..HIGH-1} of the LDM's T")
+    parser.add_argument("--fake-lr", type=float, help="the fake score's learning rate (AdamW; DMD)")
+    parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma of the fake score's loss "
+                                                                   "(the LDM's)")
     parser.add_argument("--cls-weight", type=float, default=0.0,
                         help="class term: x BCE of frozen latent classifier(s) on the generator's latents (0: none)")
     parser.add_argument("--cls-classifier", type=Path, nargs="+",

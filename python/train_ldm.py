@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, target, x0_eps
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, x0_eps
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import ldm_probe
@@ -40,7 +39,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import class_term, min_snr_weight
+from python.training.losses import class_term, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, restore_checkpoint
 from python.training.schedules import warmup_cosine
 
@@ -182,16 +181,11 @@ def main(argv=None):
         cond = lat.labels[idx] * keep.float()[:, None]
         t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
-        ca, cs = ca_tab[t], cs_tab[t]
-        x_t = add_noise(z0, eps, ca, cs)
-        tgt = target(z0, eps, ca, cs, schedule.prediction)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            out = net(x_t, t, cond)
-        per_sample = F.mse_loss(out.float(), tgt, reduction="none").mean((1, 2, 3))
-        loss = (per_sample * w_tab[t]).mean()
+            loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction)
         extra = {}
         if cls_nets and (sel := keep & (t < cls_max_t)).any():
-            x0 = x0_eps(x_t[sel], out[sel].float(), ca[sel], cs[sel], schedule.prediction)[0]
+            x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
             cls_term = class_term(cls_nets, x0, cond[sel])
             extra = {"cls": cls_term.item(), "mse": loss.item()}
             loss = loss + args.cls_weight * cls_term

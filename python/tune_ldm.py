@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from python.core.diffusion import DEFAULT_GUIDANCE, DPMSolverPP, Schedule, add_noise, guide, target
+from python.core.diffusion import DEFAULT_GUIDANCE, DPMSolverPP, Schedule, guide
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import ldm_probe
@@ -42,7 +42,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import min_snr_weight
+from python.training.losses import diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir
 
 PRESETS = {
@@ -165,9 +165,8 @@ def main(argv=None):
             keep = torch.rand(len(idx), generator=gen, device=device) >= args.p_uncond
             t = torch.randint(0, schedule.T, (len(idx),), generator=gen, device=device)
             eps = torch.randn(z0.shape, generator=gen, device=device)
-            out = model(add_noise(z0, eps, ca_tab[t], cs_tab[t]), t, lat.labels[idx] * keep.float()[:, None])
-            err = F.mse_loss(out, target(z0, eps, ca_tab[t], cs_tab[t], schedule.prediction), reduction="none")
-            anchor = (err.mean((1, 2, 3)) * w_tab[t]).mean()
+            anchor = diffusion_loss(model, z0, lat.labels[idx] * keep.float()[:, None], t, eps, (ca_tab, cs_tab),
+                                    w_tab, schedule.prediction)[0]
             loss = loss + args.anchor_weight * anchor
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -22,7 +22,8 @@ NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps", "d_warmup")
 # (low, high, whether high is allowed) for the fractions and rates
 RANGES = {"lr": (0.0, math.inf, False),  # lr 0: a step that changes nothing (tests of a warm start use it)
           "d_lr": (0.0, math.inf, False), "cls_weight": (0.0, math.inf, False), "mismatch": (0.0, math.inf, False),
-          "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False)}
+          "ema": (0.0, 1.0, False), "p_uncond": (0.0, 1.0, False), "adv_weight": (0.0, math.inf, False),
+          "dmd_weight": (0.0, math.inf, False), "fake_lr": (0.0, math.inf, False)}
 
 
 def add_run_options(parser: argparse.ArgumentParser, run_dir: str, presets: dict | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from python.core.diffusion import Schedule
+from python.core.diffusion import Schedule, add_noise, target
 
 
 def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -14,6 +14,18 @@ def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.T
     snr = torch.from_numpy(schedule.snr(t.numpy())).float()
     clipped = snr.clamp(max=gamma)
     return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
+
+
+def diffusion_loss(net, z0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, tables,
+                   weights: torch.Tensor, prediction: str):
+    """The denoiser's training loss: `net` at z0 noised to timesteps t with eps, the squared error to the
+    schedule's target averaged per sample and weighted by `weights[t]` (min-SNR), then the mean. tables = the
+    schedule's (a_t, s_t) for every t, shaped (T, 1, 1, 1). Returns (loss, x_t, the network's output)."""
+    ca, cs = tables[0][t], tables[1][t]
+    x_t = add_noise(z0, eps, ca, cs)
+    out = net(x_t, t, cond)
+    per_sample = F.mse_loss(out.float(), target(z0, eps, ca, cs, prediction), reduction="none").mean((1, 2, 3))
+    return (per_sample * weights[t]).mean(), x_t, out
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
