@@ -45,7 +45,8 @@ from safetensors.torch import load_file
 from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, guide, x0_eps
 from python.core.errors import UserError, cli
 from python.core.labels import COLORS, NUM_CLASSES
-from python.data.dataset import load_condition_file
+from python.data.dataset import load_condition_file, to_model_range
+from python.evaluation.fidelity import contrast, reference_renders, sharpness
 from python.evaluation.metrics import object_rates
 from python.models.classifier import SHIPPED_CLASSIFIER, load_classifier_for
 from python.models.denoiser import SHIPPED_LDM, Denoiser, load_denoiser
@@ -314,6 +315,9 @@ def train(args, cfg: dict) -> Path:
                    for c in schedule.coeffs(torch.arange(schedule.T).numpy()))  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
+    # the sharpness figures' reference: one fresh render per held-out condition (cached in the data's cache folder)
+    real = to_model_range(reference_renders(args.data, "heldout.json", eval_cond, 0))
+    real_contrast, real_sharpness = float(contrast(real).mean()), float(sharpness(real).mean())
     reads = "LDM" if cfg["d_features"] == "ldm" else f"classifier {feature_source}"
     run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
             f"{' from ' + str(args.init) if args.init else ' (the LDM called once)'}; "
@@ -329,10 +333,13 @@ def train(args, cfg: dict) -> Path:
         with torch.no_grad():
             images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
         res, rates = judge_score(judge, images, eval_cond), object_rates(judge, images, eval_cond)
+        sharp = {"contrast_ratio": float(contrast(images).mean()) / real_contrast,
+                 "sharpness_ratio": float(sharpness(images).mean()) / real_sharpness}
         run.metrics(step=at, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"],
-                                             "unrequested": rates["unrequested"]})
+                                             "unrequested": rates["unrequested"], **sharp})
         progress.write(f"step {at}: accuracy {res['accuracy']:.4f}, unrequested objects in {rates['unrequested']:.3f} "
-                       f"of {len(eval_cond)} held-out conditions (EMA; log only)")
+                       f"of {len(eval_cond)} held-out conditions, contrast {sharp['contrast_ratio']:.3f} and "
+                       f"sharpness {sharp['sharpness_ratio']:.3f} of real renders' (EMA; log only)")
         run.sample_grid("heldout", at, images)
 
     progress = Progress(run, cfg["steps"], step, show=("d_loss", "g_adv", "f_loss"))

@@ -93,6 +93,9 @@ def test_trainer_fine_tunes_a_one_step_generator_against_real_latents(tiny_data,
     assert any(moved)  # started as the LDM called once, changed by the adversarial term alone
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "heldout_subset" in r] == [0, 3, 6]  # the start is logged, then each eval
+    # with the objects' contrast and edges as ratios to fresh renders of the same conditions
+    assert all(0 < r["heldout_subset"]["contrast_ratio"] < 5 and 0 < r["heldout_subset"]["sharpness_ratio"] < 5
+               for r in rows if "heldout_subset" in r)
     trained = [r for r in rows if "d_loss" in r]
     assert trained and all(r["d_loss"] >= 0 and "g_adv" in r for r in trained)
     # the tiny preset trains a matching-aware discriminator: real latents under a wrong label set are its fakes too
