@@ -61,8 +61,9 @@ def main(argv=None):
             raise UserError(f"{args.run}: not a GAN run (config.json has no 'gan')")
         gen = build_generator(cfg, args.run / "config.json")
         gen.load_state_dict(weights["generator" if args.raw else "ema"])
-        # what trained it, beside what it is (kind): e.g. objective "adversarial" and its discriminator's settings
-        provenance.update({k: cfg[k] for k in ("objective", "discriminator") if k in cfg})
+        # what trained it, beside what it is (kind): e.g. objective "adversarial" and its discriminator's settings,
+        # or "dmd" and the distribution matching's
+        provenance.update({k: cfg[k] for k in ("objective", "discriminator", "dmd") if cfg.get(k) is not None})
         save_generator(gen.eval(), args.out, provenance, half=not args.fp32)
     if args.card is not None:
         tmp = args.out / ".MODEL_CARD.tmp"

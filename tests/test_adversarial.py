@@ -252,6 +252,12 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
     trained = [r for r in rows if "f_loss" in r]
     assert trained and all(r["f_loss"] >= 0 for r in trained) and any("g_dmd" in r for r in trained)
     assert not any("d_loss" in r for r in rows)
+    # shipped, the weights folder says what trained it
+    from python import ship
+
+    ship.main(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    _, shipped = load_generator(tmp_path / "shipped")
+    assert shipped["objective"] == "dmd" and shipped["dmd"]["guidance"] == 2.0 and "discriminator" not in shipped
     # a resume that changes the distribution matching is refused; nothing at all to train against is refused
     with pytest.raises(SystemExit):
         adversarial.main(_args(tiny_data, tiny_weights, run, "--adv-weight", "0", "--dmd-weight", "1",

@@ -5,9 +5,10 @@
 - "distilled": python.models.one_step.OneStep, the LDM's one-step student (python -m python.distill); its
   teacher's denoiser and schedule under "distilled".
 
-"kind" names the network; "objective", where present, what trained it: "adversarial" for a one-step student
-fine-tuned against real latents with a discriminator on the frozen LDM's features (python -m python.adversarial,
-settings under "discriminator"); absent for the regression-to-teacher students of python -m python.distill.
+"kind" names the network; "objective", where present, what trained it (python -m python.adversarial): "adversarial"
+for a one-step student fine-tuned against real latents with a discriminator (settings under "discriminator"), "dmd"
+for distribution matching against the guided LDM (settings under "dmd"), "adversarial+dmd" for both; absent for the
+regression-to-teacher students of python -m python.distill.
 
 Both are (z: N x z_dim, cond: N x 24) -> latents, so export, runtime, server and bench take either. A config.json
 without "kind" (written before it existed) is read by the key it has.
