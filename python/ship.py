@@ -27,8 +27,8 @@ def main(argv=None):
     parser.add_argument("--run", type=Path, required=True, help="run folder (with config.json and a checkpoint)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16, half the bytes)")
-    parser.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA (when the "
-                                                      "run's metrics show the raw ones scoring higher)")
+    parser.add_argument("--raw", action="store_true", help="ship the trained weights themselves, not their EMA "
+                                                           "(when the run's metrics show the raw ones scoring higher)")
     parser.add_argument("--force", action="store_true", help="replace the weights --out already holds (needs --card)")
     parser.add_argument("--card", type=Path, help="the new MODEL_CARD.md, copied into --out (required with --force "
                                                   "when the weights there have a card: it describes the old ones)")
