@@ -55,6 +55,7 @@ def main(argv=None):
     from python.models.classifier import load_classifier_for
     from python.models.denoiser import load_denoiser
     from python.training.latents import load_latents
+    from python.training.losses import coeff_tables
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "iclevr")
@@ -78,7 +79,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randint(0, len(lat), (args.latents,), generator=gen)
     z, y = lat.sample(idx, gen), lat.labels[idx].float()
-    ca, cs = (torch.from_numpy(c).float()[:, None, None, None] for c in schedule.coeffs(np.arange(schedule.T)))
+    ca, cs = coeff_tables(schedule)
     train = 2 * args.latents // 3
     den = den.float()
     if args.network == "classifier":

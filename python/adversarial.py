@@ -58,7 +58,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import class_term, diffusion_loss, min_snr_weight
+from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
 
 PRESETS = {
@@ -311,8 +311,7 @@ def train(args, cfg: dict) -> Path:
     step = run.restore(modules, objects) if args.resume else 0
     if args.init_disc and not step:
         run.log(f"discriminator heads warm-started from {args.init_disc}")
-    tables = tuple(torch.from_numpy(c).float()[:, None, None, None]
-                   for c in schedule.coeffs(torch.arange(schedule.T).numpy()))  # (a_t, s_t) for every t
+    tables = coeff_tables(schedule)  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
     # the sharpness figures' reference: one fresh render per held-out condition (cached in the data's cache folder)
@@ -427,10 +426,8 @@ def train(args, cfg: dict) -> Path:
             with torch.no_grad():
                 fake = student(z, cond)
                 f_fake = backbone_features(fake, cond) if use_adv else None
-        # critics: this step's fakes as the generator's step saw them (the heads reuse their features, detached),
-        # then --d-steps - 1 more updates on fresh batches
-        if f_fake is not None:
-            f_fake = [f.detach() for f in f_fake]
+        # critics: this step's fakes as the generator's step saw them (the heads reuse their features, which d_update
+        # detaches), then --d-steps - 1 more updates on fresh batches
         figures = critics(real, cond, fake, f_fake)
         for _ in range(cfg["d_steps"] - 1):
             real, cond, z = draw()

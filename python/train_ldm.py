@@ -39,7 +39,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import class_term, diffusion_loss, min_snr_weight
+from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, restore_checkpoint
 from python.training.schedules import warmup_cosine
 
@@ -160,7 +160,7 @@ def main(argv=None):
         gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)
-    ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None] for c in schedule.coeffs(all_t.numpy()))
+    ca_tab, cs_tab = coeff_tables(schedule, device)
     w_tab = min_snr_weight(schedule, all_t, args.min_snr).to(device)
 
     judge = load_judge(args.judge) if rank == 0 else None

@@ -42,7 +42,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import diffusion_loss, min_snr_weight
+from python.training.losses import coeff_tables, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir
 
 PRESETS = {
@@ -143,8 +143,7 @@ def main(argv=None):
     step = run.restore(modules, objects) if args.resume else 0
     lat = lat.to(device)
     all_t = torch.arange(schedule.T)
-    ca_tab, cs_tab = (torch.from_numpy(c).float().to(device)[:, None, None, None]
-                      for c in schedule.coeffs(all_t.numpy()))
+    ca_tab, cs_tab = coeff_tables(schedule, device)
     w_tab = min_snr_weight(schedule, all_t, args.min_snr).to(device)
     judge, decoder = load_judge(args.judge), Decoder(load_vae(vae_folder)).eval()
     shape = (init.cfg.in_channels, init.cfg.size, init.cfg.size)

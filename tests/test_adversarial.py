@@ -195,11 +195,11 @@ def test_dmd_moves_each_latent_along_the_fake_minus_the_guided_real_prediction(t
     import copy
 
     from python.core.diffusion import Schedule, add_noise, guide, x0_eps
+    from python.training.losses import coeff_tables
 
     teacher, tcfg = load_denoiser(tiny_weights / "ldm")
     schedule = Schedule(**tcfg["schedule"])
-    tables = tuple(torch.from_numpy(c).float()[:, None, None, None]
-                   for c in schedule.coeffs(torch.arange(schedule.T).numpy()))
+    tables = coeff_tables(schedule)
     cond = torch.zeros(3, 24)
     cond[0, 1] = cond[1, [2, 9]] = cond[2, [0, 5, 17]] = 1
     fake = torch.randn(3, 4, 16, 16, requires_grad=True)

@@ -1,6 +1,7 @@
 """Loss terms the trainers share, each a small function of tensors."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +17,18 @@ def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.T
     return clipped / snr if schedule.prediction == "epsilon" else clipped / (snr + 1)
 
 
+def coeff_tables(schedule: Schedule, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule's (a_t, s_t) for every t = 0..T-1 as float32 tensors shaped (T, 1, 1, 1): indexed by a batch of
+    timesteps, they broadcast over latents (N, C, H, W). What diffusion_loss takes as `tables`."""
+    return tuple(torch.from_numpy(c).float().to(device)[:, None, None, None]
+                 for c in schedule.coeffs(np.arange(schedule.T)))
+
+
 def diffusion_loss(net, z0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, tables,
                    weights: torch.Tensor, prediction: str):
     """The denoiser's training loss: `net` at z0 noised to timesteps t with eps, the squared error to the
     schedule's target averaged per sample and weighted by `weights[t]` (min-SNR), then the mean. tables = the
-    schedule's (a_t, s_t) for every t, shaped (T, 1, 1, 1). Returns (loss, x_t, the network's output)."""
+    coeff_tables(schedule). Returns (loss, x_t, the network's output)."""
     ca, cs = tables[0][t], tables[1][t]
     x_t = add_noise(z0, eps, ca, cs)
     out = net(x_t, t, cond)
