@@ -17,41 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from python.core.errors import UserError, cli
-from python.data.synthetic import render_count_arrays
 from python.models.classifier import save_classifier
-from python.models.vae import SHIPPED_VAE, load_vae, vae_digest
+from python.models.vae import SHIPPED_VAE, vae_digest
 from python.training.classifier import train_classifier, train_count_classifier
-from python.training.latents import LatentSet, encode_images, load_latents
+from python.training.latents import LatentSet, count_latents, load_latents
 from python.training.loop import add_run_options, resolve_config
 from python.training.rundir import RunDir
-
-
-def count_latents(run: RunDir, scenes: int, seed: int, vae_folder: Path, workers: int | None = None):
-    """The object counter's data: `scenes` fresh renders encoded by the VAE (and their mirror images, as the latent
-    cache holds them), with their per-class counts; kept in the run folder so a rerun skips the rendering."""
-    path = run.path / "count-latents.npz"
-    vae = load_vae(vae_folder)
-    if not path.exists():
-        images, counts = render_count_arrays(seed, scenes, workers=workers)
-        run.log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
-        mean, std = encode_images(vae, images)
-        tmp = run.path / ".count-latents.tmp.npz"
-        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), counts=np.concatenate([counts, counts]))
-        os.replace(tmp, path)
-    else:
-        run.log(f"rendered scenes' latents read from {path}")
-    d = np.load(path)
-    counts = torch.from_numpy(d["counts"])
-    lat = LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), (counts > 0).float(),
-                    vae.cfg.scale_factor)
-    return lat, counts
 
 
 @cli
@@ -85,7 +61,10 @@ def main(argv=None):
     run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists(),
                  fixed=("vae_sha", "pixels", "counts"))
     if args.counts:
-        lat, counts = count_latents(run, args.counts, args.seed, vae_folder, args.workers)
+        counts_lat = count_latents(run.path / "count-latents.npz", args.counts, args.seed, vae_folder, args.workers,
+                                   log=run.log)
+        counts = counts_lat.labels.long()
+        lat = LatentSet(counts_lat.mean, counts_lat.std, (counts > 0).float(), counts_lat.scale_factor)
         cls = train_count_classifier(lat.to(device), counts, args.steps, args.batch, args.seed, run, args.noise,
                                      device).cpu()
     else:

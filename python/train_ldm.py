@@ -15,6 +15,13 @@ the accuracy goes to metrics.jsonl and a grid to samples/.
 (--cls-classifier; trained on real latents only, e.g. `train_classifier --pixels`; never a judge) on the
 x_0 the denoiser predicts, for the conditioned samples with t < --cls-max-t. The one-step student's class
 term (python/distill.py) applied along the whole trajectory: the samplers step through these x_0 predictions.
+
+--count-scenes N (with --pooled): a share of each batch (--count-fraction) comes from N fresh renders of 1-5
+objects in which a class may repeat, conditioned on their per-class counts (2 = two red cubes). The official data
+never repeats a class, so the model has never been shown that one label means one object; the LDM's commonest
+error is a requested colour drawn twice. The class tokens' attention cannot see a count (identical tokens split
+the softmax and return the same value); the pooled embedding, linear in the condition, can. Sampling is unchanged
+(a multi-hot label set is a set of counts of 1).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save
 from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
-from python.training.latents import load_latents
+from python.training.latents import count_latents, load_latents, mixed_batch
 from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, restore_checkpoint
@@ -93,9 +100,26 @@ def main(argv=None):
     parser.add_argument("--cls-classifier", type=Path, nargs="+",
                    help="classifier(s) for --cls-weight (train_classifier folders; default: weights/classifier)")
     parser.add_argument("--cls-max-t", type=int, help="class term only where t < this (default: every t)")
+    parser.add_argument("--count-scenes", type=int, default=0,
+                   help="also train on N fresh renders of 1-5 objects in which a class may repeat, conditioned on "
+                        "their per-class counts (needs --pooled: the pooled embedding is what sees a count; 0: none)")
+    parser.add_argument("--count-seed", type=int, default=7, help="the count scenes' render stream")
+    parser.add_argument("--count-fraction", type=float, default=0.25,
+                   help="share of each batch drawn from the count scenes")
+    parser.add_argument("--count-workers", type=int, help="processes that render the count scenes (default: all cores)")
     args = parser.parse_args(argv)
     if args.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
+    if args.count_scenes:
+        if args.count_scenes < 10:
+            raise UserError(f"--count-scenes must be 0 (none) or >= 10, got {args.count_scenes}")
+        if not 0 < args.count_fraction < 1:
+            raise UserError(f"--count-fraction must be in (0, 1), got {args.count_fraction}")
+        if args.count_workers is not None and args.count_workers < 1:
+            raise UserError(f"--count-workers must be >= 1, got {args.count_workers}")
+        if not (args.pooled and args.cond == "tokens"):
+            raise UserError("--count-scenes needs --pooled (and --cond tokens): the class tokens' attention cannot "
+                            "tell one object of a class from two, the pooled embedding of the counts can")
     cfg = resolve_config(PRESETS[args.preset], args)
     if cfg.get("bf16") is None:
         cfg["bf16"] = args.device == "cuda"
@@ -114,7 +138,9 @@ def main(argv=None):
     dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=args.patch, width=cfg["width"],
                             depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled,
                             token_update=args.token_update)
-    cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world)
+    cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world,
+               count_scenes=dict(scenes=args.count_scenes, seed=args.count_seed, fraction=args.count_fraction)
+               if args.count_scenes else None)
     # the class term's inputs are checked before the run folder is made
     cls_max_t = schedule.T if args.cls_max_t is None else args.cls_max_t
     if not 1 <= cls_max_t <= schedule.T:
@@ -122,7 +148,8 @@ def main(argv=None):
     cls_nets = []
     if args.cls_weight > 0:
         cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
-    run = RunDir(args.run_dir, cfg, args.resume, fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup"),
+    run = RunDir(args.run_dir, cfg, args.resume,
+                 fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes"),
                  defaults={"denoiser": asdict(DenoiserConfig())}) \
         if rank == 0 else None
 
@@ -159,6 +186,16 @@ def main(argv=None):
     if world > 1:
         gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
+    # the count scenes (if any) are rendered into the run folder once, by rank 0; every rank reads that file
+    n_count = round(cfg["batch"] // world * args.count_fraction) if args.count_scenes else 0
+    count_lat = None
+    if n_count:
+        if world > 1 and rank:
+            dist.barrier()
+        count_lat = count_latents(Path(args.run_dir) / "count-latents.npz", args.count_scenes, args.count_seed,
+                                  vae_folder, args.count_workers, log=run.log if run else (lambda _: None)).to(device)
+        if world > 1 and not rank:
+            dist.barrier()
     all_t = torch.arange(schedule.T)
     ca_tab, cs_tab = coeff_tables(schedule, device)
     w_tab = min_snr_weight(schedule, all_t, args.min_snr).to(device)
@@ -170,15 +207,15 @@ def main(argv=None):
     per_rank = cfg["batch"] // world
     if run:
         run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "
-                f"world {world}, device {device}")
+                f"world {world}, device {device}" + (f"; {n_count} of each {per_rank} from {len(count_lat)} count-scene "
+                                                     f"latents" if n_count else ""))
     progress = Progress(run, steps, step)
     model.train()
     while step < steps:
         # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
-        idx = torch.randint(0, len(lat), (per_rank,), generator=gen, device=device)
-        z0 = lat.sample(idx, gen)
+        z0, labels = mixed_batch(lat, count_lat, per_rank, n_count, gen)
         keep = torch.rand(per_rank, generator=gen, device=device) >= args.p_uncond
-        cond = lat.labels[idx] * keep.float()[:, None]
+        cond = labels * keep.float()[:, None]
         t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
@@ -186,7 +223,7 @@ def main(argv=None):
         extra = {}
         if cls_nets and (sel := keep & (t < cls_max_t)).any():
             x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
-            cls_term = class_term(cls_nets, x0, cond[sel])
+            cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
             extra = {"cls": cls_term.item(), "mse": loss.item()}
             loss = loss + args.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """The object counter (renders with repeated classes, CountClassifier, train_classifier --counts) and the LDM's
-fine-tune through its own sampler against it (python/tune_ldm.py)."""
+fine-tune through its own sampler against it (python/tune_ldm.py); the count scenes in the LDM's own training
+(train_ldm --count-scenes)."""
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from python.models.sampling import torch_call
 from python.models.vae import vae_digest
 from python.ship import main as ship
 from python.train_classifier import main as train_classifier
+from python.training.latents import load_latents
 from python.tune_ldm import count_reward, sample_with_grad
 from python.tune_ldm import main as tune_ldm
 
@@ -196,3 +198,65 @@ def _label_classifier():
     from python.models.classifier import LatentClassifier
 
     return LatentClassifier(4).eval()
+
+
+def test_mixed_batch_takes_its_share_from_the_extra_set_and_is_unchanged_without_one():
+    from python.training.latents import LatentSet, mixed_batch
+
+    lat = LatentSet(torch.zeros(10, 4, 2, 2, dtype=torch.float16), torch.zeros(10, 4, 2, 2, dtype=torch.float16),
+                    torch.eye(24)[:10], 1.0)
+    extra = LatentSet(torch.ones(6, 4, 2, 2, dtype=torch.float16), torch.zeros(6, 4, 2, 2, dtype=torch.float16),
+                      2 * torch.eye(24)[:6], 1.0)
+    z0, labels = mixed_batch(lat, extra, 8, 3, torch.Generator().manual_seed(0))
+    assert z0.shape == (8, 4, 2, 2) and (z0[:5] == 0).all() and (z0[5:] == 1).all()
+    assert labels[:5].max() == 1 and (labels[5:].max(1).values == 2).all()  # the extra rows carry their counts
+    # no extra rows: exactly the draws of the plain batch (a run without count scenes is the run it always was)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 10, (8,), generator=g2)
+    plain = lat.sample(idx, g2), lat.labels[idx]
+    for a, b in zip(mixed_batch(lat, extra, 8, 0, g1), plain):
+        assert torch.equal(a, b)
+
+
+def test_train_ldm_mixes_in_count_scenes_conditioned_on_their_counts(counter_dir, tiny_data, parts, tmp_path,
+                                                                     monkeypatch, capsys):
+    import python.train_ldm as module
+    from python.train_ldm import main as train_ldm
+
+    seen, loss = [], module.diffusion_loss
+    monkeypatch.setattr(module, "diffusion_loss", lambda net, z0, cond, *a: seen.append(cond.clone()) or
+                        loss(net, z0, cond, *a))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # the counter's rendered scenes (30, seed 0, this VAE) are the same file a run asking for them would write
+    (run / "count-latents.npz").write_bytes((counter_dir / "run" / "count-latents.npz").read_bytes())
+    base = ["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--no-bf16",
+            "--judge", str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run), "--steps", "2"]
+    count = ["--pooled", "--count-scenes", "30", "--count-seed", "0", "--count-fraction", "0.5", "--count-workers", "1"]
+    train_ldm(base + count)
+    log = (run / "log.txt").read_text()
+    assert "rendered scenes' latents read from" in log and "4 of each 8 from 60 count-scene latents" in log
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["count_scenes"] == {"scenes": 30, "seed": 0, "fraction": 0.5} and cfg["denoiser"]["pooled"]
+    # the denoiser saw the count scenes' counts in the second half of each batch, the official label sets in the first
+    counts = {tuple(r) for r in np.load(run / "count-latents.npz")["counts"].tolist()}
+    official = {tuple(r) for r in load_latents(tiny_data, parts / "vae").labels.long().tolist()}
+    assert len(seen) == 2 and max(c.sum(1).max() for c in seen) > 0
+    for cond in seen:
+        rows = cond.long().tolist()
+        assert all(tuple(r) in official or not any(r) for r in rows[:4])  # (an all-zero row: the dropped condition)
+        assert all(tuple(r) in counts or not any(r) for r in rows[4:])
+    with pytest.raises(SystemExit):  # a resume that changes the mixture is refused
+        train_ldm(base + count[:-4] + ["--count-fraction", "0.25", "--resume"])
+    assert "count_scenes was" in capsys.readouterr().err
+    # a file of other scenes is refused, not silently used
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "count-latents.npz").write_bytes((run / "count-latents.npz").read_bytes())
+    with pytest.raises(SystemExit):
+        train_ldm(base[:-3] + [str(tmp_path / "r3"), "--steps", "2", *count[:2], "31", *count[3:]])
+    assert "holds the latents of scenes 30 seed 0" in capsys.readouterr().err
+    # without the pooled embedding a count cannot reach the network: refused before any folder exists
+    with pytest.raises(SystemExit):
+        train_ldm(base[:-3] + [str(tmp_path / "r2"), "--steps", "2", "--no-pooled", "--count-scenes", "30"])
+    assert "needs --pooled" in capsys.readouterr().err and not (tmp_path / "r2").exists()

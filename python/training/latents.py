@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from python.core.errors import UserError
 from python.data.dataset import cache_dir, load_split, to_model_range
+from python.data.synthetic import render_count_arrays
 from python.models.vae import SHIPPED_VAE, VAE, encoder_digest, load_vae
 
 
@@ -77,3 +79,41 @@ def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = 
     d = np.load(path)
     return LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["labels"]),
                      vae.cfg.scale_factor)
+
+
+def count_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = None, workers: int | None = None,
+                  log=print) -> LatentSet:
+    """Scenes of 1-5 objects in which a class may repeat (the official data never repeats one): `scenes` fresh
+    renders (`render_count_arrays`, stream `seed`) encoded by the VAE with their mirror images, as the latent cache
+    holds them; `labels` are the per-class counts (0-5, float). Kept at `path` (a run folder's file) so a rerun skips
+    the rendering; a file written for other scenes, another seed or another encoder is refused."""
+    vae_folder = Path(vae_folder) if vae_folder else SHIPPED_VAE
+    vae = load_vae(vae_folder)
+    key = f"scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}"
+    path = Path(path)
+    if not path.exists():
+        images, counts = render_count_arrays(seed, scenes, workers=workers)
+        log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
+        mean, std = encode_images(vae, images)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), counts=np.concatenate([counts, counts]), key=key)
+        os.replace(tmp, path)
+    else:
+        log(f"rendered scenes' latents read from {path}")
+    d = np.load(path)
+    if "key" in d.files and str(d["key"]) != key:  # files from before the key was kept are taken as they are
+        raise UserError(f"{path} holds the latents of {d['key']}, not of {key}: move it away to render afresh")
+    return LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["counts"]).float(),
+                     vae.cfg.scale_factor)
+
+
+def mixed_batch(lat: LatentSet, extra: LatentSet | None, n: int, n_extra: int, gen: torch.Generator | None = None):
+    """(z0, labels) of a batch of n: n - n_extra rows of `lat` then n_extra of `extra` (e.g. the count scenes, whose
+    labels are counts), drawn with `gen` on the sets' device. With no extra rows it draws exactly what a batch of
+    `lat` alone always did (runs and their resumes stay bit-identical)."""
+    idx = torch.randint(0, len(lat), (n - n_extra,), generator=gen, device=lat.mean.device)
+    z0, labels = lat.sample(idx, gen), lat.labels[idx]
+    if extra is None or not n_extra:
+        return z0, labels
+    jdx = torch.randint(0, len(extra), (n_extra,), generator=gen, device=extra.mean.device)
+    return torch.cat([z0, extra.sample(jdx, gen)]), torch.cat([labels, extra.labels[jdx]])
