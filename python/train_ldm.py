@@ -95,6 +95,9 @@ def main(argv=None):
                         "model: attention and small matmuls pay the casts)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (worth it on a GPU)")
     parser.add_argument("--init", type=Path, help="warm-start the weights from a saved LDM folder (e.g. weights/ldm)")
+    parser.add_argument("--new-lr-mult", type=float, default=1.0,
+                        help="with --init: the weights the init lacks (a pooled embedding, token update) train at this "
+                             "x --lr (they start at zero and must catch up with a trained network)")
     parser.add_argument("--cls-weight", type=float, default=0.0,
                    help="class term on the predicted x_0: W x the classifiers' mean BCE (0: none)")
     parser.add_argument("--cls-classifier", type=Path, nargs="+",
@@ -110,6 +113,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
+    if not 0 < args.new_lr_mult < float("inf"):
+        raise UserError(f"--new-lr-mult must be a positive number, got {args.new_lr_mult}")
+    if args.new_lr_mult != 1 and not args.init:
+        raise UserError("--new-lr-mult applies to the weights an --init lacks; give --init")
     if args.count_scenes:
         if args.count_scenes < 10:
             raise UserError(f"--count-scenes must be 0 (none) or >= 10, got {args.count_scenes}")
@@ -149,12 +156,13 @@ def main(argv=None):
     if args.cls_weight > 0:
         cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
     run = RunDir(args.run_dir, cfg, args.resume,
-                 fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes"),
+                 fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes", "new_lr_mult"),
                  defaults={"denoiser": asdict(DenoiserConfig())}) \
         if rank == 0 else None
 
     torch.manual_seed(args.seed)
     model = Denoiser(dcfg)
+    missing = []
     if args.init:
         init, _ = load_denoiser(args.init)
         shape = lambda c: dict(width=c.width, depth=c.depth, heads=c.heads, patch=c.patch, cond=c.cond,  # noqa: E731
@@ -169,7 +177,10 @@ def main(argv=None):
             raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    new = [p for k, p in model.named_parameters() if k in missing]
+    groups = [{"params": [p for k, p in model.named_parameters() if k not in missing]}] + \
+        ([{"params": new, "lr": cfg["lr"] * args.new_lr_mult}] if new else [])
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps, cfg["warmup"], floor=0.1)
     # the batch generator's state is in the checkpoint (a resumed run draws the batches an uninterrupted one would);

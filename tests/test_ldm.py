@@ -238,3 +238,23 @@ def test_class_term_on_predicted_x0_lowers_the_classifiers_bce(tiny_data, parts,
     with pytest.raises(SystemExit):
         train_ldm(_args(tiny_data, parts, tmp_path / "bad2", "--cls-weight", "1", "--cls-max-t", "0",
                         "--cls-classifier", str(tmp_path / "cls")))
+
+
+def test_weights_an_init_lacks_train_at_their_own_rate(tiny_data, parts, tmp_path, monkeypatch):
+    """--new-lr-mult: a pooled embedding added to a warm start begins at zero and gets M x --lr; the rest keeps --lr."""
+    train_ldm(_args(tiny_data, parts, tmp_path / "plain", "--steps", "1", "--no-pooled", "--no-bf16"))
+    groups = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: groups.append((params, kw)) or adamw(params, **kw))
+    train_ldm(_args(tiny_data, parts, tmp_path / "run", "--steps", "1", "--pooled", "--no-bf16", "--lr", "1e-4",
+                    "--init", str(tmp_path / "plain" / "final"), "--new-lr-mult", "30"))
+    (params, kw), = groups
+    model, _ = load_denoiser(tmp_path / "run" / "final")
+    # (the schedule scales each group's rate by its warm-up factor; "initial_lr" is the rate it scales)
+    assert kw["lr"] == 1e-4 and len(params) == 2 and params[0]["initial_lr"] == 1e-4
+    assert params[1]["initial_lr"] == pytest.approx(3e-3)
+    assert [tuple(p.shape) for p in params[1]["params"]] == [tuple(p.shape) for p in model.cond_emb.parameters()]
+    assert sum(p.numel() for g in params for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(SystemExit):  # without a warm start there is nothing new to speed up
+        train_ldm(_args(tiny_data, parts, tmp_path / "r2", "--steps", "1", "--new-lr-mult", "30"))
+    assert not (tmp_path / "r2").exists()
