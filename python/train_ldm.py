@@ -198,7 +198,8 @@ def main(argv=None):
         gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
     # the count scenes (if any) are rendered into the run folder once, by rank 0; every rank reads that file
-    n_count = round(cfg["batch"] // world * args.count_fraction) if args.count_scenes else 0
+    per_rank = cfg["batch"] // world
+    n_count = round(per_rank * args.count_fraction) if args.count_scenes else 0
     count_lat = None
     if n_count:
         if world > 1 and rank:
@@ -215,7 +216,6 @@ def main(argv=None):
     decoder = Decoder(load_vae(vae_folder)).eval() if rank == 0 else None
     eval_cond = load_condition_file(args.eval_data or args.data, "heldout.json")[: cfg["eval_conditions"]] \
         if rank == 0 else None
-    per_rank = cfg["batch"] // world
     if run:
         run.log(f"LDM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(lat)} latents, "
                 f"world {world}, device {device}" + (f"; {n_count} of each {per_rank} from {len(count_lat)} count-scene "
