@@ -22,6 +22,11 @@ never repeats a class, so the model has never been shown that one label means on
 error is a requested colour drawn twice. The class tokens' attention cannot see a count (identical tokens split
 the softmax and return the same value); the pooled embedding, linear in the condition, can. Sampling is unchanged
 (a multi-hot label set is a set of counts of 1).
+
+--repa-weight W: representation alignment (REPA, Yu et al. 2024; python/training/repa.py). A projector of the
+hidden tokens after block --repa-layer is pulled towards a frozen latent classifier's maps of the clean latent
+(trained on real latents only; --repa-classifier, default the shipped one), W x minus their cosine similarity.
+The projector trains with the denoiser and is kept in the checkpoints, not in the shipped weights.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from python.training.ema import ema_update
 from python.training.latents import count_latents, load_latents, mixed_batch
 from python.training.loop import Progress, add_run_options, resolve_config
 from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
+from python.training.repa import ClassifierTargets, Projector, alignment_loss
 from python.training.rundir import RunDir, restore_checkpoint
 from python.training.schedules import warmup_cosine
 
@@ -103,6 +109,15 @@ def main(argv=None):
     parser.add_argument("--cls-classifier", type=Path, nargs="+",
                    help="classifier(s) for --cls-weight (train_classifier folders; default: weights/classifier)")
     parser.add_argument("--cls-max-t", type=int, help="class term only where t < this (default: every t)")
+    parser.add_argument("--repa-weight", type=float, default=0.0,
+                        help="weight of the representation-alignment term (REPA; 0: off; Yu et al. use 0.5)")
+    parser.add_argument("--repa-classifier", type=Path,
+                        help="the frozen encoder: a latent classifier folder trained on real latents only (default: "
+                             "the shipped weights/classifier; never a judge)")
+    parser.add_argument("--repa-layer", type=int, default=1,
+                        help="the block (0-based) whose patch tokens are aligned (default 1: the second of 8)")
+    parser.add_argument("--repa-stage", type=int, default=1,
+                        help="the classifier's first stage used as targets, later stages added (default 1)")
     parser.add_argument("--count-scenes", type=int, default=0,
                    help="also train on N fresh renders of 1-5 objects in which a class may repeat, conditioned on "
                         "their per-class counts (needs --pooled: the pooled embedding is what sees a count; 0: none)")
@@ -113,6 +128,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
+    if not 0 <= args.repa_weight < float("inf"):
+        raise UserError(f"--repa-weight must be >= 0, got {args.repa_weight}")
     if not 0 < args.new_lr_mult < float("inf"):
         raise UserError(f"--new-lr-mult must be a positive number, got {args.new_lr_mult}")
     if args.new_lr_mult != 1 and not args.init:
@@ -147,7 +164,11 @@ def main(argv=None):
                             token_update=args.token_update)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world,
                count_scenes=dict(scenes=args.count_scenes, seed=args.count_seed, fraction=args.count_fraction)
-               if args.count_scenes else None)
+               if args.count_scenes else None,
+               repa=dict(weight=args.repa_weight, layer=args.repa_layer, stage=args.repa_stage,
+                         classifier=str(args.repa_classifier or "weights/classifier")) if args.repa_weight else None)
+    if args.repa_weight and not 0 <= args.repa_layer < dcfg.depth:
+        raise UserError(f"--repa-layer must be a block index in 0..{dcfg.depth - 1}, got {args.repa_layer}")
     # the class term's inputs are checked before the run folder is made
     cls_max_t = schedule.T if args.cls_max_t is None else args.cls_max_t
     if not 1 <= cls_max_t <= schedule.T:
@@ -155,8 +176,10 @@ def main(argv=None):
     cls_nets = []
     if args.cls_weight > 0:
         cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
+    repa_targets = ClassifierTargets(load_classifier_for(args.repa_classifier, vae_folder), dcfg.size // dcfg.patch,
+                                     args.repa_stage).to(device) if args.repa_weight else None
     run = RunDir(args.run_dir, cfg, args.resume,
-                 fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes", "new_lr_mult"),
+                 fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes", "new_lr_mult", "repa"),
                  defaults={"denoiser": asdict(DenoiserConfig())}) \
         if rank == 0 else None
 
@@ -177,26 +200,32 @@ def main(argv=None):
             raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # REPA's projector trains with the denoiser (its own checkpoint entry) and is not part of the shipped weights
+    projector = Projector(dcfg.width, repa_targets.channels).to(device) if repa_targets else None
     new = [p for k, p in model.named_parameters() if k in missing]
     groups = [{"params": [p for k, p in model.named_parameters() if k not in missing]}] + \
-        ([{"params": new, "lr": cfg["lr"] * args.new_lr_mult}] if new else [])
+        ([{"params": new, "lr": cfg["lr"] * args.new_lr_mult}] if new else []) + \
+        ([{"params": list(projector.parameters())}] if projector else [])
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
     steps = cfg["steps"]
     sched = warmup_cosine(opt, steps, cfg["warmup"], floor=0.1)
     # the batch generator's state is in the checkpoint (a resumed run draws the batches an uninterrupted one would);
     # with several processes each rank draws its own stream, seeded from the step it resumes at
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000003)
-    modules, objects = {"model": model, "ema": ema}, {"opt": opt, "sched": sched, "gen": gen if world == 1 else None}
+    modules, objects = {"model": model, "ema": ema, **({"projector": projector} if projector else {})}, {"opt": opt, "sched": sched, "gen": gen if world == 1 else None}
     step = 0
     if args.resume:  # every rank reads the same checkpoint
         step = run.restore(modules, objects, optional=("gen",)) if run else \
             restore_checkpoint(args.run_dir, modules, objects, optional=("gen",))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    proj = torch.nn.parallel.DistributedDataParallel(projector) if projector and world > 1 else projector
     if args.compile:
         net = torch.compile(net)
     if world > 1:
         gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
     lat = lat.to(device)
+    if repa_targets:  # the first 2,048 latents (deterministic, so a resumed run standardises as the first did)
+        repa_targets.fit(lat.mean[:2048].float() * lat.scale_factor)
     # the count scenes (if any) are rendered into the run folder once, by rank 0; every rank reads that file
     per_rank = cfg["batch"] // world
     n_count = round(per_rank * args.count_fraction) if args.count_scenes else 0
@@ -230,12 +259,18 @@ def main(argv=None):
         t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction)
+            loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction,
+                                            feature_layer=args.repa_layer if projector else None)
         extra = {}
+        if projector:
+            out, hidden = out
+            align = alignment_loss(proj(hidden), repa_targets(z0))
+            extra = {"repa": align.item(), "mse": loss.item()}
+            loss = loss + args.repa_weight * align
         if cls_nets and (sel := keep & (t < cls_max_t)).any():
             x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
             cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
-            extra = {"cls": cls_term.item(), "mse": loss.item()}
+            extra = {**extra, "cls": cls_term.item(), "mse": extra.get("mse", loss.item())}
             loss = loss + args.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)
         loss.backward()

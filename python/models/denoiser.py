@@ -162,17 +162,23 @@ class Denoiser(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, cond):
-        """x: (N, C, H, W) noisy latents, t: (N,) integer timesteps, cond: (N, 24) multi-hot."""
+    def forward(self, x, t, cond, feature_layer: int | None = None):
+        """x: (N, C, H, W) noisy latents, t: (N,) integer timesteps, cond: (N, 24) multi-hot. With feature_layer
+        (a block index), returns (output, the patch tokens (N, L, d) after that block): one pass for a trainer that
+        also aligns the hidden tokens (REPA, python/training/repa.py); exports call it without."""
         cfg = self.cfg
         n = x.shape[0]
         h, emb, ctx, mask = self._inputs(x, t, cond)
-        for blk in self.blocks:
+        kept = None
+        for i, blk in enumerate(self.blocks):
             h, ctx = blk(h, emb, ctx, mask)  # (N, L, d)
+            if i == feature_layer:
+                kept = h
         sh, sc = self.ada_out(F.silu(emb)).chunk(2, dim=1)  # 2 x (N, d)
         h = self.out(modulate(self.norm_out(h), sh, sc))  # (N, L, p * p * C)
         g, p, c = cfg.size // cfg.patch, cfg.patch, cfg.in_channels
-        return h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)  # (N, C, H, W)
+        out = h.view(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, cfg.size, cfg.size)  # (N, C, H, W)
+        return out if feature_layer is None else (out, kept)
 
     def features(self, x, t, cond, layers) -> list[torch.Tensor]:
         """The token features (N, L, d) after each block in `layers` (indices, ascending): what a discriminator

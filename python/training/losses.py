@@ -25,15 +25,17 @@ def coeff_tables(schedule: Schedule, device="cpu") -> tuple[torch.Tensor, torch.
 
 
 def diffusion_loss(net, z0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, tables,
-                   weights: torch.Tensor, prediction: str):
+                   weights: torch.Tensor, prediction: str, feature_layer: int | None = None):
     """The denoiser's training loss: `net` at z0 noised to timesteps t with eps, the squared error to the
     schedule's target averaged per sample and weighted by `weights[t]` (min-SNR), then the mean. tables = the
-    coeff_tables(schedule). Returns (loss, x_t, the network's output)."""
+    coeff_tables(schedule). Returns (loss, x_t, the network's output); with feature_layer, the output is
+    (output, the hidden tokens after that block) from the same pass."""
     ca, cs = tables[0][t], tables[1][t]
     x_t = add_noise(z0, eps, ca, cs)
-    out = net(x_t, t, cond)
+    res = net(x_t, t, cond) if feature_layer is None else net(x_t, t, cond, feature_layer=feature_layer)
+    out = res if feature_layer is None else res[0]
     per_sample = F.mse_loss(out.float(), target(z0, eps, ca, cs, prediction), reduction="none").mean((1, 2, 3))
-    return (per_sample * weights[t]).mean(), x_t, out
+    return (per_sample * weights[t]).mean(), x_t, res
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
