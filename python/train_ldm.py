@@ -260,7 +260,7 @@ def main(argv=None):
         eps = torch.randn(z0.shape, generator=gen, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
             loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction,
-                                            feature_layer=args.repa_layer if projector else None)
+                                            **({"feature_layer": args.repa_layer} if projector else {}))
         extra = {}
         if projector:
             out, hidden = out
