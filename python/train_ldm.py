@@ -258,19 +258,19 @@ def main(argv=None):
         cond = labels * keep.float()[:, None]
         t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
         eps = torch.randn(z0.shape, generator=gen, device=device)
+        extra = {}  # the terms beside the diffusion loss, as tensors (read off the device only when logged)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
             loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction,
                                             **({"feature_layer": args.repa_layer} if projector else {}))
-        extra = {}
-        if projector:
-            out, hidden = out
-            align = alignment_loss(proj(hidden), repa_targets(z0))
-            extra = {"repa": align.item(), "mse": loss.item()}
-            loss = loss + args.repa_weight * align
+            if projector:
+                out, hidden = out
+                align = alignment_loss(proj(hidden), repa_targets(z0))
+                extra = {"repa": align.detach(), "mse": loss.detach()}
+                loss = loss + args.repa_weight * align
         if cls_nets and (sel := keep & (t < cls_max_t)).any():
             x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
             cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
-            extra = {**extra, "cls": cls_term.item(), "mse": extra.get("mse", loss.item())}
+            extra = {**extra, "cls": cls_term.detach(), "mse": extra.get("mse", loss.detach())}
             loss = loss + args.cls_weight * cls_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,7 +280,8 @@ def main(argv=None):
         step += 1
         ema_update(ema, model, step, args.ema)
         progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
-                                                           lr=sched.get_last_lr()[0], **extra))
+                                                           lr=sched.get_last_lr()[0],
+                                                           **{k: float(v) for k, v in extra.items()}))
         evaluating = step % cfg["eval_every"] == 0 or step == steps
         if run and not evaluating and step % cfg["save_every"] == 0:
             run.checkpoint(step, modules, objects)

@@ -114,6 +114,10 @@ def test_training_with_repa_aligns_resumes_exactly_and_ships_no_projector(tiny_d
     # come back from the checkpoint
     for (k, a), b in zip(straight.state_dict().items(), split.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+    # under bf16 autocast (how it trains on a GPU) the projector takes the bf16 tokens
+    train_ldm(_args(tiny_data, parts, tmp_path / "bf16", "--steps", "1", "--bf16", "--repa-weight", "2",
+                    *common[1:]))
+    assert "repa" in (tmp_path / "bf16" / "metrics.jsonl").read_text()
     run_cfg = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert run_cfg["repa"]["weight"] == 2 and run_cfg["repa"]["layer"] == 1
 
