@@ -212,7 +212,8 @@ def main(argv=None):
     # the batch generator's state is in the checkpoint (a resumed run draws the batches an uninterrupted one would);
     # with several processes each rank draws its own stream, seeded from the step it resumes at
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000003)
-    modules, objects = {"model": model, "ema": ema, **({"projector": projector} if projector else {})}, {"opt": opt, "sched": sched, "gen": gen if world == 1 else None}
+    modules = {"model": model, "ema": ema, **({"projector": projector} if projector else {})}
+    objects = {"opt": opt, "sched": sched, "gen": gen if world == 1 else None}
     step = 0
     if args.resume:  # every rank reads the same checkpoint
         step = run.restore(modules, objects, optional=("gen",)) if run else \
