@@ -70,19 +70,30 @@ def count_reward(counter, latents: torch.Tensor, cond: torch.Tensor, present: fl
 
 
 def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.Tensor, steps: int,
-                     guidance: float, detach_inputs: bool = False) -> torch.Tensor:
+                     guidance: float, detach_inputs: bool = False, reference=None):
     """The deployed sampler (DPM-Solver++(2M), the maths of python/core/diffusion.py) with classifier-free
     guidance, every step differentiable: the final latent (generator scale). With `detach_inputs` the network sees
     each step's x detached: the final latent's gradient reaches every step's output through the sampler's linear
-    updates but not through the network's Jacobian in x, whose product over the chain explodes."""
+    updates but not through the network's Jacobian in x, whose product over the chain explodes.
+
+    With a frozen `reference` network, returns (final latent, drift): drift is the mean over the steps of the squared
+    distance between the model's conditional and unconditional outputs and the reference's at the chain's own x_t
+    (the per-step KL between the two samplers' Gaussian steps, up to a constant per step: the anchor of RL
+    fine-tuning of diffusion models, DPOK, Fan et al. 2023), differentiable in the model only."""
     n = len(cond)
     both = torch.cat([cond, torch.zeros_like(cond)])
     sampler, x = DPMSolverPP(schedule, steps), x_T
+    drift = x_T.new_zeros(())
     for i, t in enumerate(sampler.timesteps):
         x_in = x.detach() if detach_inputs else x
-        out = model(torch.cat([x_in, x_in]), torch.full((2 * n,), int(t), dtype=torch.long, device=x.device), both)
+        tt = torch.full((2 * n,), int(t), dtype=torch.long, device=x.device)
+        out = model(torch.cat([x_in, x_in]), tt, both)
+        if reference is not None:
+            with torch.no_grad():
+                ref = reference(torch.cat([x_in, x_in]).detach(), tt, both)
+            drift = drift + F.mse_loss(out.float(), ref.float()) / len(sampler.timesteps)
         x = sampler.step(guide(out[:n], out[n:], guidance), i, x)
-    return x
+    return (x, drift) if reference is not None else x
 
 
 @cli
@@ -104,6 +115,9 @@ def main(argv=None):
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the weights)")
     parser.add_argument("--sample-steps", type=int, help="sampler steps run with gradients (the deployed count)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--kl-weight", type=float, default=0.0,
+                        help="weight of the drift from the initial weights along the sampled chain (the mean squared "
+                             "output difference at the chain's x_t; 0: none); it holds what the reward does not pay for")
     parser.add_argument("--detach-inputs", action="store_true",
                         help="the gradient skips the network's Jacobian in x between steps (see sample_with_grad)")
     parser.add_argument("--min-snr", type=float, default=5.0, help="the diffusion loss's min-SNR gamma (0 disables)")
@@ -114,7 +128,7 @@ def main(argv=None):
     parser.add_argument("--eval-data", type=Path, help="the data folder whose heldout.json is scored (default --data)")
     parser.add_argument("--eval-steps", type=int)
     args = parser.parse_args(argv)
-    for name in ("anchor_weight", "present_weight", "absent_weight", "total_weight"):
+    for name in ("anchor_weight", "present_weight", "absent_weight", "total_weight", "kl_weight"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     cfg = resolve_config(PRESETS[args.preset], args)
@@ -137,6 +151,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = init.float().to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # the initial weights, frozen: what --kl-weight holds the chain's outputs to (never updated, so a resumed run
+    # rebuilds it from --init)
+    reference = copy.deepcopy(model).requires_grad_(False) if args.kl_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000003 + 1)
     modules, objects = {"model": model, "ema": ema}, {"opt": opt, "gen": gen}
@@ -154,10 +171,12 @@ def main(argv=None):
         idx = torch.randint(0, len(lat), (cfg["batch"],), generator=gen, device=device)
         cond = lat.labels[idx]
         x_T = torch.randn((cfg["batch"], *shape), generator=gen, device=device)
-        final = sample_with_grad(model, schedule, cond, x_T, cfg["sample_steps"], args.guidance, args.detach_inputs)
+        final = sample_with_grad(model, schedule, cond, x_T, cfg["sample_steps"], args.guidance, args.detach_inputs,
+                                 reference)
+        final, drift = final if reference is not None else (final, torch.zeros(()))
         parts = {}
         reward = count_reward(counter, final, cond, args.present_weight, args.absent_weight, args.total_weight, parts)
-        loss, anchor = reward, torch.zeros(())
+        loss, anchor = reward + args.kl_weight * drift, torch.zeros(())
         if args.anchor_weight > 0:
             idx = torch.randint(0, len(lat), (cfg["anchor_batch"],), generator=gen, device=device)
             z0 = lat.sample(idx, gen)
@@ -173,7 +192,7 @@ def main(argv=None):
         opt.step()
         step += 1
         ema_update(ema, model, step, args.ema)
-        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(),
+        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(), drift=drift.item(),
                                                        grad_norm=float(gnorm)))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:

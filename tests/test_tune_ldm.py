@@ -1,13 +1,14 @@
 """The object counter (renders with repeated classes, CountClassifier, train_classifier --counts) and the LDM's
 fine-tune through its own sampler against it (python/tune_ldm.py); the count scenes in the LDM's own training
 (train_ldm --count-scenes)."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from python.core.diffusion import Schedule
+from python.core.diffusion import DPMSolverPP, Schedule, guide
 from python.core.errors import UserError
 from python.core.sampling import diffusion_latents
 from python.data.synthetic import render_count_arrays
@@ -132,6 +133,35 @@ def test_sample_with_grad_is_the_deployed_sampler_and_reaches_every_step():
     assert not torch.allclose(x_T.grad, full_grad)
 
 
+def test_sample_with_grad_measures_the_drift_from_a_reference_along_its_own_chain():
+    model = _denoiser().eval()
+    sch = Schedule("cosine", prediction="v_prediction")
+    cond = torch.zeros(2, 24)
+    cond[0, 3] = cond[1, [5, 17]] = 1
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain = sample_with_grad(model, sch, cond, x_T, 3, 4.0)
+    same = copy.deepcopy(model).requires_grad_(False)
+    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same)
+    assert torch.equal(out, plain) and drift.item() == 0  # the reference changes nothing the chain computes
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same)
+    # by hand: the mean over the 3 steps of the mean squared difference of both passes' outputs at the chain's x_t
+    want, x, sampler = 0.0, x_T, DPMSolverPP(sch, 3)
+    both = torch.cat([cond, torch.zeros_like(cond)])
+    with torch.no_grad():
+        for i, t in enumerate(sampler.timesteps):
+            tt = torch.full((4,), int(t), dtype=torch.long)
+            a, b = model(torch.cat([x, x]), tt, both), same(torch.cat([x, x]), tt, both)
+            want += (a - b).square().mean().item() / 3
+            x = sampler.step(guide(a[:2], a[2:], 4.0), i, x)
+    assert drift.item() == pytest.approx(want, rel=1e-4) and drift.item() > 0
+    drift.backward()  # differentiable in the model, not in the frozen reference
+    assert model.patchify.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in same.parameters())
+
+
 def _init_ldm(parts, folder):
     sch = Schedule("cosine", prediction="v_prediction")
     save_denoiser(_denoiser(), folder, {"schedule": sch.config(), "vae_sha": vae_digest(parts / "vae")})
@@ -148,13 +178,14 @@ def test_tune_ldm_lowers_the_reward_resumes_and_ships(tiny_data, parts, counter_
     init = _init_ldm(parts, tmp_path / "init")
     counter = counter_dir / "out"
     run = tmp_path / "run"
-    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "2"))
+    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "2", "--kl-weight", "1"))
     assert (run / "latest").read_text().strip() == "ckpt-00000002"
-    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "4", "--resume"))
+    tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "4", "--kl-weight", "1", "--resume"))
     assert "resumed at step 2" in (run / "log.txt").read_text()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "heldout_subset" in m] == [2, 4]
     assert all(np.isfinite(m["reward"]) and np.isfinite(m["anchor"]) for m in metrics if "reward" in m)
+    assert any(m["drift"] > 0 for m in metrics if "drift" in m)  # the weights moved away from --init
     with pytest.raises(SystemExit):  # a resume that changes the run
         tune_ldm(_tune_args(tiny_data, parts, init, counter, run, "--steps", "6", "--resume", "--lr", "1e-3"))
     ship(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])
