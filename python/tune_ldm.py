@@ -13,8 +13,10 @@ none of any other (--absent-weight), k objects in all (--total-weight)" is back-
 DRaFT, Clark et al. 2023, without its truncation: the steps that decide the objects are the first ones). The
 ordinary diffusion loss on real latents (--anchor-weight) keeps the model a denoiser of the data. --detach-inputs
 keeps the network's Jacobian in x out of the gradient (its product over ten guided steps gave gradient norms of
-170-1,000 on the shipped model; 40-70 without it). Measured so far (weights/ldm/MODEL_CARD.md): the counter is gamed
-(objects drawn smaller or dropped, then a tinted floor), so no tuned weights are shipped. The held-out
+170-1,000 on the shipped model; 40-70 without it). --kl-weight adds the drift from the initial weights along the
+chain (sample_with_grad's `reference`). Measured so far (weights/ldm/MODEL_CARD.md): the counter is gamed
+(objects drawn smaller or dropped, then a tinted floor; without the total term, objects drawn larger: accuracy up,
+fidelity down, as many extra objects), so no tuned weights are shipped. The held-out
 figure (the judge's accuracy and unrequested-object rate on heldout.json, as train_ldm logs it) only watches.
 
 The run folder is train_ldm's (config, log, metrics.jsonl, sample grids, checkpoints with "model" and "ema"), so
