@@ -194,8 +194,8 @@ def main(argv=None):
         opt.step()
         step += 1
         ema_update(ema, model, step, args.ema)
-        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(), drift=drift.item(),
-                                                       grad_norm=float(gnorm)))
+        progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(),
+                                                       drift=drift.item(), grad_norm=float(gnorm)))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:
             res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
