@@ -119,7 +119,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--kl-weight", type=float, default=0.0,
                         help="weight of the drift from the initial weights along the sampled chain (the mean squared "
-                             "output difference at the chain's x_t; 0: none); it holds what the reward does not pay for")
+                             "output difference at the chain's x_t; 0: none): it holds what the reward does not "
+                             "pay for")
     parser.add_argument("--detach-inputs", action="store_true",
                         help="the gradient skips the network's Jacobian in x between steps (see sample_with_grad)")
     parser.add_argument("--min-snr", type=float, default=5.0, help="the diffusion loss's min-SNR gamma (0 disables)")
