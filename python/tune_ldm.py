@@ -88,11 +88,12 @@ def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.T
     drift = x_T.new_zeros(())
     for i, t in enumerate(sampler.timesteps):
         x_in = x.detach() if detach_inputs else x
+        x_in = torch.cat([x_in, x_in])  # the conditional and the unconditional pass in one batch
         tt = torch.full((2 * n,), int(t), dtype=torch.long, device=x.device)
-        out = model(torch.cat([x_in, x_in]), tt, both)
+        out = model(x_in, tt, both)
         if reference is not None:
             with torch.no_grad():
-                ref = reference(torch.cat([x_in, x_in]).detach(), tt, both)
+                ref = reference(x_in.detach(), tt, both)
             drift = drift + F.mse_loss(out.float(), ref.float()) / len(sampler.timesteps)
         x = sampler.step(guide(out[:n], out[n:], guidance), i, x)
     return (x, drift) if reference is not None else x
