@@ -27,6 +27,10 @@ the softmax and return the same value); the pooled embedding, linear in the cond
 hidden tokens after block --repa-layer is pulled towards a frozen latent classifier's maps of the clean latent
 (trained on real latents only; --repa-classifier, default the shipped one), W x minus their cosine similarity.
 The projector trains with the denoiser and is kept in the checkpoints, not in the shipped weights.
+
+--stop-after MINUTES: a time budget (a lent GPU's device time, a CPU session's end). Once this process has trained
+that long it checkpoints, saves final/ (the EMA so far, `stopped_early` in its config) and exits 0; --resume carries
+on where it stopped, with the schedule of the whole --steps.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import argparse
 import copy
 import json
 import os
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -125,7 +130,12 @@ def main(argv=None):
     parser.add_argument("--count-fraction", type=float, default=0.25,
                    help="share of each batch drawn from the count scenes")
     parser.add_argument("--count-workers", type=int, help="processes that render the count scenes (default: all cores)")
+    parser.add_argument("--stop-after", type=float, metavar="MINUTES",
+                        help="stop once this process has trained this many minutes: checkpoint, save final/ (the EMA "
+                             "so far) and exit 0; the run carries on with --resume (a lent GPU's or a session's time)")
     args = parser.parse_args(argv)
+    if args.stop_after is not None and not 0 <= args.stop_after < float("inf"):
+        raise UserError(f"--stop-after must be a number of minutes >= 0, got {args.stop_after}")
     if args.cls_weight < 0:
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
     if not 0 <= args.repa_weight < float("inf"):
@@ -252,6 +262,7 @@ def main(argv=None):
                                                      f"latents" if n_count else ""))
     progress = Progress(run, steps, step)
     model.train()
+    t_start, stopped = time.time(), False
     while step < steps:
         # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
         z0, labels = mixed_batch(lat, count_lat, per_rank, n_count, gen)
@@ -297,15 +308,34 @@ def main(argv=None):
                 run.checkpoint(step, modules, objects)
             if world > 1:
                 dist.barrier()
+        if args.stop_after is not None and step < steps and _past(t_start, args.stop_after, device, world):
+            stopped = True
+            if run:
+                if not evaluating and step % cfg["save_every"]:  # else saved above
+                    run.checkpoint(step, modules, objects)
+                run.log(f"stopped at step {step} of {steps} after {args.stop_after:g} min (--stop-after); "
+                        f"continue with --resume")
+            break
     progress.close()
     if run:
         extra = {"schedule": schedule.config(), "vae_sha": cfg["vae_sha"], "trained_steps": step,
-                 "train_seconds": round(run.elapsed(), 1)}
+                 "train_seconds": round(run.elapsed(), 1), **({"stopped_early": True} if stopped else {})}
         save_denoiser(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
         run.log(f"saved EMA weights to {run.path / 'final'}")
         print(json.dumps({"final": str(run.path / "final"), "steps": step}))
     if world > 1:
         dist.destroy_process_group()
+
+
+def _past(t_start: float, minutes: float, device: torch.device, world: int) -> bool:
+    """Whether `minutes` have passed since t_start; with several processes, rank 0's clock decides for all (a rank
+    that stopped alone would leave the others waiting in their next all-reduce)."""
+    done = time.time() - t_start >= 60 * minutes
+    if world > 1:
+        flag = torch.tensor([float(done)], device=device)
+        dist.broadcast(flag, 0)
+        done = bool(flag.item())
+    return done
 
 
 if __name__ == "__main__":

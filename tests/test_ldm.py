@@ -163,6 +163,23 @@ def test_token_update_lets_the_class_tokens_read_the_image_and_warm_starts_uncha
     torch.testing.assert_close(warm(x, t, cond), plain(x, t, cond))
 
 
+def test_stop_after_checkpoints_saves_and_resumes(tiny_data, parts, tmp_path, capsys):
+    run = tmp_path / "run"
+    # a budget of 0 minutes: one step, then a checkpoint off the save interval and final/, exit without error
+    train_ldm(_args(tiny_data, parts, run, "--steps", "6", "--save-every", "4", "--no-bf16", "--stop-after", "0"))
+    assert (run / "latest").read_text().strip() == "ckpt-00000001"
+    assert "stopped at step 1 of 6" in (run / "log.txt").read_text()
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert saved["trained_steps"] == 1 and saved["stopped_early"] is True
+    train_ldm(_args(tiny_data, parts, run, "--steps", "6", "--save-every", "4", "--no-bf16", "--resume"))
+    assert "resumed at step 1" in (run / "log.txt").read_text()
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert saved["trained_steps"] == 6 and "stopped_early" not in saved
+    with pytest.raises(SystemExit):
+        train_ldm(_args(tiny_data, parts, tmp_path / "bad", "--stop-after", "-1"))
+    assert "--stop-after must be a number of minutes >= 0" in capsys.readouterr().err
+
+
 def test_ddp_two_processes_on_cpu(tiny_data, parts, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
