@@ -15,14 +15,16 @@ from pathlib import Path
 
 FILES = ("test.json", "new_test.json", "heldout.json")
 HEADER = ("| setting | seeds | accuracy test / new_test / heldout | FD | KID x1000 | precision / recall | "
-          "unrequested / missing objects | contrast / sharpness vs real |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "unrequested / missing objects | contrast / sharpness vs real | counted objects: more / fewer than asked |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def cells(fid: dict) -> str:
     fd = f"{fid['fd']:.1f}" + ("" if fid["fd_reliable"] else f" (n {fid['n_generated']}: biased)")
     return (f"{fd} | {fid['kid_x1000']:.0f} +- {fid['kid_std_x1000']:.0f} | {fid['precision']:.3f} / "
             f"{fid['recall']:.3f} | {fid['unrequested']:.3f} / {fid['missing']:.3f} | "
-            f"{fid['contrast_ratio']:.3f} / {fid['sharpness_ratio']:.3f}")
+            f"{fid['contrast_ratio']:.3f} / {fid['sharpness_ratio']:.3f} | "
+            + (f"{fid['counted_surplus']:.3f} / {fid['counted_deficit']:.3f}" if "counted_surplus" in fid else "-"))
 
 
 def setting_name(report: dict, row: dict) -> str:

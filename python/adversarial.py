@@ -24,6 +24,11 @@ the frozen, guided LDM's at a random noise level in --dmd-t-range: the gradient 
 mode-seeking, so a blurred average of two layouts is pushed to one of them rather than kept. A narrower range
 (e.g. 20 500) asks the LDM about edges and texture only and leaves the layout to the generator.
 
+--count-weight W (with --counter, an object counter trained on renders only: python.train_classifier --counts)
+adds W x the counter's cross-entropy of "as many objects as requested". The judges are multi-label classifiers and
+cannot see a requested object drawn twice; the counter can, and reads the shipped generator's images as holding
+more objects than were asked for (weights/gan/MODEL_CARD.md).
+
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
 makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
 a judge, and better another than the best-of selector) for runs that measure what it adds. No judge in any loss or
@@ -58,7 +63,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
+from python.training.losses import class_term, coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
 
 PRESETS = {
@@ -277,6 +282,12 @@ def train(args, cfg: dict) -> Path:
         backbone, feature_source = teacher, args.ldm or SHIPPED_LDM
     disc = FeatureDiscriminator(backbone, cfg["d_layers"], cfg["head_width"], teacher.cfg.num_classes)
     cls_nets = [load_classifier_for(c, vae_dir) for c in args.cls_classifier or [None]] if args.cls_weight > 0 else []
+    if not 0 <= args.count_weight < float("inf"):
+        raise UserError(f"--count-weight must be >= 0, got {args.count_weight}")
+    if args.count_weight > 0 and not args.counter:
+        raise UserError("--count-weight needs --counter FOLDER (python -m python.train_classifier --counts N)")
+    counter = load_classifier_for(args.counter, vae_dir, output="counts").eval().requires_grad_(False) \
+        if args.count_weight > 0 else None
     use_adv, use_dmd = cfg["adv_weight"] > 0, cfg["dmd_weight"] > 0
     if not (use_adv or use_dmd):
         raise UserError("--adv-weight 0 and --dmd-weight 0 leave the generator no objective against the data; "
@@ -290,12 +301,13 @@ def train(args, cfg: dict) -> Path:
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
                               "mismatch": cfg["mismatch"]} if use_adv else None,
                dmd={"guidance": cfg["dmd_guidance"], "t_range": [lo, hi], "fake_lr": cfg["fake_lr"]}
-               if use_dmd else None)
+               if use_dmd else None,
+               count_term={"weight": args.count_weight, "counter": str(args.counter)} if counter else None)
     if args.init_disc:  # checked before the run folder is made; a resumed run's own heads replace these below
         if not use_adv:
             raise UserError("--init-disc warm-starts the discriminator's heads, which --adv-weight 0 does not use")
         _warm_start_heads(disc, args.init_disc, cfg["discriminator"])
-    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator", "dmd"))
+    run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator", "dmd", "count_term"))
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["d_lr"], betas=(0.0, 0.99))
@@ -334,6 +346,10 @@ def train(args, cfg: dict) -> Path:
         res, rates = judge_score(judge, images, eval_cond), object_rates(judge, images, eval_cond)
         sharp = {"contrast_ratio": float(contrast(images).mean()) / real_contrast,
                  "sharpness_ratio": float(sharpness(images).mean()) / real_sharpness}
+        if counter is not None:  # the count term's own reading (what it is trained against: a log, not evidence)
+            with torch.no_grad():
+                counted = counter(gan_latents(ema, eval_cond, seed=0))[1].argmax(1).float()
+            sharp["counter_surplus"] = float((counted > torch.as_tensor(eval_cond).sum(1)).float().mean())
         run.metrics(step=at, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"],
                                              "unrequested": rates["unrequested"], **sharp})
         progress.write(f"step {at}: accuracy {res['accuracy']:.4f}, unrequested objects in {rates['unrequested']:.3f} "
@@ -418,6 +434,10 @@ def train(args, cfg: dict) -> Path:
                 cls_term = class_term(cls_nets, fake, cond)
                 loss = loss + args.cls_weight * cls_term
                 extra["cls"] = cls_term.item()
+            if counter is not None:  # "k objects in all": a requested object drawn twice, or a faint ghost, fails it
+                total = count_reward(counter, fake, cond, present=0.0, absent=0.0, total=1.0)
+                loss = loss + args.count_weight * total
+                extra["count"] = total.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
@@ -449,6 +469,7 @@ def train(args, cfg: dict) -> Path:
     save_generator(copy.deepcopy(ema).float(), final, {"vae_sha": cfg["vae_sha"], "trained_steps": step,
                                                        "objective": cfg["objective"],
                                                        "discriminator": cfg["discriminator"], "dmd": cfg["dmd"],
+                                                       "count_term": cfg["count_term"],
                                                        "train_seconds": round(run.elapsed(), 1)})
     run.log(f"saved the EMA generator to {final}")
     return final
@@ -505,6 +526,12 @@ def main(argv=None):
     parser.add_argument("--cls-classifier", type=Path, nargs="+",
                         help="classifier(s) for --cls-weight (trained on real latents only; "
                              "default weights/classifier)")
+    parser.add_argument("--count-weight", type=float, default=0.0,
+                        help="count term: x the object counter's cross-entropy of 'as many objects as requested' on "
+                             "the generator's latents (0: none); the judges cannot see a requested object drawn twice")
+    parser.add_argument("--counter", type=Path,
+                        help="object counter for --count-weight (python -m python.train_classifier --counts N: "
+                             "trained on renders only)")
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (also at every evaluation)")
     parser.add_argument("--eval-conditions", type=int, help="heldout.json conditions the judge scores (log only)")

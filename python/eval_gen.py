@@ -38,6 +38,7 @@ from python.evaluation.fidelity import FEATURES, MIN_IMAGES, load_reference
 from python.evaluation.generators import MODELS, TorchGenerator
 from python.evaluation.metrics import object_rates, spread
 from python.models.classifier import load_classifier_for
+from python.models.counter import load_counter
 from python.models.judge import judge_features, judge_score, load_judge
 from python.models.sampling import decode
 from python.models.vae import load_vae
@@ -111,6 +112,11 @@ def main(argv=None):
     if judge2 is None:
         print(f"no second judge at {second}: second-judge accuracy left out; diversity measured in the primary "
               f"judge's feature space instead (labelled so in the output)")
+    counter = None
+    if (args.weights / "counter" / "config.json").exists():
+        counter = load_counter(args.weights / "counter")[0]
+    elif not args.no_fidelity:
+        print(f"no object counter at {args.weights / 'counter'}: the counted-object figures are left out")
     files = {f: load_condition_file(args.data, f)[: args.limit] for f in args.files}
     settings = [(s, g) for s in args.steps for g in args.guidance] if args.model == "ldm" else [(None, None)]
 
@@ -123,7 +129,7 @@ def main(argv=None):
     references = {}
     if not args.no_fidelity:
         vae = load_vae(args.weights / "vae")
-        references = {name: load_reference(args.data, name, cond, feature_judge, judge, vae)
+        references = {name: load_reference(args.data, name, cond, feature_judge, judge, vae, counter)
                       for name, cond in files.items() if len(cond) >= MIN_IMAGES}
         report["fidelity"] = {
             "features": FEATURES if judge2 is not None else "primary judge's penultimate layer (512-d)",

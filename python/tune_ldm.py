@@ -44,7 +44,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_spa
 from python.training.ema import ema_update
 from python.training.latents import load_latents
 from python.training.loop import Progress, add_run_options, resolve_config
-from python.training.losses import coeff_tables, diffusion_loss, min_snr_weight
+from python.training.losses import coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir
 
 PRESETS = {
@@ -53,22 +53,6 @@ PRESETS = {
     "full": dict(batch=32, anchor_batch=64, steps=400, sample_steps=10, eval_every=50, save_every=25,
                  eval_conditions=256, eval_steps=10, lr=1e-5),
 }
-
-
-def count_reward(counter, latents: torch.Tensor, cond: torch.Tensor, present: float = 1.0, absent: float = 1.0,
-                 total: float = 1.0, parts: dict | None = None) -> torch.Tensor:
-    """The counter's cross-entropy for "exactly the label set `cond` (N, 24 multi-hot)": the mean over requested
-    classes of -log p(there), over the other classes of -log p(not there) (each a mean per image, so a set's size
-    does not change its weight), and -log p(k objects in all), which a requested class drawn twice also fails;
-    weighted and averaged over the images. `parts`, if given, receives the three unweighted means (for the log)."""
-    labels, tot = counter(latents)
-    ce = F.binary_cross_entropy_with_logits(labels, cond, reduction="none")
-    pos = (ce * cond).sum(1) / cond.sum(1).clamp(min=1)
-    neg = (ce * (1 - cond)).sum(1) / (1 - cond).sum(1).clamp(min=1)
-    tl = F.cross_entropy(tot, cond.sum(1).long().clamp(max=tot.shape[1] - 1), reduction="none")
-    if parts is not None:
-        parts.update(present=pos.mean().item(), absent=neg.mean().item(), total=tl.mean().item())
-    return (present * pos + absent * neg + total * tl).mean()
 
 
 def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.Tensor, steps: int,

@@ -18,7 +18,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """A weights folder laid out like weights/ (judge, judge2, vae, ldm, gan, classifier), untrained but perturbed so
+    """A weights folder laid out like weights/ (judge, judge2, vae, ldm, gan, classifier, counter), untrained but perturbed so
     outputs depend on every input: enough to test export and the runtime end to end."""
     import torch
 
@@ -52,6 +52,13 @@ def tiny_weights(tmp_path_factory) -> Path:
         for p in cls.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_classifier(cls, root / "classifier", {"vae_sha": vae_digest(root / "vae")})
+    from python.models.counter import ImageCounter, save_counter
+
+    counter = ImageCounter(widths=(8, 8, 8, 8)).eval()
+    with torch.no_grad():
+        for p in counter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_counter(counter, root / "counter", {})
     return root
 
 

@@ -268,3 +268,52 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
         with pytest.raises(SystemExit):
             adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "bad", *bad))
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_count_term_trains_the_generator_towards_the_requested_number_of_objects(tiny_data, tiny_weights, tmp_path,
+                                                                                  capsys):
+    """--count-weight alone beside distribution matching (whose weight is 0 here, so the count term is the only
+    gradient the generator sees): the counter's cross-entropy on fixed noise falls; the run logs it, records the
+    counter in the shipped config, and refuses a resume that changes it."""
+    from python.models.classifier import CountClassifier, load_classifier, save_classifier
+    from python.models.sampling import gan_latents
+    from python.models.vae import load_vae, vae_digest
+    from python.training.losses import count_reward
+
+    torch.manual_seed(3)
+    net = CountClassifier(load_vae(tiny_weights / "vae").cfg.latent_channels)
+    with torch.no_grad():  # an untrained counter reads everything alike; perturbed, it has gradients to follow
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    counter = tmp_path / "counter"
+    save_classifier(net.eval(), counter, {"vae_sha": vae_digest(tiny_weights / "vae")})
+    net = load_classifier(counter)[0]
+    cond = torch.zeros(8, 24)
+    for i in range(8):
+        cond[i, [i, (i * 5 + 3) % 24]] = 1
+
+    def ce(gen):
+        with torch.no_grad():
+            return count_reward(net, gan_latents(gen, cond.numpy(), seed=11), cond, present=0, absent=0).item()
+
+    run = tmp_path / "run"
+    args = ("--adv-weight", "0", "--dmd-weight", "1e-9", "--count-weight", "1", "--counter", str(counter),
+            "--lr", "3e-3", "--ema", "0", "--steps", "8", "--eval-every", "8", "--save-every", "8")
+    teacher, tcfg = load_denoiser(tiny_weights / "ldm")
+    before = ce(adversarial._student(None, teacher, tcfg, tiny_weights / "vae").eval())
+    adversarial.main(_args(tiny_data, tiny_weights, run, *args))
+    gen, cfg = load_generator(run / "final")
+    assert ce(gen) < before - 1e-3
+    assert cfg["count_term"] == {"weight": 1.0, "counter": str(counter)}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("count" in r for r in rows)
+    assert 0 <= [r for r in rows if "heldout_subset" in r][-1]["heldout_subset"]["counter_surplus"] <= 1
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, run, *args[:5], "0.5", *args[6:], "--resume", "--steps", "9"))
+    assert "--resume with settings that change the run" in capsys.readouterr().err
+    for bad, msg in ((["--count-weight", "1"], "needs --counter"), (["--count-weight", "-1"], "--count-weight")):
+        with pytest.raises(SystemExit):
+            adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "bad", "--adv-weight", "0", "--dmd-weight", "1",
+                                   *bad))
+        assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
+

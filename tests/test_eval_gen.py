@@ -90,7 +90,8 @@ def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weight
     fid = rep["fidelity"]
     assert fid["features"].startswith("second judge") and set(fid["floors"]) == {"test.json", "heldout.json"}
     keys = {"fd", "kid_x1000", "kid_std_x1000", "precision", "recall", "contrast_ratio", "sharpness_ratio",
-            "unrequested", "missing", "n_real", "n_generated", "fd_reliable", "kid_subset"}
+            "unrequested", "missing", "n_real", "n_generated", "fd_reliable", "kid_subset", "counted_surplus",
+            "counted_deficit", "counted_excess_mean"}
     for name in ("test.json", "heldout.json"):
         floors, got = fid["floors"][name], rep["results"][0]["files"][name]["fidelity"]
         assert set(floors) == {"real_vs_real", "vae_reconstruction"} and keys <= set(got)
@@ -102,6 +103,8 @@ def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weight
     lines = table([rep, rep], "test.json").splitlines()  # the README's table: floors, then each report's settings
     assert len(lines) == 2 + 2 + 2 and lines[2].startswith("| floor: real renders vs real renders | | | ")
     assert lines[4].startswith("| GAN path, one pass | 1 | ") and "(n 12: biased)" in lines[4]
+    assert lines[0].endswith("counted objects: more / fewer than asked |") and all(
+        line.count("|") == lines[0].count("|") for line in lines[2:])
     small = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
                   "--seeds", "0", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
     assert small["fidelity"]["floors"] == {} and "fidelity" not in small["results"][0]["files"]["test.json"]

@@ -19,8 +19,9 @@ from python.models.vae import vae_digest
 from python.ship import main as ship
 from python.train_classifier import main as train_classifier
 from python.training.latents import load_latents
-from python.tune_ldm import count_reward, sample_with_grad
+from python.training.losses import count_reward
 from python.tune_ldm import main as tune_ldm
+from python.tune_ldm import sample_with_grad
 
 
 def test_count_renders_repeat_classes_and_count_them():

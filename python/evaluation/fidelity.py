@@ -20,7 +20,11 @@ Object figures, per image, with the primary judge (p > 0.5) and in pixels:
   are a minority of a row): faded and ghosted objects lower it. Reported as a ratio to the real renders'.
 - sharpness: the strength of an image's strongest edges (the mean of its top 2% gradient magnitudes; the floor's
   smooth gradient is the other 98%): soft, blurred and doubled edges lower it. A ratio to the real renders' too.
-- duplicates are not measurable with these judges (they name classes, they do not count objects), and say so.
+- counted_surplus / counted_deficit / counted_excess_mean (where weights/counter exists, python/models/counter.py):
+  the judges name classes and cannot count, so a requested object drawn twice or a faint ghost passes them; the
+  evaluation's object counter (a CNN on images, trained on renders in which a class may repeat, nothing trained
+  against it) reads how many objects each image holds: the share of images with more objects than requested, with
+  fewer, and the mean difference.
 
 Every figure is reported beside its floors: a second set of real renders of the same conditions (real vs real)
 and the VAE's reconstructions of that set (the best any generator in this latent space can do).
@@ -41,6 +45,7 @@ from python.core.images import to_uint8
 from python.data.dataset import cache_dir, to_model_range
 from python.data.synthetic import render_conditions
 from python.evaluation.metrics import object_rates
+from python.models.counter import count_figures
 from python.models.judge import judge_features
 from python.models.vae import VAE, reconstruct
 
@@ -84,8 +89,8 @@ class Reference:
     the same order, against the reference."""
 
     def __init__(self, real_u8: np.ndarray, other_u8: np.ndarray, labels: np.ndarray, feature_net, judge,
-                 vae: VAE | None = None):
-        self.labels, self.feature_net, self.judge = labels, feature_net, judge
+                 vae: VAE | None = None, counter=None):
+        self.labels, self.feature_net, self.judge, self.counter = labels, feature_net, judge, counter
         real = to_model_range(real_u8)
         self.real_features = judge_features(feature_net, real)
         self.real_contrast, self.real_sharpness = float(contrast(real).mean()), float(sharpness(real).mean())
@@ -99,7 +104,10 @@ class Reference:
         out = distribution_figures(self.real_features, judge_features(self.feature_net, images))
         out["contrast_ratio"] = float(contrast(images).mean()) / self.real_contrast
         out["sharpness_ratio"] = float(sharpness(images).mean()) / self.real_sharpness
-        return {**out, **object_rates(self.judge, images, self.labels)}
+        out.update(object_rates(self.judge, images, self.labels))
+        if self.counter is not None:
+            out.update(count_figures(self.counter, images, self.labels))
+        return out
 
 
 def reference_renders(data: Path, name: str, cond: np.ndarray, seed: int) -> np.ndarray:
@@ -116,9 +124,10 @@ def reference_renders(data: Path, name: str, cond: np.ndarray, seed: int) -> np.
     return images
 
 
-def load_reference(data: Path, name: str, cond: np.ndarray, feature_net, judge, vae: VAE | None = None) -> Reference:
+def load_reference(data: Path, name: str, cond: np.ndarray, feature_net, judge, vae: VAE | None = None,
+                   counter=None) -> Reference:
     """The Reference of a condition file: renders with seeds 0 (the reference) and 1 (the real-vs-real floor)."""
     if len(cond) < MIN_IMAGES:
         raise ValueError(f"{name}: {len(cond)} conditions; fidelity figures need at least {MIN_IMAGES}")
     return Reference(reference_renders(data, name, cond, 0), reference_renders(data, name, cond, 1), cond,
-                     feature_net, judge, vae)
+                     feature_net, judge, vae, counter)

@@ -64,3 +64,19 @@ def noise_augment(x: torch.Tensor, max_std: float, gen: torch.Generator | None =
         return x
     s = torch.rand(x.shape[0], 1, 1, 1, generator=gen, device=x.device) * max_std
     return x + s * torch.randn(x.shape, generator=gen, device=x.device)
+
+
+def count_reward(counter, latents: torch.Tensor, cond: torch.Tensor, present: float = 1.0, absent: float = 1.0,
+                 total: float = 1.0, parts: dict | None = None) -> torch.Tensor:
+    """The counter's cross-entropy for "exactly the label set `cond` (N, 24 multi-hot)": the mean over requested
+    classes of -log p(there), over the other classes of -log p(not there) (each a mean per image, so a set's size
+    does not change its weight), and -log p(k objects in all), which a requested class drawn twice also fails;
+    weighted and averaged over the images. `parts`, if given, receives the three unweighted means (for the log)."""
+    labels, tot = counter(latents)
+    ce = F.binary_cross_entropy_with_logits(labels, cond, reduction="none")
+    pos = (ce * cond).sum(1) / cond.sum(1).clamp(min=1)
+    neg = (ce * (1 - cond)).sum(1) / (1 - cond).sum(1).clamp(min=1)
+    tl = F.cross_entropy(tot, cond.sum(1).long().clamp(max=tot.shape[1] - 1), reduction="none")
+    if parts is not None:
+        parts.update(present=pos.mean().item(), absent=neg.mean().item(), total=tl.mean().item())
+    return (present * pos + absent * neg + total * tl).mean()
