@@ -54,6 +54,7 @@ from python.data.dataset import load_condition_file, to_model_range
 from python.evaluation.fidelity import contrast, reference_renders, sharpness
 from python.evaluation.metrics import object_rates
 from python.models.classifier import SHIPPED_CLASSIFIER, load_classifier_for
+from python.models.counter import SHIPPED_COUNTER, count_figures, load_counter
 from python.models.denoiser import SHIPPED_LDM, Denoiser, load_denoiser
 from python.models.generators import SHIPPED_GAN, generator_config, load_generator, save_generator
 from python.models.judge import judge_score, load_judge
@@ -325,6 +326,7 @@ def train(args, cfg: dict) -> Path:
         run.log(f"discriminator heads warm-started from {args.init_disc}")
     tables = coeff_tables(schedule)  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
+    image_counter = load_counter()[0] if (SHIPPED_COUNTER / "config.json").exists() else None
     eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
     # the sharpness figures' reference: one fresh render per held-out condition (cached in the data's cache folder)
     real = to_model_range(reference_renders(args.data, "heldout.json", eval_cond, 0))
@@ -346,6 +348,8 @@ def train(args, cfg: dict) -> Path:
         res, rates = judge_score(judge, images, eval_cond), object_rates(judge, images, eval_cond)
         sharp = {"contrast_ratio": float(contrast(images).mean()) / real_contrast,
                  "sharpness_ratio": float(sharpness(images).mean()) / real_sharpness}
+        if image_counter is not None:  # the evaluation's counter (weights/counter; nothing is trained against it)
+            sharp.update(count_figures(image_counter, images, eval_cond))
         if counter is not None:  # the count term's own reading (what it is trained against: a log, not evidence)
             with torch.no_grad():
                 counted = counter(gan_latents(ema, eval_cond, seed=0))[1].argmax(1).float()
@@ -354,7 +358,9 @@ def train(args, cfg: dict) -> Path:
                                              "unrequested": rates["unrequested"], **sharp})
         progress.write(f"step {at}: accuracy {res['accuracy']:.4f}, unrequested objects in {rates['unrequested']:.3f} "
                        f"of {len(eval_cond)} held-out conditions, contrast {sharp['contrast_ratio']:.3f} and "
-                       f"sharpness {sharp['sharpness_ratio']:.3f} of real renders' (EMA; log only)")
+                       f"sharpness {sharp['sharpness_ratio']:.3f} of real renders'"
+                       + (f", more objects than asked in {sharp['counted_surplus']:.3f}" if image_counter else "")
+                       + " (EMA; log only)")
         run.sample_grid("heldout", at, images)
 
     progress = Progress(run, cfg["steps"], step, show=("d_loss", "g_adv", "f_loss"))

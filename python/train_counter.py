@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--noise", type=float, default=0.1, help="max std of Gaussian noise added to training images")
+    parser.add_argument("--widths", type=int, nargs=4, default=[24, 48, 96, 128], metavar="W",
+                        help="the CNN's four stage widths (default 24 48 96 128: 0.42M parameters, 0.8 MB in fp16)")
     parser.add_argument("--workers", type=int, help="rendering processes (default: all cores)")
     parser.add_argument("--out", type=Path, help="also write the fp16 weights folder here (e.g. weights/counter)")
     args = parser.parse_args(argv)
@@ -71,6 +73,8 @@ def main(argv=None):
         raise UserError(f"--steps and --batch must be >= 1 (got {args.steps}, {args.batch})")
     if not 0 <= args.noise < float("inf"):
         raise UserError(f"--noise must be >= 0, got {args.noise}")
+    if min(args.widths) < 1:
+        raise UserError(f"--widths must be positive, got {args.widths}")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     vae_folder = args.vae or SHIPPED_VAE
@@ -79,7 +83,7 @@ def main(argv=None):
     run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "count-renders.npz").exists(), fixed=("scenes", "seed"))
     images_u8, counts = count_renders(run.path / "count-renders.npz", args.scenes, args.seed, args.workers, run.log)
     device = torch.device(args.device)
-    net = ImageCounter().to(device)
+    net = ImageCounter(widths=tuple(args.widths)).to(device)
     totals = torch.from_numpy(counts).sum(1).clamp(max=net.max_total)
     held = max(len(images_u8) // 10, 1)
     train_x, train_y = to_model_range(images_u8[:-held]).to(device), totals[:-held].to(device)
