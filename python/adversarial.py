@@ -27,7 +27,8 @@ mode-seeking, so a blurred average of two layouts is pushed to one of them rathe
 --count-weight W (with --counter, an object counter trained on renders only: python.train_classifier --counts)
 adds W x the counter's cross-entropy of "as many objects as requested". The judges are multi-label classifiers and
 cannot see a requested object drawn twice; the counter can, and reads the shipped generator's images as holding
-more objects than were asked for (weights/gan/MODEL_CARD.md).
+more objects than were asked for. Measured: the generator meets the term by fading every object, not by dropping the
+extra one (weights/gan/MODEL_CARD.md, runs dmdc1-dmdc2); kept as an option for runs that measure what bounds it.
 
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
 makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
