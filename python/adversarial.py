@@ -345,7 +345,8 @@ def train(args, cfg: dict) -> Path:
 
     def log_heldout(at: int) -> None:
         with torch.no_grad():
-            images = decode(decoder, gan_latents(ema, eval_cond, seed=0))
+            latents = gan_latents(ema, eval_cond, seed=0)
+            images = decode(decoder, latents)
         res, rates = judge_score(judge, images, eval_cond), object_rates(judge, images, eval_cond)
         sharp = {"contrast_ratio": float(contrast(images).mean()) / real_contrast,
                  "sharpness_ratio": float(sharpness(images).mean()) / real_sharpness}
@@ -353,7 +354,7 @@ def train(args, cfg: dict) -> Path:
             sharp.update(count_figures(image_counter, images, eval_cond))
         if counter is not None:  # the count term's own reading (what it is trained against: a log, not evidence)
             with torch.no_grad():
-                counted = counter(gan_latents(ema, eval_cond, seed=0))[1].argmax(1).float()
+                counted = counter(latents)[1].argmax(1).float()
             sharp["counter_surplus"] = float((counted > torch.as_tensor(eval_cond).sum(1)).float().mean())
         run.metrics(step=at, heldout_subset={"accuracy": res["accuracy"], "by_objects": res["by_objects"],
                                              "unrequested": rates["unrequested"], **sharp})

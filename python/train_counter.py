@@ -30,6 +30,7 @@ from python.data.synthetic import render_count_arrays
 from python.models.counter import ImageCounter, count_objects, save_counter
 from python.models.vae import SHIPPED_VAE, load_vae, reconstruct, vae_digest
 from python.training.loop import add_run_options, resolve_config
+from python.training.losses import noise_augment
 from python.training.rundir import RunDir
 
 
@@ -37,7 +38,7 @@ def count_renders(path: Path, scenes: int, seed: int, workers: int | None, log) 
     """(images (N, 64, 64, 3) uint8, per-class counts (N, 24) int64) of `scenes` fresh renders, cached at `path`."""
     if path.exists():
         with np.load(path) as f:
-            if len(f["images"]) == scenes or f["requested"] == scenes:
+            if f["requested"] == scenes:
                 return f["images"], f["counts"]
         log(f"{path}: rendered for another --scenes; rendering again")
     images, counts = render_count_arrays(seed, scenes, workers=workers)
@@ -97,8 +98,7 @@ def main(argv=None):
         x = train_x[idx]
         flip = torch.rand(args.batch, generator=gen, device=device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        x = x + torch.rand(args.batch, 1, 1, 1, generator=gen, device=device) * args.noise * \
-            torch.randn(x.shape, generator=gen, device=device)
+        x = noise_augment(x, args.noise, gen)
         loss = F.cross_entropy(net(x), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
