@@ -270,6 +270,36 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_trainer_runs_the_gan_loss_beside_distribution_matching_and_ships_both(tiny_data, tiny_weights, tmp_path,
+                                                                                capsys):
+    """The shipped GAN path's recipe (DMD2): heads on real latents and an online fake score in one run. Both critics
+    train and are checkpointed, the generator's log carries both terms, and the shipped folder records both
+    settings; a resume that changes the heads is refused, one that changes only the GAN term's weight is logged."""
+    from python import ship
+    from python.training.rundir import load_checkpoint
+
+    run = tmp_path / "run"
+    adversarial.main(_args(tiny_data, tiny_weights, run, "--adv-weight", "0.1", "--mismatch", "0",
+                           "--dmd-weight", "1", "--dmd-guidance", "2"))
+    _, state, _ = load_checkpoint(run)
+    assert "disc" in state and "fake_score" in state
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    generator_rows = [r for r in rows if "g_dmd" in r]
+    assert generator_rows and all("g_adv" in r and "d_loss" in r and "f_loss" in r for r in generator_rows)
+    ship.main(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    gen, cfg = load_generator(tmp_path / "shipped")
+    assert cfg["kind"] == "distilled" and cfg["objective"] == "adversarial+dmd"
+    assert cfg["dmd"]["guidance"] == 2.0 and cfg["discriminator"]["mismatch"] == 0.0
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, run, "--adv-weight", "0.1", "--mismatch", "1",
+                               "--dmd-weight", "1", "--dmd-guidance", "2", "--resume", "--steps", "8"))
+    assert "--resume with settings that change the run" in capsys.readouterr().err
+    adversarial.main(_args(tiny_data, tiny_weights, run, "--adv-weight", "0.5", "--mismatch", "0",
+                           "--dmd-weight", "1", "--dmd-guidance", "2", "--resume", "--steps", "8"))
+    assert "'adv_weight': (0.1, 0.5)" in (run / "log.txt").read_text()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
 def test_count_term_trains_the_generator_towards_the_requested_number_of_objects(tiny_data, tiny_weights, tmp_path,
                                                                                   capsys):
     """--count-weight alone beside distribution matching (whose weight is 0 here, so the count term is the only

@@ -122,8 +122,8 @@ def test_runtime_imports_without_torch():
 def test_shipped_generators_give_the_images_they_gave_before_the_layering():
     """tests/fixtures/shipped_outputs.npz was written by the code before the package was layered (commit 3e80830):
     the shipped LDM (DPM-Solver++ 10 steps and stochastic DDIM) and GAN path, decoded by the shipped VAE. When shipped
-    weights change, their entry is rewritten from the new weights (the GAN path's on 2026-12-03, dmd4) and the
-    others stay as they were."""
+    weights change, their entry is rewritten from the new weights (the GAN path's on 2026-12-03, dmd4, and on
+    2026-12-04, dmdg2a01) and the others stay as they were."""
     from python.core.diffusion import Schedule
     from python.models.denoiser import load_denoiser
     from python.models.generators import load_generator
