@@ -287,7 +287,7 @@ def test_trainer_runs_the_gan_loss_beside_distribution_matching_and_ships_both(t
     generator_rows = [r for r in rows if "g_dmd" in r]
     assert generator_rows and all("g_adv" in r and "d_loss" in r and "f_loss" in r for r in generator_rows)
     ship.main(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
-    gen, cfg = load_generator(tmp_path / "shipped")
+    _, cfg = load_generator(tmp_path / "shipped")
     assert cfg["kind"] == "distilled" and cfg["objective"] == "adversarial+dmd"
     assert cfg["dmd"]["guidance"] == 2.0 and cfg["discriminator"]["mismatch"] == 0.0
     with pytest.raises(SystemExit):
