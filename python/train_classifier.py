@@ -3,11 +3,17 @@
     python -m python.train_classifier --data data/iclevr --run-dir runs/classifier --out weights/classifier
     python -m python.train_classifier --pixels --data data/iclevr --run-dir runs/pixel_classifier   # reads decoded images
     python -m python.train_classifier --counts 24000 --run-dir runs/counter     # object counter on fresh renders
+    python -m python.train_classifier --faint 12000 --noise 0.5 --data data/iclevr --run-dir runs/cls_faint  # ghosts absent
 
 --counts N trains the object counter (python/models/classifier.py CountClassifier) instead: N fresh scenes of 1-5
 objects in which a class may repeat (the official data never repeats one) are rendered and encoded into the run
 folder (reused on a rerun), and it learns which classes each latent holds and how many objects in all (its held-out
 figures: the label set read exactly, and the total).
+
+--faint N adds N fresh renders (0-3 solid objects and one more blended in at opacity 0.1-0.5) labelled with their
+solid objects only, a quarter of each batch: the classifier learns that a ghost is not an object, so a class term
+built on it asks a generator for solid objects instead of being satisfied by faint ones (the one-step student's
+failure, weights/gan/MODEL_CARD.md). Its held-out figures then also say how often a ghost is called present.
 
 It never sees a judge, a judge's outputs or a generated latent (python/models/classifier.py says why), so the
 judges that score the result stay independent of it. Its own held-out accuracy (top-k, the official metric, on
@@ -25,7 +31,7 @@ from python.core.errors import UserError, cli
 from python.models.classifier import save_classifier
 from python.models.vae import SHIPPED_VAE, vae_digest
 from python.training.classifier import train_classifier, train_count_classifier
-from python.training.latents import LatentSet, count_latents, load_latents
+from python.training.latents import LatentSet, count_latents, faint_latents, load_latents
 from python.training.loop import add_run_options, resolve_config
 from python.training.rundir import RunDir
 
@@ -42,7 +48,11 @@ def main(argv=None):
                         "stricter about shape; for distill's class term, not for best-of selection (~5x the FLOPs)")
     parser.add_argument("--counts", type=int, metavar="N",
                         help="train the object counter on N fresh renders (1-5 objects, repeats allowed) instead")
-    parser.add_argument("--workers", type=int, help="--counts: rendering processes (default: all cores; 1 renders "
+    parser.add_argument("--faint", type=int, metavar="N",
+                        help="also train on N fresh renders holding one half-transparent object (opacity 0.1-0.5) "
+                             "labelled absent, a quarter of each batch: a class term from this classifier is not "
+                             "satisfied by a ghost (python.data.synthetic.render_faint_arrays)")
+    parser.add_argument("--workers", type=int, help="--counts, --faint: rendering processes (default: all cores; 1 renders "
                                                     "in this process, as from inside a program that already ran torch)")
     parser.add_argument("--out", type=Path, help="also write the fp16 weights folder here (e.g. weights/classifier)")
     args = parser.parse_args(argv)
@@ -52,6 +62,10 @@ def main(argv=None):
         raise UserError(f"--counts must be >= 20 scenes (a tenth is held out), got {args.counts}")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.faint is not None and args.faint < 20:
+        raise UserError(f"--faint must be >= 20 scenes (a tenth is held out), got {args.faint}")
+    if args.faint is not None and (args.counts is not None or args.pixels):
+        raise UserError("--faint trains the latent label classifier; it does not go with --counts or --pixels")
     if args.counts is not None and args.pixels:
         raise UserError("--counts trains a counter of latents; it does not take --pixels")
     vae_folder = args.vae or SHIPPED_VAE
@@ -59,7 +73,7 @@ def main(argv=None):
     cfg = resolve_config({}, args)
     cfg["vae_sha"] = vae_digest(vae_folder)
     run = RunDir(args.run_dir, cfg, resume=(args.run_dir / "classifier.safetensors").exists(),
-                 fixed=("vae_sha", "pixels", "counts"))
+                 fixed=("vae_sha", "pixels", "counts", "faint"))
     if args.counts:
         counts_lat = count_latents(run.path / "count-latents.npz", args.counts, args.seed, vae_folder, args.workers,
                                    log=run.log)
@@ -69,13 +83,20 @@ def main(argv=None):
                                      device).cpu()
     else:
         lat = load_latents(args.data, vae_folder).to(device)
+        faint = faint_latents(run.path / "faint-latents.npz", args.faint, args.seed, vae_folder, args.workers,
+                              log=run.log) if args.faint else None
         cls = train_classifier(lat, args.steps, args.batch, args.seed, run, args.noise, device,
-                               pixels_vae=vae_folder if args.pixels else None).cpu()
+                               pixels_vae=vae_folder if args.pixels else None, faint=faint).cpu()
     extra = {"vae_sha": cfg["vae_sha"], "steps": args.steps, "batch": args.batch, "noise": args.noise, "seed": args.seed,
              "heldout_accuracy": round(cls.heldout_accuracy, 4), "train_seconds": round(run.elapsed(), 1)}
     if args.counts:
         extra.update(scenes=args.counts, objects="1-5, a class may repeat (render_count_arrays)",
                      heldout_total_accuracy=round(cls.heldout_total_accuracy, 4))
+    if args.faint:
+        extra.update(faint_scenes=args.faint, faint="0-3 solid objects and one at opacity 0.1-0.5 labelled absent "
+                                                    "(render_faint_arrays), a quarter of each batch",
+                     faint_called_present=round(cls.faint_called_present, 4),
+                     solid_beside_faint_found=round(cls.solid_beside_faint_found, 4))
     for folder in [run.path / "final"] + ([args.out] if args.out else []):
         save_classifier(cls, folder, extra)
     print(json.dumps({"final": str(run.path / "final"), **extra}))

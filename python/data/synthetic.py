@@ -23,8 +23,9 @@ from python.core.labels import CLASS_NAMES, NUM_CLASSES, OBJECTS
 from python.data.dataset import to64
 from python.data.render import render, sample_scene
 
-# random streams (REFERENCE: evaluation's renders; COUNTS: the object counter's scenes, duplicates allowed)
-TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE, COUNTS = 0, 1, 2, 3, 4, 5
+# random streams (REFERENCE: evaluation's renders; COUNTS: the object counter's scenes, duplicates allowed;
+# FAINT: scenes with one half-transparent object, for a classifier that calls a ghost absent)
+TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE, COUNTS, FAINT = 0, 1, 2, 3, 4, 5, 6
 RESOLUTION = (160, 120)  # 4:3 like CLEVR's 320x240, at a quarter of the pixels
 
 
@@ -121,6 +122,39 @@ def render_count_arrays(seed: int, n: int, lo: int = 1, hi: int = 5, repeat: flo
     tasks = [(seed, i, size, lo, hi, repeat) for i in range(n)]
     res = [r for r in pool_map(_render_counted, tasks, workers or os.cpu_count(), f"rendering {n} scenes") if r]
     return np.stack([r[0] for r in res]), np.stack([r[1] for r in res]).astype(np.int64)
+
+
+def _render_faint(args):
+    seed, index, size, lo, hi, alpha = args
+    rng = scene_rng(seed, FAINT, index)
+    classes = random_classes(rng, int(rng.integers(lo, hi + 1)) + 1)  # the last one is drawn faint
+    a = float(rng.uniform(*alpha))
+    try:
+        sc = sample_scene(rng, classes, *size)
+    except RuntimeError:
+        return None
+    solid = render(sc, *size, upto=len(classes) - 1).astype(np.float32)
+    ghost = render(sc, *size).astype(np.float32)
+    img = Image.fromarray(np.clip((1 - a) * solid + a * ghost + 0.5, 0, 255).astype(np.uint8))
+    label, faint = np.zeros(NUM_CLASSES, np.float32), np.zeros(NUM_CLASSES, np.float32)
+    label[classes[:-1]], faint[classes[-1]] = 1, 1
+    return to64(img), label, faint, a
+
+
+def render_faint_arrays(seed: int, n: int, lo: int = 0, hi: int = 3, alpha=(0.1, 0.5), workers: int | None = None,
+                        size=RESOLUTION):
+    """Up to n fresh 64x64 uint8 renders of lo..hi solid objects plus one more drawn half-transparent (the scene
+    rendered with and without it, blended at an opacity drawn from `alpha`, its shadow fading with it), as
+    (images, solid multi-hot, faint multi-hot, opacities). No class repeats. For a classifier that is to call a
+    ghost absent (a class term that a faint object does not satisfy): the official data never holds one."""
+    if not 0 <= lo <= hi or hi > 4:
+        raise UserError(f"solid object counts must satisfy 0 <= lo <= hi <= 4, got {lo}..{hi}")
+    if not 0 < alpha[0] <= alpha[1] < 1:
+        raise UserError(f"opacities must satisfy 0 < low <= high < 1, got {alpha[0]}..{alpha[1]}")
+    tasks = [(seed, i, size, lo, hi, tuple(alpha)) for i in range(n)]
+    res = [r for r in pool_map(_render_faint, tasks, workers or os.cpu_count(), f"rendering {n} faint scenes") if r]
+    return (np.stack([r[0] for r in res]), np.stack([r[1] for r in res]), np.stack([r[2] for r in res]),
+            np.array([r[3] for r in res], np.float32))
 
 
 def render_conditions(cond: np.ndarray, per: int, seed: int = 0, stream: int = REFERENCE,

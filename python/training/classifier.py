@@ -58,25 +58,54 @@ def _save(net: nn.Module, path) -> None:
 
 
 def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: RunDir, noise: float = 0.0,
-                     device: torch.device = torch.device("cpu"), pixels_vae=None) -> nn.Module:
+                     device: torch.device = torch.device("cpu"), pixels_vae=None,
+                     faint: tuple[LatentSet, torch.Tensor] | None = None, faint_share: float = 0.25) -> nn.Module:
     """The latent classifier on real latents (posterior samples), AdamW with a one-cycle schedule; its top-k
     accuracy on held-out latents goes to metrics.jsonl (and `cls.heldout_accuracy`). Saved to the run folder
     atomically; reused if there. With `pixels_vae` (a VAE folder), a PixelClassifier reading that VAE's decoded
-    images instead of the LatentClassifier."""
+    images instead of the LatentClassifier. With `faint` (faint_latents' set and ghost multi-hot), each batch gains
+    batch * faint_share rows of those renders, labelled with their solid objects only, so that a half-transparent
+    object reads as absent; held-out figures for them (the ghost called present, the solid objects found) too."""
     cls = (PixelClassifier.from_vae(pixels_vae) if pixels_vae else LatentClassifier(lat.mean.shape[1])).to(device)
     kind = "pixel classifier" if pixels_vae else "latent classifier"
     path = run.path / "classifier.safetensors"
     held = heldout_rows(len(lat)).to(device)
     rng = torch.Generator(device=device).manual_seed(seed + 17)
-    _fit_or_load(cls, lat, held, steps, batch, noise, rng, run, path, kind,
-                 lambda z, idx: F.binary_cross_entropy_with_logits(cls(z), lat.labels[idx]))
+    if faint is None:
+        loss = lambda z, idx: F.binary_cross_entropy_with_logits(cls(z), lat.labels[idx])  # noqa: E731
+    else:  # a share of every batch from the faint scenes, whose ghost is labelled absent
+        ghosts, ghost_of = faint
+        ghosts, ghost_of = ghosts.to(device), ghost_of.to(device)
+        ghost_held = heldout_rows(len(ghosts)).to(device)
+        keep = torch.ones(len(ghosts), dtype=torch.bool, device=device)
+        keep[ghost_held] = False
+        ghost_rows, n_ghost = keep.nonzero().squeeze(1), max(1, round(batch * faint_share))
+
+        def loss(z, idx):
+            j = ghost_rows[torch.randint(0, len(ghost_rows), (n_ghost,), generator=rng, device=device)]
+            zg = noise_augment(ghosts.sample(j, rng), noise, rng)
+            return F.binary_cross_entropy_with_logits(cls(torch.cat([z, zg])),
+                                                      torch.cat([lat.labels[idx], ghosts.labels[j]]))
+    _fit_or_load(cls, lat, held, steps, batch, noise, rng, run, path, kind, loss)
     with torch.no_grad():
         logits = torch.cat([cls(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)])
     cls.heldout_accuracy = float(topk_accuracy(logits, lat.labels[held]))
+    figures = {"steps": steps, "heldout_latents": len(held), "accuracy": cls.heldout_accuracy}
+    if faint is not None:
+        with torch.no_grad():
+            p = torch.cat([cls(ghosts.sample(ghost_held[i:i + 512], rng)).sigmoid()
+                           for i in range(0, len(ghost_held), 512)])
+        solid, ghost = ghosts.labels[ghost_held] > 0, ghost_of[ghost_held] > 0
+        cls.faint_called_present = float((p[ghost] > 0.5).float().mean())
+        cls.solid_beside_faint_found = float((p[solid] > 0.5).float().mean()) if solid.any() else float("nan")
+        figures.update(faint_heldout_latents=len(ghost_held), faint_called_present=cls.faint_called_present,
+                       solid_beside_faint_found=cls.solid_beside_faint_found)
     if not path.exists():
-        run.metrics(step=0, classifier={"steps": steps, "heldout_latents": len(held), "accuracy": cls.heldout_accuracy})
-        run.log(f"{kind}: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} "
-                f"held-out latents")
+        run.metrics(step=0, classifier=figures)
+        run.log(f"{kind}: {steps} steps, top-k accuracy {cls.heldout_accuracy:.4f} on {len(held)} held-out latents"
+                + (f"; of {len(ghost_held)} held-out faint scenes' latents, the faint object called present in "
+                   f"{cls.faint_called_present:.4f}, the solid ones beside it in {cls.solid_beside_faint_found:.4f}"
+                   if faint is not None else ""))
         _save(cls, path)
     return cls
 

@@ -18,7 +18,7 @@ import torch
 
 from python.core.errors import UserError
 from python.data.dataset import cache_dir, load_split, to_model_range
-from python.data.synthetic import render_count_arrays
+from python.data.synthetic import render_count_arrays, render_faint_arrays
 from python.models.vae import SHIPPED_VAE, VAE, encoder_digest, load_vae
 
 
@@ -105,6 +105,32 @@ def count_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = 
         raise UserError(f"{path} holds the latents of {d['key']}, not of {key}: move it away to render afresh")
     return LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["counts"]).float(),
                      vae.cfg.scale_factor)
+
+
+def faint_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = None, workers: int | None = None,
+                  log=print) -> tuple[LatentSet, torch.Tensor]:
+    """Scenes of 0-3 solid objects and one half-transparent one (`render_faint_arrays`, stream `seed`) encoded by
+    the VAE with their mirror images, as the latent cache holds them: a LatentSet whose labels are the solid
+    objects only, and the faint object's multi-hot (N, 24). Kept at `path` like count_latents' file."""
+    vae_folder = Path(vae_folder) if vae_folder else SHIPPED_VAE
+    vae = load_vae(vae_folder)
+    key = f"faint scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}"
+    path = Path(path)
+    if not path.exists():
+        images, solid, faint, _ = render_faint_arrays(seed, scenes, workers=workers)
+        log(f"rendered {len(images)} scenes with one faint object (of {scenes}; a scene with no room is skipped)")
+        mean, std = encode_images(vae, images)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), labels=np.concatenate([solid, solid]),
+                 faint=np.concatenate([faint, faint]), key=key)
+        os.replace(tmp, path)
+    else:
+        log(f"faint scenes' latents read from {path}")
+    d = np.load(path)
+    if str(d["key"]) != key:
+        raise UserError(f"{path} holds the latents of {d['key']}, not of {key}: move it away to render afresh")
+    return (LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["labels"]),
+                      vae.cfg.scale_factor), torch.from_numpy(d["faint"]))
 
 
 def mixed_batch(lat: LatentSet, extra: LatentSet | None, n: int, n_extra: int, gen: torch.Generator | None = None):
