@@ -25,6 +25,13 @@ def heldout_rows(n: int, held: int = 1000) -> torch.Tensor:
     return torch.cat([torch.arange(half - held, half), torch.arange(n - held, n)])
 
 
+def rows_outside(n: int, held: torch.Tensor) -> torch.Tensor:
+    """The rows 0..n-1 not in `held` (the training rows), on held's device."""
+    mask = torch.ones(n, dtype=torch.bool, device=held.device)
+    mask[held] = False
+    return mask.nonzero().squeeze(1)
+
+
 def _fit_or_load(net: nn.Module, lat: LatentSet, held: torch.Tensor, steps: int, batch: int, noise: float,
                  rng: torch.Generator, run: RunDir, path, kind: str, loss) -> None:
     """`net` loaded from `path` if the run folder has it, else trained on the rows of `lat` not in `held`: one-cycle
@@ -34,9 +41,7 @@ def _fit_or_load(net: nn.Module, lat: LatentSet, held: torch.Tensor, steps: int,
         load_state_into(net, path)
         run.log(f"{kind} loaded from {path}")
     else:
-        mask = torch.ones(len(lat), dtype=torch.bool, device=held.device)
-        mask[held] = False
-        train_rows = mask.nonzero().squeeze(1)
+        train_rows = rows_outside(len(lat), held)
         opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=2e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
         net.train()
@@ -77,9 +82,7 @@ def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: Run
         ghosts, ghost_of = faint
         ghosts, ghost_of = ghosts.to(device), ghost_of.to(device)
         ghost_held = heldout_rows(len(ghosts)).to(device)
-        keep = torch.ones(len(ghosts), dtype=torch.bool, device=device)
-        keep[ghost_held] = False
-        ghost_rows, n_ghost = keep.nonzero().squeeze(1), max(1, round(batch * faint_share))
+        ghost_rows, n_ghost = rows_outside(len(ghosts), ghost_held), max(1, round(batch * faint_share))
 
         def loss(z, idx):
             j = ghost_rows[torch.randint(0, len(ghost_rows), (n_ghost,), generator=rng, device=device)]

@@ -81,6 +81,31 @@ def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = 
                      vae.cfg.scale_factor)
 
 
+def _encoded_renders(path: Path, key: str, vae: VAE, render, rendered: str, stored: str, log,
+                     keyless_ok: bool = False):
+    """The arrays of `path`, first written if missing: render() -> (uint8 images, {name: one row per image}),
+    encoded with their mirror images (each row kept twice, as the latent cache holds them) and stored whole, then
+    swapped in, beside `key`. A file written under another key is refused (one with no key at all only if
+    `keyless_ok`: count files from before the key was kept). `rendered` / `stored` word the log lines."""
+    path = Path(path)
+    if not path.exists():
+        images, rows = render()
+        log(rendered.format(n=len(images)))
+        mean, std = encode_images(vae, images)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), key=key,
+                 **{name: np.concatenate([r, r]) for name, r in rows.items()})
+        os.replace(tmp, path)
+    else:
+        log(f"{stored} latents read from {path}")
+    d = np.load(path)
+    held = str(d["key"]) if "key" in d.files else None
+    if held != key and (held is not None or not keyless_ok):
+        raise UserError(f"{path} holds the latents of {held or 'renders it does not name'}, not of {key}: move it "
+                        "away to render afresh")
+    return d
+
+
 def count_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = None, workers: int | None = None,
                   log=print) -> LatentSet:
     """Scenes of 1-5 objects in which a class may repeat (the official data never repeats one): `scenes` fresh
@@ -89,20 +114,13 @@ def count_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = 
     the rendering; a file written for other scenes, another seed or another encoder is refused."""
     vae_folder = Path(vae_folder) if vae_folder else SHIPPED_VAE
     vae = load_vae(vae_folder)
-    key = f"scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}"
-    path = Path(path)
-    if not path.exists():
+
+    def render():
         images, counts = render_count_arrays(seed, scenes, workers=workers)
-        log(f"rendered {len(images)} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)")
-        mean, std = encode_images(vae, images)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), counts=np.concatenate([counts, counts]), key=key)
-        os.replace(tmp, path)
-    else:
-        log(f"rendered scenes' latents read from {path}")
-    d = np.load(path)
-    if "key" in d.files and str(d["key"]) != key:  # files from before the key was kept are taken as they are
-        raise UserError(f"{path} holds the latents of {d['key']}, not of {key}: move it away to render afresh")
+        return images, {"counts": counts}
+    d = _encoded_renders(path, f"scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}", vae, render,
+                         f"rendered {{n}} scenes of 1-5 objects (of {scenes}; a scene with no room is skipped)",
+                         "rendered scenes'", log, keyless_ok=True)
     return LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["counts"]).float(),
                      vae.cfg.scale_factor)
 
@@ -114,21 +132,13 @@ def faint_latents(path: Path, scenes: int, seed: int, vae_folder: Path | None = 
     objects only, and the faint object's multi-hot (N, 24). Kept at `path` like count_latents' file."""
     vae_folder = Path(vae_folder) if vae_folder else SHIPPED_VAE
     vae = load_vae(vae_folder)
-    key = f"faint scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}"
-    path = Path(path)
-    if not path.exists():
+
+    def render():
         images, solid, faint, _ = render_faint_arrays(seed, scenes, workers=workers)
-        log(f"rendered {len(images)} scenes with one faint object (of {scenes}; a scene with no room is skipped)")
-        mean, std = encode_images(vae, images)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, mean=mean.numpy(), std=std.numpy(), labels=np.concatenate([solid, solid]),
-                 faint=np.concatenate([faint, faint]), key=key)
-        os.replace(tmp, path)
-    else:
-        log(f"faint scenes' latents read from {path}")
-    d = np.load(path)
-    if str(d["key"]) != key:
-        raise UserError(f"{path} holds the latents of {d['key']}, not of {key}: move it away to render afresh")
+        return images, {"labels": solid, "faint": faint}
+    d = _encoded_renders(path, f"faint scenes {scenes} seed {seed} encoder {encoder_digest(vae_folder)}", vae, render,
+                         f"rendered {{n}} scenes with one faint object (of {scenes}; a scene with no room is skipped)",
+                         "faint scenes'", log)
     return (LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["labels"]),
                       vae.cfg.scale_factor), torch.from_numpy(d["faint"]))
 
