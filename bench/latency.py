@@ -169,7 +169,9 @@ class Models:
         torch.set_num_threads(threads)
         self.weights = weights
         if export is None:
-            export = Path(tempfile.mkdtemp(prefix="bench-export-"))
+            # removed when this object goes (~100 MB a run; mkdtemp left one behind per benchmark)
+            self._export_dir = tempfile.TemporaryDirectory(prefix="bench-export-")
+            export = Path(self._export_dir.name)
             int8 = data if data is not None and (data / "train.json").exists() else None
             print(f"exporting {weights} to {export} (ONNX + TorchScript" + (", int8 copies" if int8 else "") + ")",
                   flush=True)

@@ -35,12 +35,16 @@ makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (t
 a judge, and better another than the best-of selector) for runs that measure what it adds. No judge in any loss or
 selection: the judge scores --eval-conditions held-out conditions for the log only, and the run's final EMA
 (after --steps, fixed in advance) is what gets shipped.
+
+SIGTERM or Ctrl-C checkpoints after the step under way, saves final/ (`stopped_early` in its config) and exits
+128 + the signal's number; --resume carries on. A second one stops at once.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -64,7 +68,7 @@ from python.models.sampling import decode, gan_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Interruption, Progress, add_run_options, resolve_config
 from python.training.losses import class_term, coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
 
@@ -260,7 +264,7 @@ def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
     disc.load_state_dict(heads)
 
 
-def train(args, cfg: dict) -> Path:
+def train(args, cfg: dict) -> tuple[Path, int]:
     teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
     vae_dir = args.vae or SHIPPED_VAE
     require_latent_space(args.ldm or SHIPPED_LDM, tcfg, vae_dir)
@@ -420,67 +424,73 @@ def train(args, cfg: dict) -> Path:
             out["f_loss"] = f_update(fake.detach(), cond).item()
         return out
 
-    while step < cfg["steps"]:
-        real, cond, z = draw()
-        extra, gnorm, f_fake = {}, 0.0, None
-        if step >= cfg["d_warmup"]:
-            fake = student(z, cond)
-            loss = torch.zeros(())
-            if use_adv:  # fool the heads at a random noise level (the gradient flows through the frozen network)
-                f_fake = backbone_features(fake, cond)
-                disc.requires_grad_(False)
-                g_adv = generator_adv(disc.score(f_fake, cond))
-                disc.requires_grad_(True)
-                loss = loss + cfg["adv_weight"] * g_adv
-                extra["g_adv"] = g_adv.item()
-            if use_dmd:  # towards the guided LDM's distribution, away from the generator's own
-                g_dmd = dmd_loss(fake, cond, teacher, fake_score, cfg["dmd_guidance"], (lo, hi), tables,
-                                 schedule.prediction, gen)
-                loss = loss + cfg["dmd_weight"] * g_dmd
-                extra["g_dmd"] = g_dmd.item()
-            if cls_nets:
-                cls_term = class_term(cls_nets, fake, cond)
-                loss = loss + args.cls_weight * cls_term
-                extra["cls"] = cls_term.item()
-            if counter is not None:  # "k objects in all": a requested object drawn twice, or a faint ghost, fails it
-                total = count_reward(counter, fake, cond, present=0.0, absent=0.0, total=1.0)
-                loss = loss + args.count_weight * total
-                extra["count"] = total.item()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
-            opt.step()
-        else:  # the critics' warm-up: a generator step against untrained heads would follow noise
-            with torch.no_grad():
-                fake = student(z, cond)
-                f_fake = backbone_features(fake, cond) if use_adv else None
-        # critics: this step's fakes as the generator's step saw them (the heads reuse their features, which d_update
-        # detaches), then --d-steps - 1 more updates on fresh batches
-        figures = critics(real, cond, fake, f_fake)
-        for _ in range(cfg["d_steps"] - 1):
+    with Interruption() as interrupt:
+        while step < cfg["steps"]:
             real, cond, z = draw()
-            with torch.no_grad():
+            extra, gnorm, f_fake = {}, 0.0, None
+            if step >= cfg["d_warmup"]:
                 fake = student(z, cond)
-                f_fake = backbone_features(fake, cond) if use_adv else None
+                loss = torch.zeros(())
+                if use_adv:  # fool the heads at a random noise level (the gradient flows through the frozen network)
+                    f_fake = backbone_features(fake, cond)
+                    disc.requires_grad_(False)
+                    g_adv = generator_adv(disc.score(f_fake, cond))
+                    disc.requires_grad_(True)
+                    loss = loss + cfg["adv_weight"] * g_adv
+                    extra["g_adv"] = g_adv.item()
+                if use_dmd:  # towards the guided LDM's distribution, away from the generator's own
+                    g_dmd = dmd_loss(fake, cond, teacher, fake_score, cfg["dmd_guidance"], (lo, hi), tables,
+                                     schedule.prediction, gen)
+                    loss = loss + cfg["dmd_weight"] * g_dmd
+                    extra["g_dmd"] = g_dmd.item()
+                if cls_nets:
+                    cls_term = class_term(cls_nets, fake, cond)
+                    loss = loss + args.cls_weight * cls_term
+                    extra["cls"] = cls_term.item()
+                if counter is not None:  # "k objects in all": a requested object drawn twice, or a faint ghost, fails it
+                    total = count_reward(counter, fake, cond, present=0.0, absent=0.0, total=1.0)
+                    loss = loss + args.count_weight * total
+                    extra["count"] = total.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+                opt.step()
+            else:  # the critics' warm-up: a generator step against untrained heads would follow noise
+                with torch.no_grad():
+                    fake = student(z, cond)
+                    f_fake = backbone_features(fake, cond) if use_adv else None
+            # critics: this step's fakes as the generator's step saw them (the heads reuse their features, which d_update
+            # detaches), then --d-steps - 1 more updates on fresh batches
             figures = critics(real, cond, fake, f_fake)
-        extra.update(figures)
-        step += 1
-        ema_update(ema, student, step, args.ema)
-        progress.step(step, batch, lambda: dict(grad_norm=gnorm, **extra))
-        evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
-        if evaluating:
-            log_heldout(step)
-        if evaluating or step % cfg["save_every"] == 0:
-            run.checkpoint(step, modules, objects)
+            for _ in range(cfg["d_steps"] - 1):
+                real, cond, z = draw()
+                with torch.no_grad():
+                    fake = student(z, cond)
+                    f_fake = backbone_features(fake, cond) if use_adv else None
+                figures = critics(real, cond, fake, f_fake)
+            extra.update(figures)
+            step += 1
+            ema_update(ema, student, step, args.ema)
+            progress.step(step, batch, lambda: dict(grad_norm=gnorm, **extra))
+            evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
+            if evaluating:
+                log_heldout(step)
+            stop = interrupt.requested and step < cfg["steps"]
+            if evaluating or step % cfg["save_every"] == 0 or stop:
+                run.checkpoint(step, modules, objects)
+            if stop:
+                run.log(f"stopped at step {step} of {cfg['steps']} ({interrupt.name} received); continue with --resume")
+                break
     progress.close()
     final = run.path / "final"
     save_generator(copy.deepcopy(ema).float(), final, {"vae_sha": cfg["vae_sha"], "trained_steps": step,
                                                        "objective": cfg["objective"],
                                                        "discriminator": cfg["discriminator"], "dmd": cfg["dmd"],
                                                        "count_term": cfg["count_term"],
-                                                       "train_seconds": round(run.elapsed(), 1)})
+                                                       "train_seconds": round(run.elapsed(), 1),
+                                                       **({"stopped_early": True} if interrupt.requested else {})})
     run.log(f"saved the EMA generator to {final}")
-    return final
+    return final, interrupt.exit_code
 
 
 @cli
@@ -547,8 +557,10 @@ def main(argv=None):
     if str(args.init).lower() == "none":
         args.init = None
     cfg = resolve_config(PRESETS[args.preset], args)
-    final = train(args, cfg)
+    final, code = train(args, cfg)
     print(json.dumps({"final": str(final), "steps": cfg["steps"]}))
+    if code:  # stopped by a signal after a checkpoint: the shell sees what stopped it
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ The projector trains with the denoiser and is kept in the checkpoints, not in th
 
 --stop-after MINUTES: a time budget (a lent GPU's device time, a CPU session's end). Once this process has trained
 that long it checkpoints, saves final/ (the EMA so far, `stopped_early` in its config) and exits 0; --resume carries
-on where it stopped, with the schedule of the whole --steps.
+on where it stopped, with the schedule of the whole --steps. SIGTERM or Ctrl-C does the same after the step under
+way and exits 128 + the signal's number (143, 130); a second one stops at once.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ import argparse
 import copy
 import json
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,7 +58,7 @@ from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import count_latents, load_latents, mixed_batch
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Interruption, Progress, add_run_options, resolve_config
 from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.repa import ClassifierTargets, Projector, alignment_loss
 from python.training.rundir import RunDir, restore_checkpoint
@@ -263,59 +266,60 @@ def main(argv=None):
     progress = Progress(run, steps, step)
     model.train()
     t_start, stopped = time.time(), False
-    while step < steps:
-        # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
-        z0, labels = mixed_batch(lat, count_lat, per_rank, n_count, gen)
-        keep = torch.rand(per_rank, generator=gen, device=device) >= args.p_uncond
-        cond = labels * keep.float()[:, None]
-        t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
-        eps = torch.randn(z0.shape, generator=gen, device=device)
-        extra = {}  # the terms beside the diffusion loss, as tensors (read off the device only when logged)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
-            loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction,
-                                            **({"feature_layer": args.repa_layer} if projector else {}))
-            if projector:
-                out, hidden = out
-                align = alignment_loss(proj(hidden), repa_targets(z0))
-                extra = {"repa": align.detach(), "mse": loss.detach()}
-                loss = loss + args.repa_weight * align
-        if cls_nets and (sel := keep & (t < cls_max_t)).any():
-            x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
-            cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
-            extra = {**extra, "cls": cls_term.detach(), "mse": extra.get("mse", loss.detach())}
-            loss = loss + args.cls_weight * cls_term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        ema_update(ema, model, step, args.ema)
-        progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
-                                                           lr=sched.get_last_lr()[0],
-                                                           **{k: float(v) for k, v in extra.items()}))
-        evaluating = step % cfg["eval_every"] == 0 or step == steps
-        if run and not evaluating and step % cfg["save_every"] == 0:
-            run.checkpoint(step, modules, objects)
-        if evaluating:
-            if run:
-                res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance,
-                                        device)
-                run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
-                progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
-                               f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")
-                run.sample_grid("heldout", step, images)
+    with Interruption() as interrupt:
+        while step < steps:
+            # the whole batch is drawn on the training device (cache, noise, tables): no host work per step
+            z0, labels = mixed_batch(lat, count_lat, per_rank, n_count, gen)
+            keep = torch.rand(per_rank, generator=gen, device=device) >= args.p_uncond
+            cond = labels * keep.float()[:, None]
+            t = torch.randint(0, schedule.T, (per_rank,), generator=gen, device=device)
+            eps = torch.randn(z0.shape, generator=gen, device=device)
+            extra = {}  # the terms beside the diffusion loss, as tensors (read off the device only when logged)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["bf16"]):
+                loss, x_t, out = diffusion_loss(net, z0, cond, t, eps, (ca_tab, cs_tab), w_tab, schedule.prediction,
+                                                **({"feature_layer": args.repa_layer} if projector else {}))
+                if projector:
+                    out, hidden = out
+                    align = alignment_loss(proj(hidden), repa_targets(z0))
+                    extra = {"repa": align.detach(), "mse": loss.detach()}
+                    loss = loss + args.repa_weight * align
+            if cls_nets and (sel := keep & (t < cls_max_t)).any():
+                x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
+                cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
+                extra = {**extra, "cls": cls_term.detach(), "mse": extra.get("mse", loss.detach())}
+                loss = loss + args.cls_weight * cls_term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            ema_update(ema, model, step, args.ema)
+            progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),
+                                                               lr=sched.get_last_lr()[0],
+                                                               **{k: float(v) for k, v in extra.items()}))
+            evaluating = step % cfg["eval_every"] == 0 or step == steps
+            if run and not evaluating and step % cfg["save_every"] == 0:
                 run.checkpoint(step, modules, objects)
-            if world > 1:
-                dist.barrier()
-        if args.stop_after is not None and step < steps and _past(t_start, args.stop_after, device, world):
-            stopped = True
-            if run:
-                if not evaluating and step % cfg["save_every"]:  # else saved above
+            if evaluating:
+                if run:
+                    res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance,
+                                            device)
+                    run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
+                    progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
+                                   f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")
+                    run.sample_grid("heldout", step, images)
                     run.checkpoint(step, modules, objects)
-                run.log(f"stopped at step {step} of {steps} after {args.stop_after:g} min (--stop-after); "
-                        f"continue with --resume")
-            break
+                if world > 1:
+                    dist.barrier()
+            why = _stop_reason(args.stop_after, t_start, interrupt, device, world) if step < steps else None
+            if why:
+                stopped = True
+                if run:
+                    if not evaluating and step % cfg["save_every"]:  # else saved above
+                        run.checkpoint(step, modules, objects)
+                    run.log(f"stopped at step {step} of {steps} ({why}); continue with --resume")
+                break
     progress.close()
     if run:
         extra = {"schedule": schedule.config(), "vae_sha": cfg["vae_sha"], "trained_steps": step,
@@ -325,17 +329,24 @@ def main(argv=None):
         print(json.dumps({"final": str(run.path / "final"), "steps": step}))
     if world > 1:
         dist.destroy_process_group()
+    if interrupt.requested:  # saved above; the shell sees what stopped it
+        sys.exit(interrupt.exit_code)
 
 
-def _past(t_start: float, minutes: float, device: torch.device, world: int) -> bool:
-    """Whether `minutes` have passed since t_start; with several processes, rank 0's clock decides for all (a rank
-    that stopped alone would leave the others waiting in their next all-reduce)."""
-    done = time.time() - t_start >= 60 * minutes
+def _stop_reason(minutes: float | None, t_start: float, interrupt: Interruption, device: torch.device,
+                 world: int) -> str | None:
+    """Why the loop stops after this step: --stop-after's time is up, or a signal came; None to go on. With several
+    processes every rank stops if one would (a rank that stopped alone would leave the others waiting in their next
+    all-reduce), so they agree once per step."""
+    late = minutes is not None and time.time() - t_start >= 60 * minutes
+    code = 2 * (interrupt.signum or 0) + int(late)
     if world > 1:
-        flag = torch.tensor([float(done)], device=device)
-        dist.broadcast(flag, 0)
-        done = bool(flag.item())
-    return done
+        flag = torch.tensor([float(code)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag.item())
+    if code == 0:
+        return None
+    return f"{signal.Signals(code // 2).name} received" if code >= 2 else f"after {minutes:g} min (--stop-after)"
 
 
 if __name__ == "__main__":

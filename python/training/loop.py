@@ -1,9 +1,13 @@
-"""The scaffold every training loop shares: settings resolved from a preset and the command line, and the progress
-bar with its periodic metrics line."""
+"""The scaffold every training loop shares: settings resolved from a preset and the command line, the progress
+bar with its periodic metrics line, and the stop on SIGTERM / Ctrl-C that checkpoints first."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -85,7 +89,9 @@ class Progress:
 
     def __init__(self, run: RunDir | None, total: int, initial: int = 0, every: int = 20, show: tuple = ("loss",)):
         self.run, self.total, self.every, self.show = run, total, every, show
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=run is None)
+        # into a file (nohup ... > run.out) a bar redraw is a line of text: one every 30 s, not ten a second
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=run is None,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
         self.t_last, self.seen = time.time(), 0
 
     def step(self, step: int, images: int, metrics: Callable[[], dict]) -> None:
@@ -106,3 +112,56 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class Interruption:
+    """SIGTERM (a scheduler's preemption, `kill`, `pkill -f`) or Ctrl-C during a training loop, turned into a request
+    the loop reads once per step: it checkpoints, saves what it has and exits, so that a stop costs no steps
+    (without this it would lose everything since the last --save-every). A second signal stops at once
+    (KeyboardInterrupt). Used as a context manager around the loop; outside the main thread, or in a process forked
+    from it (a DataLoader worker, which the same `pkill -f` reaches), the default behaviour stands.
+
+        with Interruption() as stop:
+            while step < steps:
+                ...
+                if stop.requested:
+                    checkpoint(); break
+        sys.exit(stop.exit_code)  # 128 + the signal's number, as a shell reports a killed process; 0 if none came
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._pid, self._previous = os.getpid(), {}
+
+    def __enter__(self) -> "Interruption":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum if self.signum is not None else 0
