@@ -103,7 +103,8 @@ class Progress:
             return
         rate = self.seen / (time.time() - self.t_last)
         values = metrics()
-        self.bar.set_postfix(**{k: f"{values[k]:.4g}" for k in self.show if k in values}, img_s=f"{rate:.0f}")
+        self.bar.set_postfix(**{k: f"{values[k]:.4g}" for k in self.show if k in values}, img_s=f"{rate:.0f}",
+                             refresh=self.bar.mininterval < 1)  # a file gets the bar on its own clock
         self.run.metrics(step=step, **values, images_per_sec=rate)
         self.t_last, self.seen = time.time(), 0
 
