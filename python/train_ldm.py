@@ -338,15 +338,14 @@ def _stop_reason(minutes: float | None, t_start: float, interrupt: Interruption,
     """Why the loop stops after this step: --stop-after's time is up, or a signal came; None to go on. With several
     processes every rank stops if one would (a rank that stopped alone would leave the others waiting in their next
     all-reduce), so they agree once per step."""
-    late = minutes is not None and time.time() - t_start >= 60 * minutes
-    code = 2 * (interrupt.signum or 0) + int(late)
+    signum, late = interrupt.signum or 0, int(minutes is not None and time.time() - t_start >= 60 * minutes)
     if world > 1:
-        flag = torch.tensor([float(code)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = int(flag.item())
-    if code == 0:
-        return None
-    return f"{signal.Signals(code // 2).name} received" if code >= 2 else f"after {minutes:g} min (--stop-after)"
+        flags = torch.tensor([float(signum), float(late)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, late = (int(v) for v in flags.tolist())
+    if signum:
+        return f"{signal.Signals(signum).name} received"
+    return f"after {minutes:g} min (--stop-after)" if late else None
 
 
 if __name__ == "__main__":
