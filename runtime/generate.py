@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from python.core.best_of import best_of_latents
-from python.core.diffusion import DEFAULT_GUIDANCE, SAMPLERS, Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS, Schedule
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import load_conditions, parse_label_arg
@@ -37,7 +37,7 @@ MAX_BEST_OF = 16
 
 
 def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, batch: int, best_of: int,
-                   sampler: str, schedule_steps: int) -> None:
+                   sampler: str, schedule_steps: int, apg_norm: float = DEFAULT_APG_NORM) -> None:
     """UserError naming the first setting outside its range (NaN and infinity included) and what is valid."""
     checks = [("-n", n, 1, MAX_IMAGES), ("--steps", steps, 1, schedule_steps), ("--batch", batch, 1, MAX_IMAGES),
               ("--best-of", best_of, 1, MAX_BEST_OF), ("--seed", seed, 0, 2 ** 63 - 1),
@@ -45,6 +45,8 @@ def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, b
     for flag, value, lo, hi in checks:
         if not (math.isfinite(value) and lo <= value <= hi):
             raise UserError(f"{flag} must be between {lo} and {hi}, got {value}")
+    if not apg_norm >= 0:  # also NaN; inf is valid (projection without a cap)
+        raise UserError(f"--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf, got {apg_norm}")
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if n * best_of > MAX_IMAGES:
@@ -77,13 +79,14 @@ class Pipeline:
 
     def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                     seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None,
-                    seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
+                    seeds: list[tuple[int, int]] | None = None, apg_norm: float = DEFAULT_APG_NORM) -> np.ndarray:
         """Latents for multi-hot conditions. x_T (optional) replaces the seed's initial noise; seeds (optional,
-        [(seed, count), ...] covering the rows in order) gives each batched request its own noise."""
+        [(seed, count), ...] covering the rows in order) gives each batched request its own noise; apg_norm > 0:
+        adaptive projected guidance (python/core/sampling.py)."""
         self._need("denoiser", "the LDM")
         denoiser = lambda x, t, cond: self.ex.run("denoiser", {"x": x, "t": t, "cond": cond})[0]  # noqa: E731
         return diffusion_latents(denoiser, self.schedule, cond, self.latent_shape, sampler, steps, guidance, eta,
-                                 seed, seeds, batch, x_T, on_step)
+                                 seed, seeds, batch, x_T, on_step, apg_norm)
 
     def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024,
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
@@ -134,6 +137,9 @@ def main(argv=None):
     parser.add_argument("--sampler", default="dpmpp", help="dpmpp, ddim or ddpm")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="0: classifier-free guidance; > 0: adaptive projected guidance (Sadat et al. 2024) with "
+                             "that cap on the update's norm; inf: no cap")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
@@ -156,12 +162,13 @@ def main(argv=None):
     pipe = Pipeline(ExportFolder(args.export, args.providers, args.threads, args.precision, args.backend))
     cond = load_conditions(args.conditions) if args.conditions else parse_label_arg(args.labels)[None]
     check_settings(len(cond) if args.conditions else args.n, args.steps, args.guidance, args.eta, args.seed,
-                   args.batch, args.best_of, args.sampler, pipe.schedule.T if pipe.schedule else 1000)
+                   args.batch, args.best_of, args.sampler, pipe.schedule.T if pipe.schedule else 1000, args.apg_norm)
     check_output(args.out, folder=bool(args.conditions))
     if args.labels:
         cond = np.repeat(cond, args.n, axis=0)
     kw = {"seed": args.seed} if args.model == "gan" else dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                                                        eta=args.eta, seed=args.seed, batch=args.batch)
+                                                        eta=args.eta, seed=args.seed, batch=args.batch,
+                                                        apg_norm=args.apg_norm)
     try:
         images = pipe.generate(cond, args.model, args.best_of, **kw)
     except ValueError as e:  # sampler name / steps out of range, from the shared maths

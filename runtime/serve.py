@@ -5,8 +5,9 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 4.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all but labels
-are optional ("best_of" N > 1: the best of N candidates per image by the export's latent classifier, N times the
+"guidance": 4.0, "apg_norm": 0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all
+but labels are optional ("apg_norm" > 0: adaptive projected guidance with that norm cap instead of classifier-free
+guidance, python/core/diffusion.py; "best_of" N > 1: the best of N candidates per image by the export's latent classifier, N times the
 work; python/core/best_of.py). It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
 base64 PNGs, with the judge's per-image scores when "scores" is true. GET /health, GET /metrics
 (Prometheus text format).
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.core.diffusion import DEFAULT_GUIDANCE, SAMPLERS
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import OBJECTS
@@ -105,8 +106,8 @@ def parse_request(body, limits: Limits) -> dict:
     """The validated request, or BadRequest naming the field that is wrong and what is valid."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"labels\": [\"red sphere\"]}")
-    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "eta", "seed", "best_of",
-                           "format", "scores"}
+    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "apg_norm", "eta", "seed",
+                           "best_of", "format", "scores"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}")
     if "labels" not in body:
@@ -128,7 +129,8 @@ def parse_request(body, limits: Limits) -> dict:
     r = dict(labels=labels,
              n=_get(body, "n", int, 1), model=_get(body, "model", str, "ldm"),
              sampler=_get(body, "sampler", str, "dpmpp"), steps=_get(body, "steps", int, 20),
-             guidance=float(_get(body, "guidance", (int, float), DEFAULT_GUIDANCE)), eta=float(_get(body, "eta", (int, float), 0.0)),
+             guidance=float(_get(body, "guidance", (int, float), DEFAULT_GUIDANCE)),
+             apg_norm=float(_get(body, "apg_norm", (int, float), DEFAULT_APG_NORM)), eta=float(_get(body, "eta", (int, float), 0.0)),
              seed=_get(body, "seed", int, 0), best_of=_get(body, "best_of", int, 1), format=_get(body, "format", (str, type(None)), None),
              scores=_get(body, "scores", bool, False))
     if not 1 <= r["n"] <= limits.max_n:
@@ -141,6 +143,8 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'steps' must be between 1 and {limits.max_steps}, got {r['steps']}")
     if not 0.0 <= r["guidance"] <= limits.max_guidance:
         raise BadRequest(f"'guidance' must be between 0 and {limits.max_guidance}, got {r['guidance']}")
+    if not r["apg_norm"] >= 0.0:
+        raise BadRequest(f"'apg_norm' must be 0 (classifier-free guidance) or a positive norm cap, got {r['apg_norm']}")
     if not 0.0 <= r["eta"] <= 1.0:
         raise BadRequest(f"'eta' must be between 0 and 1, got {r['eta']}")
     if not 0 <= r["seed"] < 2 ** 63:
@@ -159,7 +163,7 @@ def batch_key(r: dict) -> tuple:
     """Requests with equal keys can share one sampler call."""
     if r["model"] == "gan":
         return ("gan", r["best_of"])
-    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["eta"], r["best_of"])
+    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["apg_norm"], r["eta"], r["best_of"])
 
 
 def condition(req: dict) -> np.ndarray:
@@ -271,7 +275,7 @@ class Batcher:
             if all(j.abandoned for j in jobs):
                 raise Cancelled
         return self.pipe.generate(cond, "ldm", r["best_of"], sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
-                                  eta=r["eta"], seeds=seeds, batch=self.max_batch, on_step=on_step)
+                                  apg_norm=r["apg_norm"], eta=r["eta"], seeds=seeds, batch=self.max_batch, on_step=on_step)
 
     async def run_forever(self):
         loop = asyncio.get_running_loop()

@@ -194,7 +194,7 @@ def test_heads_warm_start_from_another_run_of_the_same_discriminator(tiny_data, 
 def test_dmd_moves_each_latent_along_the_fake_minus_the_guided_real_prediction(tiny_weights):
     import copy
 
-    from python.core.diffusion import Schedule, add_noise, guide, x0_eps
+    from python.core.diffusion import Schedule, add_noise, guide, guide_projected, x0_eps
     from python.training.losses import coeff_tables
 
     teacher, tcfg = load_denoiser(tiny_weights / "ldm")
@@ -231,6 +231,17 @@ def test_dmd_moves_each_latent_along_the_fake_minus_the_guided_real_prediction(t
         want = (mine - real) / (fake - real).abs().mean((1, 2, 3), keepdim=True) / fake.numel()
     assert g.abs().max() > 0 and torch.allclose(g, want, atol=1e-6 * want.abs().max().item(), rtol=1e-3)
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in other.parameters())
+    # with adaptive projected guidance the real prediction is the projected guidance of the two x_0 predictions
+    fake.grad = None
+    adversarial.dmd_loss(fake, cond, teacher, other, 2.0, (100, 900), tables, schedule.prediction,
+                         torch.Generator().manual_seed(3), apg_norm=1.5).backward()
+    with torch.no_grad():
+        real = guide_projected(x0_eps(x_t, teacher(x_t, t, cond), ca, cs, schedule.prediction)[0],
+                               x0_eps(x_t, teacher(x_t, t, torch.zeros_like(cond)), ca, cs, schedule.prediction)[0],
+                               2.0, 1.5)
+        want = (mine - real) / (fake - real).abs().mean((1, 2, 3), keepdim=True) / fake.numel()
+    assert torch.allclose(fake.grad, want, atol=1e-6 * want.abs().max().item(), rtol=1e-3)
+    assert not torch.allclose(fake.grad, g, rtol=1e-2)
 
 
 def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_data, tiny_weights, tmp_path, capsys):

@@ -10,8 +10,12 @@ from python.core.diffusion import (
     DPMSolverPP,
     Schedule,
     add_noise,
+    check_apg_norm,
     guide,
+    guide_outputs,
+    guide_projected,
     make_sampler,
+    output_from_x0,
     sample_loop,
     target,
     x0_eps,
@@ -144,3 +148,49 @@ def test_guidance_and_errors():
         make_sampler("ddim", Schedule(), 0)
     with pytest.raises(ValueError, match="unknown prediction"):
         Schedule(prediction="x0")
+
+
+def test_adaptive_projected_guidance_drops_the_parallel_part_and_caps_the_norm():
+    rng = np.random.default_rng(4)
+    xc, xu = rng.standard_normal((2, 3, 4, 4, 4))
+    per = lambda x: (x.reshape(len(x), -1)).sum(1)  # noqa: E731
+    for norm in (np.inf, 2.0, 0.5):
+        g = guide_projected(xc, xu, 4.0, norm)
+        update = (g - xc) / 3.0  # (scale - 1) times the kept part of the update
+        # orthogonal to the conditional prediction, sample by sample
+        assert np.abs(per(update * xc)).max() < 1e-10
+        # never longer than the capped update; uncapped it is exactly the update's orthogonal part
+        d = xc - xu
+        if np.isinf(norm):
+            unit = xc / np.sqrt(per(xc * xc))[:, None, None, None]
+            want = d - per(d * unit)[:, None, None, None] * unit
+            assert np.allclose(update, want, atol=1e-12)
+        assert (np.sqrt(per(update * update)) <= min(norm, np.sqrt(per(d * d)).max()) + 1e-9).all()
+    # a cap that binds: each sample's update shrinks to that norm before the projection (one sample kept short)
+    xu2 = xc - 1e-3 * rng.standard_normal(xc.shape)
+    g = guide_projected(xc, np.concatenate([xu[:2], xu2[2:]]), 2.0, 0.5)
+    lengths = np.sqrt(per((g - xc) ** 2))
+    assert (lengths[:2] < 0.5 + 1e-9).all() and lengths[2] < 0.05
+    # scale 1 is the conditional prediction; torch and numpy agree
+    assert np.allclose(guide_projected(xc, xu, 1.0, 2.0), xc)
+    t = guide_projected(torch.from_numpy(xc), torch.from_numpy(xu), 3.0, 2.0)
+    assert np.allclose(t.numpy(), guide_projected(xc, xu, 3.0, 2.0), atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_guided_outputs_in_the_network_s_own_terms(prediction):
+    rng = np.random.default_rng(5)
+    x_t, oc, ou = rng.standard_normal((3, 2, 4, 4, 4))
+    a, s = 0.6, 0.8
+    # output_from_x0 inverts x0_eps
+    assert np.allclose(output_from_x0(x_t, x0_eps(x_t, oc, a, s, prediction)[0], a, s, prediction), oc, atol=1e-12)
+    # apg_norm 0 is classifier-free guidance; otherwise the projected guidance of the two x_0 predictions
+    assert np.array_equal(guide_outputs(oc, ou, 4.0, x_t, a, s, prediction, 0.0), guide(oc, ou, 4.0))
+    got = x0_eps(x_t, guide_outputs(oc, ou, 4.0, x_t, a, s, prediction, 3.0), a, s, prediction)[0]
+    want = guide_projected(x0_eps(x_t, oc, a, s, prediction)[0], x0_eps(x_t, ou, a, s, prediction)[0], 4.0, 3.0)
+    assert np.allclose(got, want, atol=1e-12)
+    assert not np.allclose(got, x0_eps(x_t, guide(oc, ou, 4.0), a, s, prediction)[0])
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="apg norm must be 0"):
+            check_apg_norm(bad)
+    assert check_apg_norm(float("inf")) == float("inf")

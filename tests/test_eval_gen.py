@@ -14,13 +14,17 @@ def test_spread_is_mean_pairwise_distance_within_groups():
     assert spread(f, 2) == pytest.approx(2.5)
 
 
-def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_path):
+def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "eval.json"
     main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
-          "new_test.json", "--seeds", "0", "1", "--steps", "3", "--guidance", "1", "2", "--limit", "6",
+          "new_test.json", "--seeds", "0", "1", "--steps", "3", "--guidance", "1", "2", "--apg-norm", "0", "3", "--limit", "6",
           "--diversity-conditions", "2", "--per-condition", "3", "--out", str(out), "--json", str(js)])
     rep = json.loads(js.read_text())
-    assert [(r["steps"], r["guidance"]) for r in rep["results"]] == [(3, 1.0), (3, 2.0)]
+    assert [(r["steps"], r["guidance"], r["apg_norm"]) for r in rep["results"]] == [
+        (3, 1.0, 0.0), (3, 1.0, 3.0), (3, 2.0, 0.0), (3, 2.0, 3.0)]
+    # at guidance 1 there is nothing to project: the same images; at 2 the projected guidance differs
+    same, differs = rep["results"][0]["files"]["test.json"], rep["results"][1]["files"]["test.json"]
+    assert same["per_seed"] == differs["per_seed"]
     for r in rep["results"]:
         t = r["files"]["test.json"]
         assert t["n"] == 6 and len(t["per_seed"]) == 2 and 0 <= t["accuracy_mean"] <= 1
@@ -33,6 +37,10 @@ def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_p
             r["diversity"]["pixel_generated"] / r["diversity"]["pixel_real"], rel=1e-3)
         assert all(0.0 <= f["unrequested_object_rate"] <= 1.0 for f in r["files"].values())
     assert Image.open(out / "ldm_test_s3_g1.png").size[0] == 6 * 66 + 2
+    assert Image.open(out / "ldm_test_s3_g2_apg3.png") != Image.open(out / "ldm_test_s3_g2.png")
+    with pytest.raises(SystemExit):
+        main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--apg-norm", "-2"])
+    assert "--apg-norm: apg norm must be 0" in capsys.readouterr().err
     process = Image.open(out / "ldm_denoising_process.png")
     assert process.size[1] == 68 and process.size[0] > 2 * 66  # one row: intermediate frames + the result
 

@@ -41,20 +41,27 @@ def _conditions():
                                          ["blue sphere", "green cylinder"])])
 
 
-@pytest.mark.parametrize("sampler, steps, guidance", [("dpmpp", 8, 2.0), ("ddim", 6, 1.0), ("ddpm", 5, 3.0)])
-def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance):
+@pytest.mark.parametrize("sampler, steps, guidance, apg_norm", [("dpmpp", 8, 2.0, 0.0), ("ddim", 6, 1.0, 0.0),
+                                                                ("ddpm", 5, 3.0, 0.0), ("dpmpp", 8, 3.0, 2.0)])
+def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance, apg_norm):
     from runtime.generate import Pipeline
     from runtime.models import ExportFolder
 
     out, _ = export
     pipe = Pipeline(ExportFolder(out))
     cond = _conditions()
-    ours = pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, seed=5, batch=2))  # chunked: 2 + 1
+    ours = pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, seed=5, batch=2,  # chunked: 2 + 1
+                                        apg_norm=apg_norm))
     model, cfg = load_denoiser(tiny_weights / "ldm")
+    schedule = Schedule(**cfg["schedule"])
     ref = decode(Decoder(load_vae(tiny_weights / "vae")),
-                 ldm_latents(model, Schedule(**cfg["schedule"]), cond, sampler, steps, guidance, seed=5))
+                 ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm))
     assert ours.shape == (3, 3, 64, 64)
     assert np.abs(ours - ref.numpy()).max() <= 1e-3
+    if apg_norm:  # the projected guidance is not classifier-free guidance under another name
+        cfg_lat = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5)
+        apg_lat = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm)
+        assert (cfg_lat - apg_lat).abs().max() > 1e-3
 
 
 def test_gan_parity_with_torch(export, tiny_weights):
@@ -108,6 +115,8 @@ def test_cli_labels_and_conditions(export, tmp_path, tiny_data):
     (["--labels", "red sphere", "--guidance", "nan"], "--guidance must be between 0.0 and 20.0, got nan"),
     (["--labels", "red sphere", "--guidance", "inf"], "--guidance must be between 0.0 and 20.0, got inf"),
     (["--labels", "red sphere", "--eta", "-0.5"], "--eta must be between 0.0 and 1.0, got -0.5"),
+    (["--labels", "red sphere", "--apg-norm", "-1"], "--apg-norm must be 0 (classifier-free guidance), a positive"),
+    (["--labels", "red sphere", "--apg-norm", "nan"], "--apg-norm must be 0 (classifier-free guidance), a positive"),
     (["--labels", "red sphere", "--best-of", "17"], "--best-of must be between 1 and 16, got 17"),
     (["--labels", "red sphere", "-n", "8192", "--best-of", "16"], "131072 candidate images, at most 65536"),
     (["--labels", "red sphere", "--out", "{tmp}/grid"], "give a file name ending in .png"),

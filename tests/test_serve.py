@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from python.core.images import to_uint8
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
-from runtime.serve import Batcher, Limits, build_app, condition, parse_request
+from runtime.serve import Batcher, Limits, batch_key, build_app, condition, parse_request
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,19 @@ def test_generate_json_with_scores_matches_the_pipeline(client, onnx_export):
     assert all(set(s["probabilities"]) == {"gray cube"} and 0 <= s["hits"] <= 1 for s in payload["scores"])
 
 
+def test_projected_guidance_request_matches_the_pipeline_and_is_not_batched_with_plain_guidance(client, onnx_export):
+    body = {"labels": ["gray cube", "red sphere"], "n": 2, "steps": 4, "seed": 11, "guidance": 20, "apg_norm": 0.01,
+            "format": "json"}
+    got = _decode_pngs(client.post("/generate", json=body).json())
+    req = parse_request(body, Limits())
+    pipe = Pipeline(ExportFolder(onnx_export, threads=2))
+    ref = pipe.generate(condition(req), "ldm", steps=4, guidance=20, seeds=[(11, 2)], apg_norm=0.01)
+    plain = pipe.generate(condition(req), "ldm", steps=4, guidance=20, seeds=[(11, 2)])
+    assert np.abs(got.astype(int) - to_uint8(ref).astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - to_uint8(plain).astype(int)).max() > 1
+    assert batch_key(req) != batch_key(parse_request({**body, "apg_norm": 0}, Limits()))
+
+
 def test_best_of_request_matches_the_pipeline(client, onnx_export):
     body = {"labels": ["red sphere", "cyan cube"], "n": 2, "steps": 3, "seed": 4, "best_of": 3, "format": "json"}
     r = client.post("/generate", json=body)
@@ -74,6 +87,7 @@ def test_accept_header_selects_json_and_gan_works(client):
     ({"labels": ["red sphere"], "sampler": "euler"}, ["'sampler'", "dpmpp"]),
     ({"labels": ["red sphere"], "steps": 0}, ["'steps'"]),
     ({"labels": ["red sphere"], "guidance": -1}, ["'guidance'"]),
+    ({"labels": ["red sphere"], "apg_norm": -1}, ["'apg_norm'", "positive norm cap"]),
     ({"labels": ["red sphere"], "colour": "red"}, ["unknown field", "colour"]),
     ([1, 2], ["JSON object"]),
 ])

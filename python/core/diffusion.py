@@ -1,7 +1,7 @@
 """The diffusion maths, once: noise schedules, training targets, DDPM / DDIM / DPM-Solver++(2M) steps, guidance.
 
-Plain array arithmetic: every function takes numpy arrays or torch tensors alike (only +, -, * and
-Python floats touch the samples), so the torch trainer and the numpy/ONNX runtime run the very same
+Plain array arithmetic: every function takes numpy arrays or torch tensors alike (only +, -, *, /, ** and
+per-sample sums and clips touch the samples), so the torch trainer and the numpy/ONNX runtime run the very same
 code. The schedule itself is float64 numpy. Symbols follow the papers: alpha_bar (cumulative product
 of 1 - beta), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, v = sqrt(alpha_bar_t) eps -
 sqrt(1 - alpha_bar_t) x_0. Timestep spacing and update rules match diffusers' DDPMScheduler,
@@ -19,6 +19,8 @@ PREDICTIONS = ("epsilon", "v_prediction")
 # Classifier-free guidance scale used wherever none is given (trainer's evaluation, eval_gen, runtime, server, bench,
 # C++ and Triton defaults). Chosen by measurement on the shipped LDM: see weights/ldm/MODEL_CARD.md.
 DEFAULT_GUIDANCE = 4.0
+# 0: classifier-free guidance; > 0: adaptive projected guidance with that norm cap (guide_outputs).
+DEFAULT_APG_NORM = 0.0
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
@@ -82,6 +84,47 @@ def x0_eps(x_t, out, a: float, s: float, prediction: str):
 def guide(out_cond, out_uncond, scale: float):
     """Classifier-free guidance: uncond + scale * (cond - uncond) (scale 1 = plain conditional)."""
     return out_uncond + scale * (out_cond - out_uncond)
+
+
+def output_from_x0(x_t, x0, a: float, s: float, prediction: str):
+    """The network output that x0_eps maps to x0 at (x_t, t): the inverse of x0_eps's first half (s > 0)."""
+    return (x_t - a * x0) / s if prediction == "epsilon" else (a * x_t - x0) / s
+
+
+def check_apg_norm(value: float) -> float:
+    """The apg_norm setting, checked: 0 (classifier-free guidance), a positive cap, or inf."""
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"apg norm must be 0 (classifier-free guidance), a positive norm cap or inf, got {value}")
+    return float(value)
+
+
+def _per_sample_sum(x):
+    return x.sum(axis=tuple(range(1, x.ndim)), keepdims=True)
+
+
+def guide_projected(x0_cond, x0_uncond, scale: float, norm: float = math.inf):
+    """Adaptive projected guidance (Sadat et al. 2024, "Eliminating oversaturation and artifacts of high guidance
+    scales in diffusion models"; their eta = 0, no momentum) on clean-latent predictions: the guidance update
+    x0_cond - x0_uncond, its L2 norm per sample capped at `norm`, loses its component along x0_cond (the part that
+    scales what is already drawn up); x0_cond + (scale - 1) * the rest. With norm = inf and that component kept it
+    would be classifier-free guidance."""
+    d = x0_cond - x0_uncond
+    if math.isfinite(norm):
+        d = d * (norm / (_per_sample_sum(d * d) ** 0.5).clip(min=1e-12)).clip(max=1.0)
+    unit = x0_cond / (_per_sample_sum(x0_cond * x0_cond) ** 0.5).clip(min=1e-12)
+    d = d - _per_sample_sum(d * unit) * unit
+    return x0_cond + (scale - 1.0) * d
+
+
+def guide_outputs(out_cond, out_uncond, scale: float, x_t, a: float, s: float, prediction: str,
+                  apg_norm: float = 0.0):
+    """Guided network output at (x_t, t) with coefficients a, s: classifier-free guidance (apg_norm 0), or
+    adaptive projected guidance on the predicted x_0 with the update's norm capped at apg_norm (inf: no cap)."""
+    if not apg_norm or scale == 1.0:
+        return guide(out_cond, out_uncond, scale)
+    x0 = guide_projected(x0_eps(x_t, out_cond, a, s, prediction)[0], x0_eps(x_t, out_uncond, a, s, prediction)[0],
+                         scale, apg_norm)
+    return output_from_x0(x_t, x0, a, s, prediction)
 
 
 class DDPM:

@@ -13,7 +13,16 @@ from typing import Callable
 
 import numpy as np
 
-from .diffusion import DEFAULT_GUIDANCE, Schedule, guide, make_sampler, sample_loop
+from .diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_GUIDANCE,
+    Schedule,
+    check_apg_norm,
+    guide,
+    guide_outputs,
+    make_sampler,
+    sample_loop,
+)
 from .errors import UserError
 from .noise import gan_noise, initial_noise, segments, step_noise_segments
 
@@ -28,16 +37,25 @@ def seed_parts(n: int, seed: int = 0, seeds: list[tuple[int, int]] | None = None
     return parts
 
 
-def guided(denoiser: ModelCall, cond: np.ndarray, scale: float):
-    """denoise(x, t) for sample_loop: the conditional and unconditional passes of classifier-free guidance batched
-    into one denoiser(x, t, cond) call (scale 1: the conditional pass alone)."""
+def guided(denoiser: ModelCall, cond: np.ndarray, scale: float, schedule: Schedule | None = None,
+           apg_norm: float = DEFAULT_APG_NORM):
+    """denoise(x, t) for sample_loop: the conditional and unconditional passes of guidance batched into one
+    denoiser(x, t, cond) call (scale 1: the conditional pass alone). apg_norm (needs `schedule`): adaptive projected
+    guidance with that norm cap (diffusion.guide_outputs) in place of classifier-free guidance (0)."""
+    if check_apg_norm(apg_norm) and schedule is None:
+        raise ValueError("adaptive projected guidance needs the schedule")
     n = len(cond)
     both = np.concatenate([cond, np.zeros_like(cond)]) if scale != 1.0 else cond
 
     def denoise(x, t):
         x_in = np.concatenate([x, x]) if scale != 1.0 else x
         out = denoiser(x_in.astype(np.float32, copy=False), np.full(len(x_in), t, np.int64), both)
-        return guide(out[:n], out[n:], scale) if scale != 1.0 else out
+        if scale == 1.0:
+            return out
+        if not apg_norm:
+            return guide(out[:n], out[n:], scale)
+        a, s = (float(c) for c in schedule.coeffs(t))
+        return guide_outputs(out[:n], out[n:], scale, x, a, s, schedule.prediction, apg_norm)
 
     return denoise
 
@@ -45,9 +63,10 @@ def guided(denoiser: ModelCall, cond: np.ndarray, scale: float):
 def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shape, sampler: str = "dpmpp",
                       steps: int = 20, guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0, seed: int = 0,
                       seeds: list[tuple[int, int]] | None = None, batch: int = 256, x_T=None,
-                      on_step=None) -> np.ndarray:
+                      on_step=None, apg_norm: float = DEFAULT_APG_NORM) -> np.ndarray:
     """Latents (generator scale) for multi-hot conditions (N, 24). x_T (optional) replaces the seeds' initial
-    noise; on_step(i, x, rows) sees every intermediate sample of each chunk (the denoising-process grid)."""
+    noise; on_step(i, x, rows) sees every intermediate sample of each chunk (the denoising-process grid); apg_norm:
+    adaptive projected guidance (see `guided`)."""
     cond = np.asarray(cond, np.float32)
     parts = seed_parts(len(cond), seed, seeds)
     x_T = segments(initial_noise, parts, latent_shape) if x_T is None else np.asarray(x_T, np.float32)
@@ -56,7 +75,7 @@ def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shap
     for start in range(0, len(cond), batch):
         rows = slice(start, start + batch)
         out.append(sample_loop(make_sampler(sampler, schedule, steps, eta), x_T[rows],
-                               guided(denoiser, cond[rows], guidance),
+                               guided(denoiser, cond[rows], guidance, schedule, apg_norm),
                                noise=lambda i, rows=rows: noise(i)[rows],
                                on_step=(lambda i, x, rows=rows: on_step(i, x, rows)) if on_step else None))
     return np.concatenate(out).astype(np.float32, copy=False)
