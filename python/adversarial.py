@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, guide, guide_projected, x0_eps
+from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, check_apg_norm, guide, guide_projected, x0_eps
 from python.core.errors import UserError, cli
 from python.core.labels import COLORS, NUM_CLASSES
 from python.data.dataset import load_condition_file, to_model_range
@@ -304,9 +304,10 @@ def train(args, cfg: dict) -> tuple[Path, int]:
     if not (use_adv or use_dmd):
         raise UserError("--adv-weight 0 and --dmd-weight 0 leave the generator no objective against the data; "
                         "give one of them a weight > 0")
-    if not cfg["dmd_apg_norm"] >= 0:
-        raise UserError(f"--dmd-apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf, "
-                        f"got {cfg['dmd_apg_norm']}")
+    try:
+        check_apg_norm(cfg["dmd_apg_norm"], "--dmd-apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     lo, hi = cfg["dmd_t_range"]
     if not 0 <= lo < hi <= schedule.T:
         raise UserError(f"--dmd-t-range must be two timesteps 0 <= LOW < HIGH <= {schedule.T}, got {lo} {hi}")

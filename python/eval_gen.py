@@ -106,9 +106,9 @@ def main(argv=None):
     if args.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
     try:
-        apg_norms = [check_apg_norm(r) for r in args.apg_norm]
+        apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
     except ValueError as e:
-        raise UserError(f"--apg-norm: {e}") from None
+        raise UserError(str(e)) from None
     gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
     classifier = None
     if args.best_of > 1:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from python.core.best_of import best_of_latents
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS, Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS, Schedule, check_apg_norm
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import load_conditions, parse_label_arg
@@ -45,8 +45,10 @@ def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, b
     for flag, value, lo, hi in checks:
         if not (math.isfinite(value) and lo <= value <= hi):
             raise UserError(f"{flag} must be between {lo} and {hi}, got {value}")
-    if not apg_norm >= 0:  # also NaN; inf is valid (projection without a cap)
-        raise UserError(f"--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf, got {apg_norm}")
+    try:
+        check_apg_norm(apg_norm, "--apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if n * best_of > MAX_IMAGES:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS, check_apg_norm
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import OBJECTS
@@ -143,8 +143,10 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'steps' must be between 1 and {limits.max_steps}, got {r['steps']}")
     if not 0.0 <= r["guidance"] <= limits.max_guidance:
         raise BadRequest(f"'guidance' must be between 0 and {limits.max_guidance}, got {r['guidance']}")
-    if not r["apg_norm"] >= 0.0:
-        raise BadRequest(f"'apg_norm' must be 0 (classifier-free guidance) or a positive norm cap, got {r['apg_norm']}")
+    try:
+        check_apg_norm(r["apg_norm"], "'apg_norm'")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     if not 0.0 <= r["eta"] <= 1.0:
         raise BadRequest(f"'eta' must be between 0 and 1, got {r['eta']}")
     if not 0 <= r["seed"] < 2 ** 63:

@@ -40,7 +40,7 @@ def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_p
     assert Image.open(out / "ldm_test_s3_g2_apg3.png") != Image.open(out / "ldm_test_s3_g2.png")
     with pytest.raises(SystemExit):
         main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--apg-norm", "-2"])
-    assert "--apg-norm: apg norm must be 0" in capsys.readouterr().err
+    assert "--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf, got -2" in capsys.readouterr().err
     process = Image.open(out / "ldm_denoising_process.png")
     assert process.size[1] == 68 and process.size[0] > 2 * 66  # one row: intermediate frames + the result
 

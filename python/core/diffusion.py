@@ -91,10 +91,11 @@ def output_from_x0(x_t, x0, a: float, s: float, prediction: str):
     return (x_t - a * x0) / s if prediction == "epsilon" else (a * x_t - x0) / s
 
 
-def check_apg_norm(value: float) -> float:
-    """The apg_norm setting, checked: 0 (classifier-free guidance), a positive cap, or inf."""
+def check_apg_norm(value: float, name: str = "apg norm") -> float:
+    """The apg_norm setting, checked: 0 (classifier-free guidance), a positive cap, or inf; `name` is the option or
+    field the message names."""
     if not value >= 0:  # also refuses nan
-        raise ValueError(f"apg norm must be 0 (classifier-free guidance), a positive norm cap or inf, got {value}")
+        raise ValueError(f"{name} must be 0 (classifier-free guidance), a positive norm cap or inf, got {value}")
     return float(value)
 
 
