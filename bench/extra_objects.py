@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.images import image_grid  # noqa: E402
 from python.core.labels import CLASS_NAMES, encode, read_json  # noqa: E402
@@ -77,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--sampler", choices=("dpmpp", "ddim", "ddpm"), default="dpmpp")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic, 1: DDPM's noise)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="PNG of the first 16 images with an unrequested object")
     parser.add_argument("--json", type=Path)
@@ -98,7 +100,7 @@ def main(argv=None):
 
             model, cfg = load_denoiser(args.weights / "ldm")
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, args.sampler, args.steps, args.guidance,
-                              seed=args.seed, eta=args.eta)
+                              seed=args.seed, eta=args.eta, apg_norm=args.apg_norm)
         else:
             from python.models.generators import load_generator
 
@@ -106,7 +108,8 @@ def main(argv=None):
         images = decode(decoder, lat)
         probs = judge_probs(load_judge(args.weights / "judge" / "judge.safetensors"), images).numpy()
     res = {"model": args.model, "file": args.file, "limit": args.limit, "seed": args.seed,
-           **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance}
+           **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance,
+               "apg_norm": args.apg_norm}
               if args.model == "ldm" else {}),
            **analyse(probs, cond, seen)}
     print(json.dumps(res, indent=1))

@@ -31,6 +31,8 @@ def setting_name(report: dict, row: dict) -> str:
     name = "LDM" if report["model"] == "ldm" else "GAN path"
     if row["steps"]:
         name += f", {report['sampler']} {row['steps']} steps, guidance {row['guidance']:g}"
+        if row.get("apg_norm"):  # reports before 2026-12-05 have no apg_norm: classifier-free guidance
+            name += f" (APG, norm cap {row['apg_norm']:g})"
     else:
         name += ", one pass"
     return name + (f", best of {report['best_of']}" if report["best_of"] > 1 else "")

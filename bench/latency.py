@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import NUM_CLASSES, load_conditions  # noqa: E402
 from python.core.memory import keep_freed_memory  # noqa: E402
@@ -200,9 +200,10 @@ class Models:
 
 
 def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
-               best_of: int = 1):
-    """fn() -> images for the LDM on one backend, from fixed noise; best_of > 1 (ONNX Runtime only) draws that
-    many candidates per condition and keeps the latent classifier's pick (python/core/best_of.py)."""
+               best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM):
+    """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm`; best_of > 1
+    (ONNX Runtime only) draws that many candidates per condition and keeps the latent classifier's pick
+    (python/core/best_of.py)."""
     import torch
 
     from python.models.sampling import torch_call
@@ -212,11 +213,11 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
-                                       batch=len(cond))
+                                       batch=len(cond), apg_norm=apg_norm)
     if backend in PIPE:
         pipe = m.pipes[PIPE[backend]]
-        return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond)),
-                                   batch=len(cond))
+        return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond),
+                                                    apg_norm=apg_norm), batch=len(cond))
     if backend == "cpp":
         return None  # timed by the binary itself (cpp_times)
     bf16 = backend == "torch-bf16"
@@ -226,7 +227,8 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
 
     @torch.no_grad()
     def run():
-        lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond))
+        lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond),
+                                apg_norm=apg_norm)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return decoder(torch.from_numpy(lat)).float()
 
@@ -258,7 +260,8 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
     return run
 
 
-def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int) -> list[float] | None:
+def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int,
+              apg_norm: float = DEFAULT_APG_NORM) -> list[float] | None:
     binary = REPO / "build" / "ldm_sample"
     if not binary.exists():
         print(f"cpp: {binary} not built (make cpp); skipped")
@@ -267,7 +270,8 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
         cond.astype(np.float32).tofile(f"{d}/cond.f32")
         initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
         r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
-                            "--steps", str(steps), "--guidance", str(guidance), "--repeat", str(runs + 1)],
+                            "--steps", str(steps), "--guidance", str(guidance), "--apg-norm", str(apg_norm),
+                            "--repeat", str(runs + 1)],
                            capture_output=True, text=True)
         if r.returncode:
             raise UserError(f"cpp runtime failed: {r.stderr.strip()}")
@@ -299,7 +303,7 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
 
 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
-                   fidelity: bool = True) -> tuple[dict, dict]:
+                   fidelity: bool = True, apg_norm: float = DEFAULT_APG_NORM) -> tuple[dict, dict]:
     """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
     with the ONNX models of the setting's precision (its last field), on the first `limit` conditions of each file
     (all with None)."""
@@ -316,7 +320,8 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
         for f, cond in conds.items():
             pipe = m.pipes[key[4]]
             if key[0] == "ldm":
-                images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0)
+                images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0,
+                                       apg_norm=apg_norm)
             else:
                 images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -362,7 +367,7 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
 
 
 def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,
-              backend: str = "onnxruntime") -> dict:
+              backend: str = "onnxruntime", apg_norm: float = DEFAULT_APG_NORM) -> dict:
     """Where one LDM batch on an export-folder backend spends its time: the denoiser calls (one call per step, see
     denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
     pipe = m.pipes[PIPE[backend]]
@@ -370,7 +375,7 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     cond, x_T = feeds["cond"][:batch], feeds["x"][:batch]
     den = float(np.median(timed(lambda: pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: pipe.decode(x_T, batch=batch), runs)))
-    total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond), runs)))
+    total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond, apg_norm=apg_norm), runs)))
     return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
 
 
@@ -483,6 +488,8 @@ def main(argv=None):
     parser.add_argument("--vae", type=Path, help="VAE folder whose decoder the generators use (default: the weights "
                         "folder's vae/; e.g. weights/vae_fast, a cheaper decoder of the same latent space)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
@@ -509,6 +516,10 @@ def main(argv=None):
             raise UserError(f"--replot {args.replot}: not a bench/latency.py JSON ({e})") from None
         write_reports(out, args.markdown, args.plot)
         return out
+    try:
+        check_apg_norm(args.apg_norm, "--apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     cfg = restrict(dict(QUICK if args.quick else FULL), args)
     if args.runs:
         if args.runs < 1:
@@ -563,7 +574,7 @@ def main(argv=None):
     if cfg["limit"]:
         print(f"accuracy and fidelity on the first {cfg['limit']} conditions of each file (--quick)")
     acc, floors = accuracy_table(m, args.data, cfg["files"], settings, args.guidance, cfg["limit"],
-                                 not args.no_fidelity)
+                                 not args.no_fidelity, args.apg_norm)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
@@ -584,11 +595,12 @@ def main(argv=None):
                     runs = cfg["latency_runs"] if batch == 1 else cfg["runs"]
                     with PeakRSS() as mem:
                         if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
-                            secs = cpp_times(m, steps, args.guidance, cond, runs)
+                            secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm)
                             if secs is None:
                                 continue
                         else:
-                            secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of), runs)
+                            secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of,
+                                                    args.apg_norm), runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
@@ -622,7 +634,8 @@ def main(argv=None):
     if m.ldm:  # at the first LDM setting and the largest batch
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
         for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
-            profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend)
+            profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend,
+                                                          args.apg_norm)
             sh = split["shares"]
             print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
                   f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
@@ -639,7 +652,8 @@ def main(argv=None):
         if name in profile:
             print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
-           "peak_flops": peak, "guidance": args.guidance, "weights": str(args.weights), "baseline": base,
+           "peak_flops": peak, "guidance": args.guidance, "apg_norm": args.apg_norm, "weights": str(args.weights),
+           "baseline": base,
            "decoder_flops_per_image": dec_flops, "results": results, "profile": profile,
            "conditions_limit": cfg["limit"], "fidelity_floors": floors}
     if args.json:

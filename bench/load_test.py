@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import OBJECTS, load_conditions  # noqa: E402
 
@@ -110,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--window-ms", type=float, default=10.0)
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per run; later requests are skipped")
     parser.add_argument("--check", type=int, default=8, help="responses per run compared with a direct generation")
@@ -128,15 +130,17 @@ def main(argv=None):
     ex = ExportFolder(args.export, threads=args.threads)
     pipe = Pipeline(ex)
     sets = label_sets(args.requests, args.data)
-    bodies = [{"labels": s, "n": 1, "steps": args.steps, "guidance": args.guidance, "seed": i} for i, s in enumerate(sets)]
+    bodies = [{"labels": s, "n": 1, "steps": args.steps, "guidance": args.guidance, "apg_norm": args.apg_norm, "seed": i}
+              for i, s in enumerate(sets)]
     cond = np.zeros((len(sets), len(OBJECTS)), np.float32)
     for i, s in enumerate(sets):
         cond[i, [OBJECTS[x] for x in s]] = 1
 
     # the runtime's own rate at batch 64, no HTTP: the figure the served throughput is held against
-    pipe.generate(cond[:8], steps=args.steps, guidance=args.guidance)  # warm-up
+    kw = dict(steps=args.steps, guidance=args.guidance, apg_norm=args.apg_norm)
+    pipe.generate(cond[:8], **kw)  # warm-up
     t0 = time.perf_counter()
-    ref = pipe.generate(np.resize(cond, (64, cond.shape[1])), steps=args.steps, guidance=args.guidance, batch=64)
+    ref = pipe.generate(np.resize(cond, (64, cond.shape[1])), batch=64, **kw)
     direct_rate = 64 / (time.perf_counter() - t0)
     del ref
     print(f"runtime alone, batch 64: {direct_rate:.1f} images/s")
@@ -162,7 +166,7 @@ def main(argv=None):
                     pick = idx[np.linspace(0, len(idx) - 1, min(args.check, len(idx))).astype(int)]
                     mismatched = 0
                     for i in pick:
-                        alone = to_uint8(pipe.generate(cond[i:i + 1], steps=args.steps, guidance=args.guidance, seed=i))[0]
+                        alone = to_uint8(pipe.generate(cond[i:i + 1], seed=i, **kw))[0]
                         got = images[list(idx).index(i)]
                         mismatched += int(np.abs(alone.astype(int) - got.astype(int)).max() > 1)
                 row = dict(mode=mode, concurrency=conc, requests=len(bodies), answered=len(ok), errors=len(errors),
@@ -182,7 +186,7 @@ def main(argv=None):
             proc.terminate()
             proc.wait(30)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-           "export": str(args.export), "steps": args.steps, "guidance": args.guidance, "window_ms": args.window_ms,
+           "export": str(args.export), "steps": args.steps, "guidance": args.guidance, "apg_norm": args.apg_norm, "window_ms": args.window_ms,
            "direct_batch64_images_per_sec": round(direct_rate, 2), "runs": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import encode, read_json  # noqa: E402
 
@@ -61,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--ldm", type=Path, nargs="*", default=[], help="LDM weights folders, a row each")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--vae", type=Path, default=SHIPPED_VAE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -87,8 +89,9 @@ def main(argv=None):
 
             model, cfg = load_denoiser(folder)
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
-                              seed=args.seed)
-            rows.append((f"LDM {args.steps} steps, g {args.guidance:g}\n{folder.name}", to_uint8(decode(decoder, lat))))
+                              seed=args.seed, apg_norm=args.apg_norm)
+            apg = f", APG {args.apg_norm:g}" if args.apg_norm else ""
+            rows.append((f"LDM {args.steps} steps, g {args.guidance:g}{apg}\n{folder.name}", to_uint8(decode(decoder, lat))))
     from PIL import Image
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

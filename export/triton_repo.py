@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from python.core.checksum import sha256
-from python.core.diffusion import DEFAULT_GUIDANCE
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE
 from python.core.errors import UserError
 
 CORE = Path(__file__).resolve().parent.parent / "python" / "core"
@@ -70,7 +70,8 @@ input [
   {{ name: "COND", data_type: TYPE_FP32, dims: [ 24 ] }},
   {{ name: "SEED", data_type: TYPE_INT64, dims: [ 1 ] }},
   {{ name: "STEPS", data_type: TYPE_INT32, dims: [ 1 ], optional: true }},
-  {{ name: "GUIDANCE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }}
+  {{ name: "GUIDANCE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
+  {{ name: "APG_NORM", data_type: TYPE_FP32, dims: [ 1 ], optional: true }}
 ]
 output [
   {{ name: "IMAGES", data_type: TYPE_FP32, dims: [ 3, 64, 64 ] }}
@@ -80,6 +81,7 @@ instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 parameters: {{ key: "sampler", value: {{ string_value: "dpmpp" }} }}
 parameters: {{ key: "default_steps", value: {{ string_value: "20" }} }}
 parameters: {{ key: "default_guidance", value: {{ string_value: "{guidance}" }} }}
+parameters: {{ key: "default_apg_norm", value: {{ string_value: "{apg_norm}" }} }}
 parameters: {{ key: "manifest", value: {{ string_value: {manifest} }} }}
 """
 
@@ -105,12 +107,13 @@ ensemble_scheduling {{
 }}
 """
 
-LDM_MODEL = '''"""Triton Python backend: classifier-free-guided latent diffusion over the denoiser and decoder models.
+LDM_MODEL = '''"""Triton Python backend: guided latent diffusion over the denoiser and decoder models.
 
 Written by export/triton_repo.py. The sampling loop is the project's own (its numpy core, core/ beside this
 file); each step is one BLS call to "denoiser" with the conditional and unconditional halves together.
-Requests in one execute() call that share steps and guidance are sampled as one batch, each with its own
-seed's noise, so a request's images do not depend on its batch-mates.
+Requests in one execute() call that share steps and guidance (GUIDANCE, and APG_NORM: adaptive projected
+guidance's norm cap, 0 for classifier-free guidance) are sampled as one batch, each with its own seed's noise, so
+a request's images do not depend on its batch-mates.
 """
 import json
 import sys
@@ -121,7 +124,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from core.diffusion import Schedule  # noqa: E402
+from core.diffusion import Schedule, check_apg_norm  # noqa: E402
 from core.sampling import diffusion_latents  # noqa: E402
 
 
@@ -142,6 +145,7 @@ class TritonPythonModel:
         self.shape = tuple(manifest["latent_shape"])
         self.sampler = params["sampler"]
         self.steps, self.guidance = int(params["default_steps"]), float(params["default_guidance"])
+        self.apg_norm = float(params["default_apg_norm"])
 
     def _scalar(self, request, name, default, kind):
         t = pb_utils.get_input_tensor_by_name(request, name)
@@ -152,12 +156,12 @@ class TritonPythonModel:
             raise ValueError(f"{name} must be the same for every row of a request")
         return kind(values[0])
 
-    def _sample(self, cond, parts, steps, guidance):
+    def _sample(self, cond, parts, steps, guidance, apg_norm):
         def denoiser(x, t, cond):  # per-sample t is [1] on the wire
             return _call("denoiser", {"x": x, "t": t[:, None], "cond": cond}, "out")
 
         lat = diffusion_latents(denoiser, self.schedule, cond, self.shape, self.sampler, steps, guidance,
-                                seeds=parts, batch=len(cond))
+                                seeds=parts, batch=len(cond), apg_norm=apg_norm)
         return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
 
     def execute(self, requests):
@@ -166,14 +170,15 @@ class TritonPythonModel:
             try:
                 cond = pb_utils.get_input_tensor_by_name(r, "COND").as_numpy().astype(np.float32)
                 seed = self._scalar(r, "SEED", 0, int)
-                key = (self._scalar(r, "STEPS", self.steps, int), self._scalar(r, "GUIDANCE", self.guidance, float))
+                key = (self._scalar(r, "STEPS", self.steps, int), self._scalar(r, "GUIDANCE", self.guidance, float),
+                       check_apg_norm(self._scalar(r, "APG_NORM", self.apg_norm, float), "APG_NORM"))
                 groups.setdefault(key, []).append((i, cond, seed))
             except Exception as e:  # noqa: BLE001 - one bad request fails alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-        for (steps, guidance), members in groups.items():
+        for (steps, guidance, apg_norm), members in groups.items():
             try:
                 images = self._sample(np.concatenate([c for _, c, _ in members]),
-                                      [(s, len(c)) for _, c, s in members], steps, guidance)
+                                      [(s, len(c)) for _, c, s in members], steps, guidance, apg_norm)
             except Exception as e:  # noqa: BLE001
                 for i, _, _ in members:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
@@ -215,8 +220,9 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
         shutil.copytree(CORE, d / "core", ignore=shutil.ignore_patterns("__pycache__"))
         (d / "model.py").write_text(LDM_MODEL)
         manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
-        (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE,
-                                                                    manifest=json.dumps(json.dumps(manifest))))
+        (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(
+            max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE, apg_norm=DEFAULT_APG_NORM,
+            manifest=json.dumps(json.dumps(manifest))))
         written.append("ldm")
     if "generator" in onnx_models:
         (out / "gan" / "1").mkdir(parents=True, exist_ok=True)  # ensembles have an empty version folder

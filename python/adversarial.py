@@ -52,7 +52,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, add_noise, check_apg_norm, guide, guide_projected, x0_eps
+from python.core.diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_GUIDANCE,
+    Schedule,
+    add_noise,
+    check_apg_norm,
+    guide,
+    guide_projected,
+    x0_eps,
+)
 from python.core.errors import UserError, cli
 from python.core.labels import COLORS, NUM_CLASSES
 from python.data.dataset import load_condition_file, to_model_range
@@ -209,8 +218,8 @@ def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_sco
              t_range: tuple[int, int], tables, prediction: str, gen: torch.Generator,
              apg_norm: float = 0.0) -> torch.Tensor:
     """Distribution matching (DMD, Yin et al. 2024): the generator's latents noised to t ~ U{t_range}, then the
-    difference of two denoisers' clean-latent predictions there: the frozen LDM with classifier-free guidance (the
-    data's score, as the deployed sampler guides it) and `fake_score`, a copy of it trained online on the
+    difference of two denoisers' clean-latent predictions there: the frozen LDM with guidance (classifier-free, or
+    adaptive projected with apg_norm > 0: the data's score, as the deployed sampler guides it) and `fake_score`, a copy of it trained online on the
     generator's own latents (their score). Its gradient moves each latent along fake - real, which is the gradient
     of KL(generator || guided LDM) (mode-seeking: towards the LDM's sharp modes, not their blurred mean), normalised
     per sample by the mean |latent - real prediction| as in DMD. A squared error to the moved latent carries that
@@ -545,11 +554,12 @@ def main(argv=None):
                         help="weight of distribution matching (DMD2): the generator's latents moved along the "
                              "difference of the guided LDM's and an online fake score's predictions (0: off)")
     parser.add_argument("--dmd-guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help="classifier-free guidance of the LDM's score in the DMD term")
-    parser.add_argument("--dmd-apg-norm", type=float, default=0.0,
-                        help="0: the DMD term's LDM guided classifier-free; > 0: by adaptive projected guidance with "
-                             "that norm cap (inf: no cap), which adds fewer duplicated objects at the same accuracy "
-                             "(weights/ldm/MODEL_CARD.md)")
+                        help="guidance scale of the LDM's score in the DMD term (default: the LDM's sampling default)")
+    parser.add_argument("--dmd-apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="0: the DMD term's LDM guided classifier-free (the runs before 2026-12-05); > 0: by "
+                             "adaptive projected guidance with that norm cap (inf: no cap), which adds fewer duplicated "
+                             "objects at the same accuracy (weights/ldm/MODEL_CARD.md); default: the LDM's sampling "
+                             "default")
     parser.add_argument("--dmd-t-range", type=int, nargs=2, default=[20, 980], metavar=("LOW", "HIGH"),
                         help="the DMD term's noise levels: t ~ U{LOW..HIGH-1} of the LDM's T")
     parser.add_argument("--fake-lr", type=float, help="the fake score's learning rate (AdamW; DMD)")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.latency import main as bench
 from export.to_onnx import export_all
-from python.core.diffusion import DEFAULT_GUIDANCE
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE
 from python.core.errors import cli
 from python.core.images import image_grid, rows_grid
 from python.data.dataset import load_condition_file, load_split, to_model_range
@@ -93,7 +93,9 @@ def main(argv=None):
         images = gen.images(cond, seed=0, steps=25, guidance=DEFAULT_GUIDANCE) if name == "ldm" else gen.images(cond, seed=0)
         summary[f"{name}_test_accuracy"] = judge_score(load_judge(), images, cond)["accuracy"]
         Image.fromarray(image_grid(images)).save(args.out / f"{name}_test.png")
-        print(f"test.json ({len(cond)} conditions{f', DPM-Solver++ 25 steps, guidance {DEFAULT_GUIDANCE:g}' if name == 'ldm' else ', one forward pass'}): "
+        how = (f"DPM-Solver++ 25 steps, guidance {DEFAULT_GUIDANCE:g} (APG, norm cap {DEFAULT_APG_NORM:g})"
+               if name == "ldm" else "one forward pass")
+        print(f"test.json ({len(cond)} conditions, {how}): "
               f"accuracy {summary[f'{name}_test_accuracy']:.4f}; grid {args.out / f'{name}_test.png'}  "
               f"({time.time() - t:.0f}s)")
 

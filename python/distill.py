@@ -7,14 +7,14 @@
 The DPM-Solver++ sampler is deterministic: for a label set, the teacher is a function from the initial noise x_T
 to a latent x_0. A student (python/models/one_step.py) learns that function for one call.
 
-Teacher (`pairs`): the LDM (DPM-Solver++, --steps, guidance) on label sets drawn from the training set's; with
+Teacher (`pairs`): the LDM (DPM-Solver++, --steps, --guidance with --apg-norm) on label sets drawn from the training set's; with
 --best-of N, the candidate that the latent classifier likes best (python/core/best_of.py; trained on real latents only,
 no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seeded by its index, so an interrupted
 run resumes by skipping the shards that exist, and adding shards adds data.
 
 Student (`train`; `--init` continues another run's student, e.g. on more pairs): a copy of the teacher's
 denoiser, called once at t = T-1 on x_T, trained to map x_T to the teacher's x_0 (squared error on latents; EMA
-weights). The classifier-free guidance is in the targets, so the student needs no unconditional pass: one network call per image. --filter keeps only
+weights). The guidance is in the targets, so the student needs no unconditional pass: one network call per image. --filter keeps only
 the pairs whose x_0 the latent classifier reads as exactly the requested objects: the student then learns the
 teacher where the teacher succeeds. Squared error alone
 gives the average of what the student cannot yet predict (blurred objects); --adv-weight adds the GAN's
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from python.core.best_of import best_of as select_best
 from python.core.best_of import candidate_seed
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm
 from python.core.errors import UserError, cli
 from python.core.labels import OBJECTS, load_objects
 from python.core.noise import initial_noise
@@ -67,11 +67,11 @@ from python.training.schedules import warmup_cosine
 
 
 def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps: int, guidance: float,
-                  best_of: int = 1, classifier=None) -> tuple[np.ndarray, np.ndarray]:
+                  best_of: int = 1, classifier=None, apg_norm: float = DEFAULT_APG_NORM) -> tuple[np.ndarray, np.ndarray]:
     """(x_T, x_0) for each condition: the initial noise of the kept candidate and the latent it became."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     run = lambda k: ldm_latents(model, schedule, cond, "dpmpp", steps, guidance,  # noqa: E731
-                                seed=candidate_seed(seed, k)).numpy()
+                                seed=candidate_seed(seed, k), apg_norm=apg_norm).numpy()
     if best_of == 1:
         return initial_noise(candidate_seed(seed, 0), len(cond), shape), run(0)
     if classifier is None:
@@ -92,6 +92,10 @@ def training_label_sets(data: Path) -> np.ndarray:
 
 
 def make_pairs(args) -> None:
+    try:
+        check_apg_norm(args.apg_norm, "--apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     ldm_dir = args.ldm or SHIPPED_LDM
     model, cfg = load_denoiser(ldm_dir)
     schedule = Schedule(**cfg["schedule"])
@@ -99,7 +103,8 @@ def make_pairs(args) -> None:
     train_sets = training_label_sets(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": args.steps,
-            "guidance": args.guidance, "best_of": args.best_of, "shard": args.shard, "seed": args.seed}
+            "guidance": args.guidance, "best_of": args.best_of, "shard": args.shard, "seed": args.seed,
+            **({"apg_norm": args.apg_norm} if args.apg_norm else {})}  # classifier-free folders read as before
     meta_file = args.out / "pairs.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
         raise UserError(f"{args.out} holds pairs made with other settings ({meta_file}); use another --out")
@@ -113,7 +118,8 @@ def make_pairs(args) -> None:
         cond = train_sets[rng.integers(0, len(train_sets), args.shard)]
         t0 = time.time()
         x_T, x_0 = teacher_shard(model, schedule, cond, seed=args.seed * 1_000_000 + i, steps=args.steps,
-                                 guidance=args.guidance, best_of=args.best_of, classifier=classifier)
+                                 guidance=args.guidance, best_of=args.best_of, classifier=classifier,
+                                 apg_norm=args.apg_norm)
         tmp = args.out / f".pairs-{i:05d}.tmp.npz"
         np.savez(tmp, cond=cond, x_T=x_T.astype(np.float16), x_0=x_0.astype(np.float16))
         os.replace(tmp, f)
@@ -234,7 +240,8 @@ def train(args) -> None:
     val = {k: v[:args.val_pairs] for k, v in pairs.items()}
     pairs = {k: v[args.val_pairs:] for k, v in pairs.items()}
     run.log(f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {n} teacher pairs "
-            f"(steps {meta['steps']}, guidance {meta['guidance']}, best of {meta['best_of']}), {args.val_pairs} held out")
+            f"(steps {meta['steps']}, guidance {meta['guidance']}, APG norm {meta.get('apg_norm', 0)}, "
+            f"best of {meta['best_of']}), {args.val_pairs} held out")
     progress = Progress(run, args.steps, step)
     student.train()
     while step < args.steps:
@@ -303,6 +310,8 @@ def main(argv=None):
     pp.add_argument("--shard", type=int, default=1024)
     pp.add_argument("--steps", type=int, default=10)
     pp.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    pp.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                    help="the teacher's adaptive projected guidance norm cap (0: classifier-free guidance)")
     pp.add_argument("--best-of", type=int, default=1)
     pp.add_argument("--seed", type=int, default=0)
     pp.set_defaults(func=make_pairs)

@@ -8,7 +8,7 @@ Each step: latents z ~ q(z|x) from the cache (x scale_factor), t ~ U{0..T-1}, x_
 denoiser predicts eps or v; the squared error is weighted by min-SNR-gamma (Hang et al. 2023) so
 that no noise level dominates. The condition is dropped (empty set) with probability p_uncond for
 classifier-free guidance. EMA weights are what is evaluated and saved. Every eval_every steps the
-EMA model samples a fixed condition set (DPM-Solver++, guidance), the VAE decodes, the judge scores;
+EMA model samples a fixed condition set (DPM-Solver++, --guidance with --apg-norm), the VAE decodes, the judge scores;
 the accuracy goes to metrics.jsonl and a grid to samples/.
 
 --cls-weight W (fine-tuning, with --init): adds W x the mean binary cross-entropy of frozen classifiers
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from python.core.diffusion import DEFAULT_GUIDANCE, Schedule, x0_eps
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm, x0_eps
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import ldm_probe
@@ -104,6 +104,9 @@ def main(argv=None):
                                                         "training sets on one probe)")
     parser.add_argument("--eval-steps", type=int)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="the probe's adaptive projected guidance norm cap (0: classifier-free guidance, as the "
+                             "runs before 2026-12-05 were probed)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA; off on CPU, where it measured 2.3x slower for this "
                         "model: attention and small matmuls pay the casts)")
@@ -143,6 +146,10 @@ def main(argv=None):
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
     if not 0 <= args.repa_weight < float("inf"):
         raise UserError(f"--repa-weight must be >= 0, got {args.repa_weight}")
+    try:
+        check_apg_norm(args.apg_norm, "--apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if not 0 < args.new_lr_mult < float("inf"):
         raise UserError(f"--new-lr-mult must be a positive number, got {args.new_lr_mult}")
     if args.new_lr_mult != 1 and not args.init:
@@ -304,8 +311,9 @@ def main(argv=None):
             if evaluating:
                 if run:
                     res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance,
-                                            device)
-                    run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
+                                            device, apg_norm=args.apg_norm)
+                    run.metrics(step=step, heldout_subset=res, guidance=args.guidance, apg_norm=args.apg_norm,
+                                sampler_steps=cfg["eval_steps"])
                     progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
                                    f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")
                     run.sample_grid("heldout", step, images)

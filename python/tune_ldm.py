@@ -5,8 +5,8 @@
 
 Why: the denoiser's loss scores each noise level alone, while the objects of a sample are decided across the chain's
 high-noise steps, so an image with a colour drawn twice costs the loss nothing it can see (weights/ldm/MODEL_CARD.md:
-the extra objects). Here the deployed sampler itself (DPM-Solver++, --sample-steps, classifier-free guidance
---guidance) runs with gradients from x_T ~ N(0, I) to the final latent, for label sets drawn from the training data,
+the extra objects). Here the deployed sampler itself (DPM-Solver++, --sample-steps, guidance --guidance
+with --apg-norm) runs with gradients from x_T ~ N(0, I) to the final latent, for label sets drawn from the training data,
 and a frozen object counter reads that latent (python/models/classifier.py CountClassifier, trained on renders only,
 never on a generated latent; never a judge): the cross-entropy of "one of each requested class (--present-weight),
 none of any other (--absent-weight), k objects in all (--total-weight)" is back-propagated through every step (as in
@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from python.core.diffusion import DEFAULT_GUIDANCE, DPMSolverPP, Schedule, guide
+from python.core.diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_GUIDANCE,
+    DPMSolverPP,
+    Schedule,
+    check_apg_norm,
+    guide_outputs,
+)
 from python.core.errors import UserError, cli
 from python.data.dataset import load_condition_file
 from python.evaluation.metrics import ldm_probe
@@ -56,9 +63,11 @@ PRESETS = {
 
 
 def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.Tensor, steps: int,
-                     guidance: float, detach_inputs: bool = False, reference=None):
-    """The deployed sampler (DPM-Solver++(2M), the maths of python/core/diffusion.py) with classifier-free
-    guidance, every step differentiable: the final latent (generator scale). With `detach_inputs` the network sees
+                     guidance: float, detach_inputs: bool = False, reference=None,
+                     apg_norm: float = DEFAULT_APG_NORM):
+    """The deployed sampler (DPM-Solver++(2M), the maths of python/core/diffusion.py) with its guidance
+    (diffusion.guide_outputs: classifier-free with apg_norm 0, else adaptive projected), every step differentiable:
+    the final latent (generator scale). With `detach_inputs` the network sees
     each step's x detached: the final latent's gradient reaches every step's output through the sampler's linear
     updates but not through the network's Jacobian in x, whose product over the chain explodes.
 
@@ -79,7 +88,8 @@ def sample_with_grad(model, schedule: Schedule, cond: torch.Tensor, x_T: torch.T
             with torch.no_grad():
                 ref = reference(x_in.detach(), tt, both)
             drift = drift + F.mse_loss(out.float(), ref.float()) / len(sampler.timesteps)
-        x = sampler.step(guide(out[:n], out[n:], guidance), i, x)
+        a, s = (float(c) for c in schedule.coeffs(int(t)))
+        x = sampler.step(guide_outputs(out[:n], out[n:], guidance, x, a, s, schedule.prediction, apg_norm), i, x)
     return (x, drift) if reference is not None else x
 
 
@@ -102,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the weights)")
     parser.add_argument("--sample-steps", type=int, help="sampler steps run with gradients (the deployed count)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
+                        help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--kl-weight", type=float, default=0.0,
                         help="weight of the drift from the initial weights along the sampled chain (the mean squared "
                              "output difference at the chain's x_t; 0: none): it holds what the reward does not "
@@ -119,6 +131,10 @@ def main(argv=None):
     for name in ("anchor_weight", "present_weight", "absent_weight", "total_weight", "kl_weight"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    try:
+        check_apg_norm(args.apg_norm, "--apg-norm")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     cfg = resolve_config(PRESETS[args.preset], args)
     device = torch.device(args.device)
     vae_folder = args.vae or SHIPPED_VAE
@@ -160,7 +176,7 @@ def main(argv=None):
         cond = lat.labels[idx]
         x_T = torch.randn((cfg["batch"], *shape), generator=gen, device=device)
         final = sample_with_grad(model, schedule, cond, x_T, cfg["sample_steps"], args.guidance, args.detach_inputs,
-                                 reference)
+                                 reference, args.apg_norm)
         final, drift = final if reference is not None else (final, torch.zeros(()))
         parts = {}
         reward = count_reward(counter, final, cond, args.present_weight, args.absent_weight, args.total_weight, parts)
@@ -184,8 +200,10 @@ def main(argv=None):
                                                        drift=drift.item(), grad_norm=float(gnorm)))
         evaluating = step % cfg["eval_every"] == 0 or step == cfg["steps"]
         if evaluating:
-            res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device)
-            run.metrics(step=step, heldout_subset=res, guidance=args.guidance, sampler_steps=cfg["eval_steps"])
+            res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, cfg["eval_steps"], args.guidance, device,
+                                    apg_norm=args.apg_norm)
+            run.metrics(step=step, heldout_subset=res, guidance=args.guidance, apg_norm=args.apg_norm,
+                        sampler_steps=cfg["eval_steps"])
             progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested objects in "
                            f"{res['unrequested']:.3f} of {len(eval_cond)} held-out conditions")
             run.sample_grid("heldout", step, images)

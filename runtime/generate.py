@@ -4,8 +4,8 @@
     python -m runtime.generate --conditions data/iclevr/test.json --model gan --out out/test_gan/
 
 Both paths run the core sampling loop (python/core/sampling.py) with ONNX Runtime sessions as its model calls:
-the LDM's DPM-Solver++ / DDIM / DDPM with classifier-free guidance (conditional and unconditional passes in one
-denoiser call per step, chunks of --batch), or the GAN path's one generator call; then the exported VAE decoder,
+the LDM's DPM-Solver++ / DDIM / DDPM with guidance (adaptive projected by default, classifier-free with
+--apg-norm 0; the conditional and unconditional passes in one denoiser call per step, chunks of --batch), or the GAN path's one generator call; then the exported VAE decoder,
 then (when the export has one) the judge. Noise comes from python/core/noise.py, so a seed gives the same images
 here and in torch.
 """
@@ -140,8 +140,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
-                        help="0: classifier-free guidance; > 0: adaptive projected guidance (Sadat et al. 2024) with "
-                             "that cap on the update's norm; inf: no cap")
+                        help="adaptive projected guidance (Sadat et al. 2024) with that cap on the update's norm "
+                             "(inf: no cap); 0: classifier-free guidance")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")

@@ -5,8 +5,8 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 4.0, "apg_norm": 0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all
-but labels are optional ("apg_norm" > 0: adaptive projected guidance with that norm cap instead of classifier-free
+"guidance": 5.0, "apg_norm": 5.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all
+but labels are optional (defaults as shown; "apg_norm": adaptive projected guidance's norm cap, 0 for classifier-free
 guidance, python/core/diffusion.py; "best_of" N > 1: the best of N candidates per image by the export's latent classifier, N times the
 work; python/core/best_of.py). It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
 base64 PNGs, with the judge's per-image scores when "scores" is true. GET /health, GET /metrics

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from python import adversarial
+from python.core.diffusion import DEFAULT_APG_NORM
 from python.core.errors import UserError
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
@@ -252,7 +253,8 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
                            "--dmd-guidance", "2", "--dmd-t-range", "50", "950"))
     gen, cfg = load_generator(run / "final")
     assert cfg["objective"] == "dmd" and cfg["discriminator"] is None
-    assert cfg["dmd"] == {"guidance": 2.0, "t_range": [50, 950], "fake_lr": 1e-4}
+    # the teacher guided as the LDM samples by default (adaptive projected), recorded with the run
+    assert cfg["dmd"] == {"guidance": 2.0, "t_range": [50, 950], "fake_lr": 1e-4, "apg_norm": DEFAULT_APG_NORM}
     teacher, _ = load_denoiser(tiny_weights / "ldm")
     _, state, _ = load_checkpoint(run)
     assert "disc" not in state and "fake_score" in state  # no heads trained; the fake score is checkpointed

@@ -6,7 +6,7 @@ import torch
 
 from python import distill
 from python.core.best_of import candidate_seed
-from python.core.diffusion import Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule
 from python.core.errors import UserError
 from python.core.noise import initial_noise
 from python.models.denoiser import load_denoiser
@@ -50,13 +50,15 @@ def test_teacher_pairs_are_the_samplers_output_and_resume(tiny_data, tiny_weight
     shard = np.load(files[1])
     seed = 0 * 1_000_000 + 1
     np.testing.assert_allclose(shard["x_T"], initial_noise(seed, 4, (4, 16, 16)), atol=2e-3)  # stored as fp16
-    x0 = ldm_latents(teacher, Schedule(**cfg["schedule"]), shard["cond"], "dpmpp", 2, 4.0, seed=seed).numpy()
+    x0 = ldm_latents(teacher, Schedule(**cfg["schedule"]), shard["cond"], "dpmpp", 2, DEFAULT_GUIDANCE, seed=seed,
+                     apg_norm=DEFAULT_APG_NORM).numpy()  # the teacher samples as the LDM does by default
     np.testing.assert_allclose(shard["x_0"].astype(np.float32), x0, atol=5e-3, rtol=2e-3)
     before = files[0].stat().st_mtime_ns
     distill.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "12", "--shard", "4"))  # more data: one shard more
     assert len(list(out.glob("pairs-*.npz"))) == 3 and files[0].stat().st_mtime_ns == before
-    with pytest.raises(SystemExit):  # other settings into the same folder: refused
-        distill.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "4", "--shard", "4", "--guidance", "2"))
+    for other in (["--guidance", "2"], ["--apg-norm", "0"]):  # other settings into the same folder: refused
+        with pytest.raises(SystemExit):
+            distill.main(_pairs_args(tiny_data, tiny_weights, out, "--count", "4", "--shard", "4", *other))
 
 
 def test_best_of_pairs_record_the_kept_candidates_noise(tiny_data, tiny_weights, tmp_path):
@@ -67,7 +69,8 @@ def test_best_of_pairs_record_the_kept_candidates_noise(tiny_data, tiny_weights,
     shard = np.load(out / "pairs-00000.npz")
     teacher, cfg = load_denoiser(tiny_weights / "ldm")
     sch, cls = Schedule(**cfg["schedule"]), load_classifier(tiny_weights / "classifier")[0]
-    cands = [ldm_latents(teacher, sch, shard["cond"], "dpmpp", 2, 4.0, seed=candidate_seed(0, k)).numpy()
+    cands = [ldm_latents(teacher, sch, shard["cond"], "dpmpp", 2, DEFAULT_GUIDANCE, seed=candidate_seed(0, k),
+                         apg_norm=DEFAULT_APG_NORM).numpy()
              for k in range(3)]
     from python.core.best_of import label_set_loglik
 

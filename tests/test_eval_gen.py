@@ -116,3 +116,13 @@ def test_fidelity_figures_beside_their_floors_for_files_large_enough(tiny_weight
     small = main(["--model", "gan", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
                   "--seeds", "0", "--limit", "4", "--diversity-conditions", "2", "--per-condition", "2"])
     assert small["fidelity"]["floors"] == {} and "fidelity" not in small["results"][0]["files"]["test.json"]
+
+
+def test_fidelity_table_names_the_guidance():
+    from bench.fidelity_table import setting_name
+
+    report = {"model": "ldm", "sampler": "dpmpp", "best_of": 1}
+    row = {"steps": 10, "guidance": 5.0}
+    assert setting_name(report, row) == "LDM, dpmpp 10 steps, guidance 5"  # a report from before APG: classifier-free
+    assert setting_name(report, {**row, "apg_norm": 0.0}) == "LDM, dpmpp 10 steps, guidance 5"
+    assert setting_name(report, {**row, "apg_norm": 5.0}) == "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5)"

@@ -117,20 +117,28 @@ def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypat
     a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
     b = encode(["cyan cylinder"])[None].astype(np.float32)
 
-    def request(cond, seed, steps=None):
+    def request(cond, seed, steps=None, apg_norm=None):
         inputs = [pb.Tensor("COND", cond), pb.Tensor("SEED", np.full((len(cond), 1), seed, np.int64))]
         if steps:
             inputs.append(pb.Tensor("STEPS", np.full((len(cond), 1), steps, np.int32)))
+        if apg_norm is not None:
+            inputs.append(pb.Tensor("APG_NORM", np.full((len(cond), 1), apg_norm, np.float32)))
         return pb.InferenceRequest("ldm", [], inputs)
 
     bad = request(b, 1)
     bad.inputs[1] = pb.Tensor("SEED", np.array([[1], [2]]))  # seeds differing within a request
-    responses = model.execute([request(a, 3, 4), request(b, 8, 4), bad])
+    responses = model.execute([request(a, 3, 4), request(b, 8, 4), bad, request(b, 8, 4, apg_norm=0.0),
+                               request(b, 8, 4, apg_norm=-1.0)])
     assert responses[2].has_error() and "SEED" in responses[2].error().message()
+    assert responses[4].has_error() and "APG_NORM must be 0" in responses[4].error().message()
     pipe = Pipeline(ExportFolder(onnx_export, threads=2))
-    for resp, cond, seed in ((responses[0], a, 3), (responses[1], b, 8)):
+    # the defaults (the runtime's guidance), and a classifier-free request beside them in the same execute()
+    for resp, cond, seed, kw in ((responses[0], a, 3, {}), (responses[1], b, 8, {}),
+                                 (responses[3], b, 8, {"apg_norm": 0.0})):
         images = pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy()
-        np.testing.assert_allclose(images, pipe.generate(cond, steps=4, seed=seed), atol=1e-4)
+        np.testing.assert_allclose(images, pipe.generate(cond, steps=4, seed=seed, **kw), atol=1e-5)
+    cfg, apg = (pb.get_output_tensor_by_name(responses[i], "IMAGES").as_numpy() for i in (3, 1))
+    assert np.abs(cfg - apg).max() > 1e-4  # so the parity above tells the two guidances apart
 
 
 def test_refuses_an_export_without_a_decoder(tmp_path):

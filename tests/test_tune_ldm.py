@@ -139,15 +139,15 @@ def test_sample_with_grad_measures_the_drift_from_a_reference_along_its_own_chai
     sch = Schedule("cosine", prediction="v_prediction")
     cond = torch.zeros(2, 24)
     cond[0, 3] = cond[1, [5, 17]] = 1
-    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    plain = sample_with_grad(model, sch, cond, x_T, 3, 4.0)
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # classifier-free: guide by hand below
+    plain = sample_with_grad(model, sch, cond, x_T, 3, 4.0, apg_norm=0.0)
     same = copy.deepcopy(model).requires_grad_(False)
-    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same)
+    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same, apg_norm=0.0)
     assert torch.equal(out, plain) and drift.item() == 0  # the reference changes nothing the chain computes
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same)
+    out, drift = sample_with_grad(model, sch, cond, x_T, 3, 4.0, reference=same, apg_norm=0.0)
     # by hand: the mean over the 3 steps of the mean squared difference of both passes' outputs at the chain's x_t
     want, x, sampler = 0.0, x_T, DPMSolverPP(sch, 3)
     both = torch.cat([cond, torch.zeros_like(cond)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from python.core.diffusion import DEFAULT_APG_NORM
 from python.models.judge import judge_probs, judge_score
 from python.models.sampling import decode, ldm_latents
 
@@ -27,10 +28,12 @@ def spread(feats: torch.Tensor, groups: int) -> float:
     return float(d.sum((1, 2)).div(k * (k - 1)).mean())
 
 
-def ldm_probe(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0):
-    """The LDM trainers' held-out figure: `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance`, noise
-    `seed`) decoded and read by the judge. Returns ({accuracy, by_objects, unrequested}, the images)."""
-    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device))
+def ldm_probe(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0,
+              apg_norm: float = DEFAULT_APG_NORM):
+    """The LDM trainers' held-out figure: `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance` with
+    `apg_norm`, noise `seed`) decoded and read by the judge. Returns ({accuracy, by_objects, unrequested}, the images)."""
+    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device,
+                                         apg_norm=apg_norm))
     res = judge_score(judge, images, cond)
     return {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
             "unrequested": object_rates(judge, images, cond)["unrequested"]}, images

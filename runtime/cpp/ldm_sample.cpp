@@ -1,7 +1,9 @@
-// DDIM sampling with classifier-free guidance over the TorchScript exports, then the VAE decoder.
+// DDIM sampling with guidance over the TorchScript exports, then the VAE decoder. The guidance is the Python
+// runtime's (python/core/diffusion.py guide_outputs): adaptive projected guidance on the predicted x_0 with the
+// update's norm capped at --apg-norm, or classifier-free guidance with --apg-norm 0.
 //
-//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 4] [--seed 0]
-//   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 4]
+//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5] [--apg-norm 5] [--seed 0]
+//   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -62,10 +64,11 @@ void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--seed K]");
+  if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--apg-norm R] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
   int n = 8, steps = 20, repeat = 1;
-  double w = 4.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
+  double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
+  double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
   uint64_t seed = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
     else if (k == "-n") n = std::stoi(v);
     else if (k == "--steps") steps = std::stoi(v);
     else if (k == "--guidance") w = std::stod(v);
+    else if (k == "--apg-norm") apg = std::stod(v);
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
@@ -91,6 +95,7 @@ int main(int argc, char** argv) {
   for (int64_t t = 0; t < T; ++t) ab[t] = std::stod(sched[t + 1]);
   if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
   if (repeat < 1) fail("--repeat must be >= 1");
+  if (!(apg >= 0)) fail("--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf");
 
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
@@ -125,8 +130,19 @@ int main(int argc, char** argv) {
       const double a_t = ab[t], a_prev = prev >= 0 ? ab[prev] : 1.0;
       auto tt = torch::full({2 * N}, t, torch::kInt64);
       auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
-      auto out = o.slice(0, N) + w * (o.slice(0, 0, N) - o.slice(0, N));  // uncond + w (cond - uncond)
       const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
+      auto oc = o.slice(0, 0, N), ou = o.slice(0, N);
+      torch::Tensor out = ou + w * (oc - ou);  // classifier-free: uncond + w (cond - uncond)
+      if (apg > 0 && w != 1.0) {  // projected: on the predicted x_0, the update capped and made orthogonal to x0_c
+        auto to_x0 = [&](const torch::Tensor& y) { return v_pred ? sa * x - ss_ * y : (x - ss_ * y) / sa; };
+        auto norm = [](const torch::Tensor& y) { return y.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1, 1}); };
+        auto x0c = to_x0(oc), d = x0c - to_x0(ou);
+        if (std::isfinite(apg)) d = d * (apg / norm(d)).clamp_max(1.0);
+        auto unit = x0c / norm(x0c);
+        d = d - (d * unit).sum({1, 2, 3}, true) * unit;
+        auto x0g = x0c + (w - 1) * d;
+        out = v_pred ? (sa * x - x0g) / ss_ : (x - sa * x0g) / ss_;
+      }
       torch::Tensor x0, eps;
       if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
       else { x0 = (x - ss_ * out) / sa; eps = out; }
