@@ -516,10 +516,7 @@ def main(argv=None):
             raise UserError(f"--replot {args.replot}: not a bench/latency.py JSON ({e})") from None
         write_reports(out, args.markdown, args.plot)
         return out
-    try:
-        check_apg_norm(args.apg_norm, "--apg-norm")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_apg_norm(args.apg_norm, "--apg-norm")
     cfg = restrict(dict(QUICK if args.quick else FULL), args)
     if args.runs:
         if args.runs < 1:

@@ -313,10 +313,7 @@ def train(args, cfg: dict) -> tuple[Path, int]:
     if not (use_adv or use_dmd):
         raise UserError("--adv-weight 0 and --dmd-weight 0 leave the generator no objective against the data; "
                         "give one of them a weight > 0")
-    try:
-        check_apg_norm(cfg["dmd_apg_norm"], "--dmd-apg-norm")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_apg_norm(cfg["dmd_apg_norm"], "--dmd-apg-norm")
     lo, hi = cfg["dmd_t_range"]
     if not 0 <= lo < hi <= schedule.T:
         raise UserError(f"--dmd-t-range must be two timesteps 0 <= LOW < HIGH <= {schedule.T}, got {lo} {hi}")

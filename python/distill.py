@@ -92,10 +92,7 @@ def training_label_sets(data: Path) -> np.ndarray:
 
 
 def make_pairs(args) -> None:
-    try:
-        check_apg_norm(args.apg_norm, "--apg-norm")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_apg_norm(args.apg_norm, "--apg-norm")
     ldm_dir = args.ldm or SHIPPED_LDM
     model, cfg = load_denoiser(ldm_dir)
     schedule = Schedule(**cfg["schedule"])

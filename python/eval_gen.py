@@ -105,10 +105,7 @@ def main(argv=None):
         raise UserError("--per-condition must be >= 2 and --diversity-conditions >= 1")
     if args.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
-    try:
-        apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
     gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
     classifier = None
     if args.best_of > 1:

@@ -146,10 +146,7 @@ def main(argv=None):
         raise UserError(f"--cls-weight must be >= 0, got {args.cls_weight}")
     if not 0 <= args.repa_weight < float("inf"):
         raise UserError(f"--repa-weight must be >= 0, got {args.repa_weight}")
-    try:
-        check_apg_norm(args.apg_norm, "--apg-norm")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_apg_norm(args.apg_norm, "--apg-norm")
     if not 0 < args.new_lr_mult < float("inf"):
         raise UserError(f"--new-lr-mult must be a positive number, got {args.new_lr_mult}")
     if args.new_lr_mult != 1 and not args.init:

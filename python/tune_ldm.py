@@ -131,10 +131,7 @@ def main(argv=None):
     for name in ("anchor_weight", "present_weight", "absent_weight", "total_weight", "kl_weight"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    try:
-        check_apg_norm(args.apg_norm, "--apg-norm")
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_apg_norm(args.apg_norm, "--apg-norm")
     cfg = resolve_config(PRESETS[args.preset], args)
     device = torch.device(args.device)
     vae_folder = args.vae or SHIPPED_VAE

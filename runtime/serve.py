@@ -145,7 +145,7 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'guidance' must be between 0 and {limits.max_guidance}, got {r['guidance']}")
     try:
         check_apg_norm(r["apg_norm"], "'apg_norm'")
-    except ValueError as e:
+    except UserError as e:  # the shared check's message, as a 400
         raise BadRequest(str(e)) from None
     if not 0.0 <= r["eta"] <= 1.0:
         raise BadRequest(f"'eta' must be between 0 and 1, got {r['eta']}")

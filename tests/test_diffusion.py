@@ -20,6 +20,7 @@ from python.core.diffusion import (
     target,
     x0_eps,
 )
+from python.core.errors import UserError
 
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
@@ -191,6 +192,6 @@ def test_guided_outputs_in_the_network_s_own_terms(prediction):
     assert np.allclose(got, want, atol=1e-12)
     assert not np.allclose(got, x0_eps(x_t, guide(oc, ou, 4.0), a, s, prediction)[0])
     for bad in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match="apg norm must be 0"):
+        with pytest.raises(UserError, match="apg norm must be 0"):
             check_apg_norm(bad)
     assert check_apg_norm(float("inf")) == float("inf")

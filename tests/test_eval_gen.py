@@ -126,3 +126,24 @@ def test_fidelity_table_names_the_guidance():
     assert setting_name(report, row) == "LDM, dpmpp 10 steps, guidance 5"  # a report from before APG: classifier-free
     assert setting_name(report, {**row, "apg_norm": 0.0}) == "LDM, dpmpp 10 steps, guidance 5"
     assert setting_name(report, {**row, "apg_norm": 5.0}) == "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5)"
+
+
+@pytest.mark.parametrize("module, args", [
+    ("python.train_ldm", ["--data", "DATA", "--run-dir", "RUN", "--steps", "1"]),
+    ("python.tune_ldm", ["--data", "DATA", "--run-dir", "RUN", "--init", "WEIGHTS/ldm", "--counter", "WEIGHTS/counter"]),
+    ("python.distill", ["pairs", "--data", "DATA", "--out", "RUN"]),
+    ("python.eval_gen", ["--model", "ldm", "--weights", "WEIGHTS", "--data", "DATA"]),
+])
+def test_every_cli_with_apg_norm_refuses_a_negative_one_in_one_line(module, args, tiny_data, tiny_weights, tmp_path,
+                                                                     capsys):
+    import importlib
+
+    main_ = importlib.import_module(module).main
+    args = [a.replace("DATA", str(tiny_data)).replace("RUN", str(tmp_path / "run")).replace("WEIGHTS", str(tiny_weights))
+            for a in args]
+    with pytest.raises(SystemExit) as e:
+        main_([*args, "--apg-norm", "-1"])
+    assert e.value.code == 2
+    assert "error: --apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf, got -1.0" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work

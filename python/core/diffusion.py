@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
+
 PREDICTIONS = ("epsilon", "v_prediction")
 # The guidance used wherever none is given (trainer's evaluation, eval_gen, runtime, server, bench, the GAN path's
 # teacher, C++ and Triton defaults): scale DEFAULT_GUIDANCE, as adaptive projected guidance with the update's norm
@@ -95,9 +97,9 @@ def output_from_x0(x_t, x0, a: float, s: float, prediction: str):
 
 def check_apg_norm(value: float, name: str = "apg norm") -> float:
     """The apg_norm setting, checked: 0 (classifier-free guidance), a positive cap, or inf; `name` is the option or
-    field the message names."""
+    field the message names. A bad value is the user's: UserError, which the CLIs print as one line."""
     if not value >= 0:  # also refuses nan
-        raise ValueError(f"{name} must be 0 (classifier-free guidance), a positive norm cap or inf, got {value}")
+        raise UserError(f"{name} must be 0 (classifier-free guidance), a positive norm cap or inf, got {value}")
     return float(value)
 
 
