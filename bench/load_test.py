@@ -186,7 +186,8 @@ def main(argv=None):
             proc.terminate()
             proc.wait(30)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-           "export": str(args.export), "steps": args.steps, "guidance": args.guidance, "apg_norm": args.apg_norm, "window_ms": args.window_ms,
+           "export": str(args.export), "steps": args.steps, "guidance": args.guidance, "apg_norm": args.apg_norm,
+           "window_ms": args.window_ms,
            "direct_batch64_images_per_sec": round(direct_rate, 2), "runs": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,8 @@ def main(argv=None):
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
                               seed=args.seed, apg_norm=args.apg_norm)
             apg = f", APG {args.apg_norm:g}" if args.apg_norm else ""
-            rows.append((f"LDM {args.steps} steps, g {args.guidance:g}{apg}\n{folder.name}", to_uint8(decode(decoder, lat))))
+            rows.append((f"LDM {args.steps} steps, g {args.guidance:g}{apg}\n{folder.name}",
+                         to_uint8(decode(decoder, lat))))
     from PIL import Image
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

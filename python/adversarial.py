@@ -219,8 +219,8 @@ def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_sco
              apg_norm: float = 0.0) -> torch.Tensor:
     """Distribution matching (DMD, Yin et al. 2024): the generator's latents noised to t ~ U{t_range}, then the
     difference of two denoisers' clean-latent predictions there: the frozen LDM with guidance (classifier-free, or
-    adaptive projected with apg_norm > 0: the data's score, as the deployed sampler guides it) and `fake_score`, a copy of it trained online on the
-    generator's own latents (their score). Its gradient moves each latent along fake - real, which is the gradient
+    adaptive projected with apg_norm > 0: the data's score, as the deployed sampler guides it) and `fake_score`, a
+    copy of it trained online on the generator's own latents (their score). Its gradient moves each latent along fake - real, which is the gradient
     of KL(generator || guided LDM) (mode-seeking: towards the LDM's sharp modes, not their blurred mean), normalised
     per sample by the mean |latent - real prediction| as in DMD. A squared error to the moved latent carries that
     gradient; its value is not a distance worth reading, its gradient is. apg_norm > 0: the LDM guided by adaptive

@@ -67,7 +67,8 @@ from python.training.schedules import warmup_cosine
 
 
 def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps: int, guidance: float,
-                  best_of: int = 1, classifier=None, apg_norm: float = DEFAULT_APG_NORM) -> tuple[np.ndarray, np.ndarray]:
+                  best_of: int = 1, classifier=None,
+                  apg_norm: float = DEFAULT_APG_NORM) -> tuple[np.ndarray, np.ndarray]:
     """(x_T, x_0) for each condition: the initial noise of the kept candidate and the latent it became."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     run = lambda k: ldm_latents(model, schedule, cond, "dpmpp", steps, guidance,  # noqa: E731

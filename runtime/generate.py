@@ -5,7 +5,8 @@
 
 Both paths run the core sampling loop (python/core/sampling.py) with ONNX Runtime sessions as its model calls:
 the LDM's DPM-Solver++ / DDIM / DDPM with guidance (adaptive projected by default, classifier-free with
---apg-norm 0; the conditional and unconditional passes in one denoiser call per step, chunks of --batch), or the GAN path's one generator call; then the exported VAE decoder,
+--apg-norm 0; the conditional and unconditional passes in one denoiser call per step, chunks of --batch), or the
+GAN path's one generator call; then the exported VAE decoder,
 then (when the export has one) the judge. Noise comes from python/core/noise.py, so a seed gives the same images
 here and in torch.
 """

@@ -2,7 +2,8 @@
 // runtime's (python/core/diffusion.py guide_outputs): adaptive projected guidance on the predicted x_0 with the
 // update's norm capped at --apg-norm, or classifier-free guidance with --apg-norm 0.
 //
-//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5] [--apg-norm 5] [--seed 0]
+//   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
+//              [--apg-norm 5] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
@@ -132,10 +133,14 @@ int main(int argc, char** argv) {
       auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
       const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
       auto oc = o.slice(0, 0, N), ou = o.slice(0, N);
-      torch::Tensor out = ou + w * (oc - ou);  // classifier-free: uncond + w (cond - uncond)
-      if (apg > 0 && w != 1.0) {  // projected: on the predicted x_0, the update capped and made orthogonal to x0_c
+      torch::Tensor out;
+      if (apg == 0 || w == 1.0) {
+        out = ou + w * (oc - ou);  // classifier-free: uncond + w (cond - uncond)
+      } else {  // projected: on the predicted x_0, the update capped and made orthogonal to x0_c
         auto to_x0 = [&](const torch::Tensor& y) { return v_pred ? sa * x - ss_ * y : (x - ss_ * y) / sa; };
-        auto norm = [](const torch::Tensor& y) { return y.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1, 1}); };
+        auto norm = [](const torch::Tensor& y) {
+          return y.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1, 1});
+        };
         auto x0c = to_x0(oc), d = x0c - to_x0(ou);
         if (std::isfinite(apg)) d = d * (apg / norm(d)).clamp_max(1.0);
         auto unit = x0c / norm(x0c);
