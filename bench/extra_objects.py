@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.images import image_grid  # noqa: E402
 from python.core.labels import CLASS_NAMES, encode, read_json  # noqa: E402
@@ -63,6 +63,7 @@ def analyse(probs: np.ndarray, cond: np.ndarray, seen: np.ndarray) -> dict:
 def main(argv=None):
     import torch
 
+    from python.models.classifier import load_class_grad
     from python.models.judge import judge_probs, load_judge
     from python.models.sampling import decode, gan_latents, ldm_latents
     from python.models.vae import Decoder, load_vae
@@ -79,6 +80,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
+    parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
+                        help="classifier guidance on x_0 with the weights folder's guide/ classifier (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="PNG of the first 16 images with an unrequested object")
     parser.add_argument("--json", type=Path)
@@ -99,8 +102,10 @@ def main(argv=None):
             from python.models.denoiser import load_denoiser
 
             model, cfg = load_denoiser(args.weights / "ldm")
+            grad = load_class_grad(args.weights / "guide", args.weights / "vae") if args.class_scale else None
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, args.sampler, args.steps, args.guidance,
-                              seed=args.seed, eta=args.eta, apg_norm=args.apg_norm)
+                              seed=args.seed, eta=args.eta, apg_norm=args.apg_norm, class_grad=grad,
+                              class_scale=args.class_scale)
         else:
             from python.models.generators import load_generator
 
@@ -109,7 +114,7 @@ def main(argv=None):
         probs = judge_probs(load_judge(args.weights / "judge" / "judge.safetensors"), images).numpy()
     res = {"model": args.model, "file": args.file, "limit": args.limit, "seed": args.seed,
            **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance,
-               "apg_norm": args.apg_norm}
+               "apg_norm": args.apg_norm, "class_scale": args.class_scale}
               if args.model == "ldm" else {}),
            **analyse(probs, cond, seen)}
     print(json.dumps(res, indent=1))

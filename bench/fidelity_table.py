@@ -33,6 +33,8 @@ def setting_name(report: dict, row: dict) -> str:
         name += f", {report['sampler']} {row['steps']} steps, guidance {row['guidance']:g}"
         if row.get("apg_norm"):  # reports before 2026-12-05 have no apg_norm: classifier-free guidance
             name += f" (APG, norm cap {row['apg_norm']:g})"
+        if row.get("class_scale"):  # reports before the fourteenth session have none: no classifier guidance
+            name += f", classifier guidance {row['class_scale']:g}"
     else:
         name += ", one pass"
     return name + (f", best of {report['best_of']}" if report["best_of"] > 1 else "")

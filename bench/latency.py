@@ -31,7 +31,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm  # noqa: E402
+from python.core.diffusion import (  # noqa: E402
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    Schedule,
+    check_apg_norm,
+    check_class_scale,
+)
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import NUM_CLASSES, load_conditions  # noqa: E402
 from python.core.memory import keep_freed_memory  # noqa: E402
@@ -192,16 +199,22 @@ class Models:
             self.schedule = Schedule(**cfg["schedule"])
         if (weights / "gan" / "config.json").exists():
             self.gan, _ = load_generator(weights / "gan")
+        self.class_grad = None
+        if (weights / "guide" / "config.json").exists():
+            from python.models.classifier import load_class_grad
+
+            self.class_grad = load_class_grad(weights / "guide", self.vae)
         self.ts = {}
-        for name in ("denoiser", "decoder", "generator"):
+        for name in ("denoiser", "decoder", "generator", "class_grad"):
             if (export / f"{name}.ts").exists():
                 self.ts[name] = torch.jit.load(str(export / f"{name}.ts")).eval()
         self.shape = tuple(self.pipe.latent_shape)
 
 
 def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
-               best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM):
-    """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm`; best_of > 1
+               best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE):
+    """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm` and
+    `class_scale` (classifier guidance through the guidance classifier's gradient); best_of > 1
     (ONNX Runtime only) draws that many candidates per condition and keeps the latent classifier's pick
     (python/core/best_of.py)."""
     import torch
@@ -213,22 +226,28 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
-                                       batch=len(cond), apg_norm=apg_norm)
+                                       batch=len(cond), apg_norm=apg_norm, class_scale=class_scale)
     if backend in PIPE:
         pipe = m.pipes[PIPE[backend]]
         return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond),
-                                                    apg_norm=apg_norm), batch=len(cond))
+                                                    apg_norm=apg_norm, class_scale=class_scale), batch=len(cond))
     if backend == "cpp":
         return None  # timed by the binary itself (cpp_times)
     bf16 = backend == "torch-bf16"
     model = m.ts["denoiser"] if backend == "torchscript" else m.ldm
     decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
     denoiser = torch_call(model, bf16=bf16)
+    grad = None
+    if class_scale:
+        net = m.ts.get("class_grad") if backend == "torchscript" else m.class_grad
+        if net is None:
+            raise UserError(f"{backend}: no guidance classifier (weights/guide, class_grad.ts); give --class-scale 0")
+        grad = torch_call(net, bf16=bf16)
 
     @torch.no_grad()
     def run():
         lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond),
-                                apg_norm=apg_norm)
+                                apg_norm=apg_norm, class_grad=grad, class_scale=class_scale)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return decoder(torch.from_numpy(lat)).float()
 
@@ -261,7 +280,7 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
 
 
 def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int,
-              apg_norm: float = DEFAULT_APG_NORM) -> list[float] | None:
+              apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE) -> list[float] | None:
     binary = REPO / "build" / "ldm_sample"
     if not binary.exists():
         print(f"cpp: {binary} not built (make cpp); skipped")
@@ -271,6 +290,7 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
         initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
         r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
                             "--steps", str(steps), "--guidance", str(guidance), "--apg-norm", str(apg_norm),
+                            "--class-scale", str(class_scale),
                             "--repeat", str(runs + 1)],
                            capture_output=True, text=True)
         if r.returncode:
@@ -303,7 +323,8 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
 
 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
-                   fidelity: bool = True, apg_norm: float = DEFAULT_APG_NORM) -> tuple[dict, dict]:
+                   fidelity: bool = True, apg_norm: float = DEFAULT_APG_NORM,
+                   class_scale: float = DEFAULT_CLASS_SCALE) -> tuple[dict, dict]:
     """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
     with the ONNX models of the setting's precision (its last field), on the first `limit` conditions of each file
     (all with None)."""
@@ -321,7 +342,7 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
             pipe = m.pipes[key[4]]
             if key[0] == "ldm":
                 images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0,
-                                       apg_norm=apg_norm)
+                                       apg_norm=apg_norm, class_scale=class_scale)
             else:
                 images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -367,7 +388,8 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
 
 
 def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,
-              backend: str = "onnxruntime", apg_norm: float = DEFAULT_APG_NORM) -> dict:
+              backend: str = "onnxruntime", apg_norm: float = DEFAULT_APG_NORM,
+              class_scale: float = DEFAULT_CLASS_SCALE) -> dict:
     """Where one LDM batch on an export-folder backend spends its time: the denoiser calls (one call per step, see
     denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
     pipe = m.pipes[PIPE[backend]]
@@ -375,7 +397,8 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     cond, x_T = feeds["cond"][:batch], feeds["x"][:batch]
     den = float(np.median(timed(lambda: pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: pipe.decode(x_T, batch=batch), runs)))
-    total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond, apg_norm=apg_norm), runs)))
+    total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond, apg_norm=apg_norm,
+                                             class_scale=class_scale), runs)))
     return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
 
 
@@ -490,6 +513,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
+    parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
+                        help="classifier guidance on x_0 through weights/guide (0: none)")
     parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
@@ -517,6 +542,7 @@ def main(argv=None):
         write_reports(out, args.markdown, args.plot)
         return out
     check_apg_norm(args.apg_norm, "--apg-norm")
+    check_class_scale(args.class_scale, "--class-scale")
     cfg = restrict(dict(QUICK if args.quick else FULL), args)
     if args.runs:
         if args.runs < 1:
@@ -571,7 +597,7 @@ def main(argv=None):
     if cfg["limit"]:
         print(f"accuracy and fidelity on the first {cfg['limit']} conditions of each file (--quick)")
     acc, floors = accuracy_table(m, args.data, cfg["files"], settings, args.guidance, cfg["limit"],
-                                 not args.no_fidelity, args.apg_norm)
+                                 not args.no_fidelity, args.apg_norm, args.class_scale)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
@@ -581,8 +607,11 @@ def main(argv=None):
         cls_flops = flops_per_item(load_classifier(args.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:
         den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
+        grad_flops = (flops_per_item(m.class_grad, torch.randn(2, *m.shape), torch.zeros(2, 24))
+                      if args.class_scale and m.class_grad is not None else 0.0)
         for sampler, steps, best_of in ldm_settings:
-            flops = (den_flops * steps * (2 if args.guidance != 1.0 else 1) + cls_flops * (best_of > 1)) * best_of + dec_flops
+            per_step = den_flops * (2 if args.guidance != 1.0 else 1) + grad_flops
+            flops = (per_step * steps + cls_flops * (best_of > 1)) * best_of + dec_flops
             for backend in cfg["ldm_backends"] if best_of == 1 else ["onnxruntime"]:
                 if backend == "cpp" and sampler != "ddim" and "ddim" in [s for s, _ in cfg["ldm"]]:
                     continue
@@ -592,12 +621,12 @@ def main(argv=None):
                     runs = cfg["latency_runs"] if batch == 1 else cfg["runs"]
                     with PeakRSS() as mem:
                         if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
-                            secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm)
+                            secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm, args.class_scale)
                             if secs is None:
                                 continue
                         else:
                             secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of,
-                                                    args.apg_norm), runs)
+                                                    args.apg_norm, args.class_scale), runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
@@ -632,7 +661,7 @@ def main(argv=None):
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
         for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
             profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend,
-                                                          args.apg_norm)
+                                                          args.apg_norm, args.class_scale)
             sh = split["shares"]
             print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
                   f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
@@ -649,7 +678,8 @@ def main(argv=None):
         if name in profile:
             print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
-           "peak_flops": peak, "guidance": args.guidance, "apg_norm": args.apg_norm, "weights": str(args.weights),
+           "peak_flops": peak, "guidance": args.guidance, "apg_norm": args.apg_norm,
+           "class_scale": args.class_scale, "weights": str(args.weights),
            "baseline": base,
            "decoder_flops_per_image": dec_flops, "results": results, "profile": profile,
            "conditions_limit": cfg["limit"], "fidelity_floors": floors}

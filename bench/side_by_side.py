@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE  # noqa: E402
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import encode, read_json  # noqa: E402
 
@@ -50,6 +50,7 @@ def main(argv=None):
 
     from python.core.images import to_uint8
     from python.data.synthetic import render_conditions
+    from python.models.classifier import load_class_grad
     from python.models.sampling import decode, gan_latents, ldm_latents
     from python.models.vae import SHIPPED_VAE, Decoder, load_vae
 
@@ -63,6 +64,9 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM,
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
+    parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
+                        help="classifier guidance on x_0 with --guide's classifier (0: none)")
+    parser.add_argument("--guide", type=Path, help="the guidance classifier's folder (default: guide/ beside --vae)")
     parser.add_argument("--vae", type=Path, default=SHIPPED_VAE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -88,9 +92,12 @@ def main(argv=None):
             from python.models.denoiser import load_denoiser
 
             model, cfg = load_denoiser(folder)
+            guide = args.guide or args.vae.parent / "guide"
+            grad = load_class_grad(guide, args.vae) if args.class_scale else None
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
-                              seed=args.seed, apg_norm=args.apg_norm)
-            apg = f", APG {args.apg_norm:g}" if args.apg_norm else ""
+                              seed=args.seed, apg_norm=args.apg_norm, class_grad=grad, class_scale=args.class_scale)
+            apg = (f", APG {args.apg_norm:g}" if args.apg_norm else "") + (
+                f", CG {args.class_scale:g}" if args.class_scale else "")
             rows.append((f"LDM {args.steps} steps, g {args.guidance:g}{apg}\n{folder.name}",
                          to_uint8(decode(decoder, lat))))
     from PIL import Image

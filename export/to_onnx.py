@@ -34,7 +34,7 @@ from python.core.diffusion import Schedule
 from python.core.errors import UserError, cli
 from python.core.folders import replace_folder
 from python.core.labels import CLASS_NAMES
-from python.models.classifier import load_classifier
+from python.models.classifier import load_class_grad, load_classifier
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
 from python.models.judge import SHIPPED_JUDGES, judge_logits, load_judge
@@ -247,6 +247,13 @@ def collect(weights: Path | None, vae: Path | None = None) -> dict:
         found["classifier"] = (cls, {"latents": rand(2, *shape)}, {"latents": rand(5, *shape)}, ["logits"], {})
     else:
         print(f"classifier: no weights at {d}; skipped (best-of-N selection unavailable)")
+    d = _weights(weights, "guide")
+    if (d / "config.json").exists():
+        grad = load_class_grad(d, vae_dir)
+        found["class_grad"] = (grad, {"latents": rand(2, *shape), "cond": conds[:2]},
+                               {"latents": rand(5, *shape), "cond": conds}, ["grad"], {})
+    else:
+        print(f"class_grad: no guidance classifier at {d}; skipped (the LDM's classifier guidance unavailable)")
     return found
 
 

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, check_apg_norm
+from python.core.diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    check_apg_norm,
+    check_class_scale,
+)
 from python.core.errors import UserError, cli
 from python.core.images import image_grid
 from python.core.labels import encode
@@ -61,11 +67,12 @@ def diversity(gen: TorchGenerator, feature_judge, cond: np.ndarray, per: int, re
 
 
 def process_image(gen: TorchGenerator, steps: int, guidance: float, frames: int = 10,
-                  apg_norm: float = DEFAULT_APG_NORM) -> np.ndarray:
+                  apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE) -> np.ndarray:
     """The denoising process for PROCESS_LABELS: the latent decoded at `frames` evenly spaced steps, then the end."""
     keep = set(np.linspace(0, steps - 2, frames).round().astype(int).tolist()) if steps > 1 else set()
     snaps = []
     final = gen.images(encode(PROCESS_LABELS)[None], seed=0, steps=steps, guidance=guidance, apg_norm=apg_norm,
+                       class_scale=class_scale,
                        on_step=lambda i, x, rows: snaps.append(x.copy()) if i in keep else None)
     frames_ = decode(gen.decoder, torch.from_numpy(np.concatenate(snaps))) if snaps else final[:0]
     return image_grid(torch.cat([frames_, final]), cols=len(snaps) + 1)
@@ -76,7 +83,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="ldm or gan")
     parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
-                   help="folder with vae/, ldm/ or gan/, judge/ and judge2/ (default: the shipped weights)")
+                   help="folder with vae/, ldm/ or gan/, judge/ and judge2/, and guide/ for the LDM's classifier "
+                        "guidance (default: the shipped weights)")
     parser.add_argument("--data", type=Path, default=Path("data/iclevr"), help="folder with the condition files")
     parser.add_argument("--files", nargs="+", default=["test.json", "new_test.json", "heldout.json"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -86,6 +94,9 @@ def main(argv=None):
     parser.add_argument("--apg-norm", type=float, nargs="+", default=[DEFAULT_APG_NORM],
                         help="0: classifier-free guidance; > 0: adaptive projected guidance with that norm cap (inf: "
                              "none); several values are several settings (python/core/diffusion.py guide_outputs)")
+    parser.add_argument("--class-scale", type=float, nargs="+", default=[DEFAULT_CLASS_SCALE],
+                        help="classifier guidance on x_0 with the weights folder's guide/ classifier (0: none); "
+                             "several values are several settings (python/core/diffusion.py guide_class)")
     parser.add_argument("--limit", type=int, help="score only the first N conditions of each file")
     parser.add_argument("--diversity-conditions", type=int, default=16)
     parser.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
@@ -106,6 +117,7 @@ def main(argv=None):
     if args.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
     apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
+    class_scales = [check_class_scale(c, "--class-scale") for c in args.class_scale]
     gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
     classifier = None
     if args.best_of > 1:
@@ -123,8 +135,8 @@ def main(argv=None):
     elif not args.no_fidelity:
         print(f"no object counter at {args.weights / 'counter'}: the counted-object figures are left out")
     files = {f: load_condition_file(args.data, f)[: args.limit] for f in args.files}
-    settings = ([(s, g, r) for s in args.steps for g in args.guidance for r in apg_norms] if args.model == "ldm"
-                else [(None, None, None)])
+    settings = ([(s, g, r, c) for s in args.steps for g in args.guidance for r in apg_norms for c in class_scales]
+                if args.model == "ldm" else [(None, None, None, None)])
 
     div_cond = files[args.files[0]][: args.diversity_conditions]
     real_images = to_model_range(render_conditions(div_cond, args.per_condition))
@@ -141,11 +153,12 @@ def main(argv=None):
             "features": FEATURES if judge2 is not None else "primary judge's penultimate layer (512-d)",
             "images": f"seed {args.seeds[0]}'s, one per condition, against one fresh render per condition",
             "floors": {name: ref.floors for name, ref in references.items()}}
-    for steps, guidance, apg_norm in settings:
-        kw = dict(steps=steps, guidance=guidance, apg_norm=apg_norm) if args.model == "ldm" else {}
+    for steps, guidance, apg_norm, class_scale in settings:
+        kw = (dict(steps=steps, guidance=guidance, apg_norm=apg_norm, class_scale=class_scale) if args.model == "ldm"
+              else {})
         kw.update(best_of=args.best_of, classifier=classifier)
         t0 = time.time()
-        row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "files": {}}
+        row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "class_scale": class_scale, "files": {}}
         for name, cond in files.items():
             per_seed, per_seed2, by_obj, extra = [], [], {}, []
             for seed in args.seeds:
@@ -162,7 +175,8 @@ def main(argv=None):
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
                     args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
-                           + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else ""))  # best-of grids never overwrite plain ones
+                           + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
+                           + (f"_cg{class_scale:g}" if class_scale else ""))  # best-of grids never overwrite plain ones
                     Image.fromarray(image_grid(images)).save(args.out / f"{tag}.png")
             row["files"][name] = {
                 "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),
@@ -176,13 +190,14 @@ def main(argv=None):
         row["seconds"] = round(time.time() - t0, 1)
         report["results"].append(row)
         print(f"{args.model} steps={steps} guidance={guidance}" + (f" apg_norm={apg_norm:g}" if apg_norm else "")
+              + (f" class_scale={class_scale:g}" if class_scale else "")
               + ": " + "; ".join(
             f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
             + (f" KID x1000 {r['fidelity']['kid_x1000']:.1f} FD {r['fidelity']['fd']:.1f}" if "fidelity" in r else "")
             for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
     if args.out and args.model == "ldm":
-        steps, guidance, apg_norm = settings[0]
-        Image.fromarray(process_image(gen, min(steps, 50), guidance, apg_norm=apg_norm)).save(
+        steps, guidance, apg_norm, class_scale = settings[0]
+        Image.fromarray(process_image(gen, min(steps, 50), guidance, apg_norm=apg_norm, class_scale=class_scale)).save(
             args.out / "ldm_denoising_process.png")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

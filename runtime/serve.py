@@ -5,11 +5,13 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 5.0, "apg_norm": 5.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json", "scores": false}; all
-but labels are optional (defaults as shown; "apg_norm": adaptive projected guidance's norm cap, 0 for classifier-free
-guidance, python/core/diffusion.py; "best_of" N > 1: the best of N candidates per image by the export's latent classifier, N times the
-work; python/core/best_of.py). It answers an 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of
-base64 PNGs, with the judge's per-image scores when "scores" is true. GET /health, GET /metrics
+"guidance": 5.0, "apg_norm": 5.0, "class_scale": 2.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json",
+"scores": false}; all but labels are optional (defaults as shown; "apg_norm": adaptive projected guidance's norm
+cap, 0 for classifier-free guidance, python/core/diffusion.py; "class_scale": classifier guidance on x_0 through the
+export's class_grad, 0 for none, and 0 by default when the export has no class_grad; "best_of" N > 1: the best of N
+candidates per image by the export's latent classifier, N times the work; python/core/best_of.py). It answers an
+8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of base64 PNGs, with the judge's
+per-image scores when "scores" is true. GET /health, GET /metrics
 (Prometheus text format).
 
 Requests that arrive within --window-ms of each other (up to --max-batch images) and share the model and
@@ -35,12 +37,19 @@ import json
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, SAMPLERS, check_apg_norm
+from python.core.diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    SAMPLERS,
+    check_apg_norm,
+    check_class_scale,
+)
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import OBJECTS
@@ -71,6 +80,7 @@ class Limits:
     max_best_of: int = MAX_BEST_OF
     max_work: int = 16_384  # image-steps (n x best_of x steps) one request may ask for
     timeout_s: float = 120.0  # a request not answered by then gets a 504 and its work is cancelled
+    class_guidance: bool = True  # the export has class_grad (build_app sets it): default class_scale, else 0
 
 
 def work(req: dict) -> int:
@@ -106,7 +116,8 @@ def parse_request(body, limits: Limits) -> dict:
     """The validated request, or BadRequest naming the field that is wrong and what is valid."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"labels\": [\"red sphere\"]}")
-    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "apg_norm", "eta", "seed",
+    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "apg_norm", "class_scale", "eta",
+                           "seed",
                            "best_of", "format", "scores"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}")
@@ -130,7 +141,10 @@ def parse_request(body, limits: Limits) -> dict:
              n=_get(body, "n", int, 1), model=_get(body, "model", str, "ldm"),
              sampler=_get(body, "sampler", str, "dpmpp"), steps=_get(body, "steps", int, 20),
              guidance=float(_get(body, "guidance", (int, float), DEFAULT_GUIDANCE)),
-             apg_norm=float(_get(body, "apg_norm", (int, float), DEFAULT_APG_NORM)), eta=float(_get(body, "eta", (int, float), 0.0)),
+             apg_norm=float(_get(body, "apg_norm", (int, float), DEFAULT_APG_NORM)),
+             class_scale=float(_get(body, "class_scale", (int, float),
+                                    DEFAULT_CLASS_SCALE if limits.class_guidance else 0.0)),
+             eta=float(_get(body, "eta", (int, float), 0.0)),
              seed=_get(body, "seed", int, 0), best_of=_get(body, "best_of", int, 1), format=_get(body, "format", (str, type(None)), None),
              scores=_get(body, "scores", bool, False))
     if not 1 <= r["n"] <= limits.max_n:
@@ -145,8 +159,14 @@ def parse_request(body, limits: Limits) -> dict:
         raise BadRequest(f"'guidance' must be between 0 and {limits.max_guidance}, got {r['guidance']}")
     try:
         check_apg_norm(r["apg_norm"], "'apg_norm'")
+        check_class_scale(r["class_scale"], "'class_scale'")
     except UserError as e:  # the shared check's message, as a 400
         raise BadRequest(str(e)) from None
+    if r["class_scale"] > limits.max_guidance:
+        raise BadRequest(f"'class_scale' must be between 0 and {limits.max_guidance}, got {r['class_scale']}")
+    if r["class_scale"] and not limits.class_guidance:
+        raise BadRequest("'class_scale' > 0 needs classifier guidance, and this server's export has no class_grad "
+                         "(export/to_onnx.py with weights/guide); give 0")
     if not 0.0 <= r["eta"] <= 1.0:
         raise BadRequest(f"'eta' must be between 0 and 1, got {r['eta']}")
     if not 0 <= r["seed"] < 2 ** 63:
@@ -165,7 +185,8 @@ def batch_key(r: dict) -> tuple:
     """Requests with equal keys can share one sampler call."""
     if r["model"] == "gan":
         return ("gan", r["best_of"])
-    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["apg_norm"], r["eta"], r["best_of"])
+    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["apg_norm"], r["class_scale"], r["eta"],
+            r["best_of"])
 
 
 def condition(req: dict) -> np.ndarray:
@@ -277,7 +298,8 @@ class Batcher:
             if all(j.abandoned for j in jobs):
                 raise Cancelled
         return self.pipe.generate(cond, "ldm", r["best_of"], sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
-                                  apg_norm=r["apg_norm"], eta=r["eta"], seeds=seeds, batch=self.max_batch, on_step=on_step)
+                                  apg_norm=r["apg_norm"], class_scale=r["class_scale"], eta=r["eta"], seeds=seeds,
+                                  batch=self.max_batch, on_step=on_step)
 
     async def run_forever(self):
         loop = asyncio.get_running_loop()
@@ -363,7 +385,8 @@ def warm_up(pipe: Pipeline, models: list[str]) -> dict:
     if "gan" in models:
         images = timed("gan", lambda: pipe.generate(cond, "gan"))
     if "ldm" in models:
-        images = timed("ldm", lambda: pipe.generate(cond, "ldm", steps=1))
+        scale = DEFAULT_CLASS_SCALE if pipe.ex.has("class_grad") else 0.0  # the class_grad graph warmed up too
+        images = timed("ldm", lambda: pipe.generate(cond, "ldm", steps=1, class_scale=scale))
     if images is not None and pipe.ex.has("judge"):
         timed("judge", lambda: judge_scores(pipe.ex, images))
     if images is not None and pipe.ex.has("classifier"):
@@ -380,8 +403,8 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    limits = limits or Limits()
     pipe = Pipeline(ExportFolder(export, providers, threads, precision, backend))
+    limits = replace(limits or Limits(), class_guidance=pipe.ex.has("class_grad"))
     batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching, max_queue_work)
     available = [m for m, part in (("ldm", "denoiser"), ("gan", "generator")) if pipe.ex.has(part)]
     warm = warm_up(pipe, available)
@@ -462,7 +485,8 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
     async def health(request: Request):
         return JSONResponse({"status": "ok", "models": available, "judge": pipe.ex.has("judge"),
                              "warm_up_ms": warm, "backend": backend, "precision": precision,
-                             "queued_images": batcher.queued_images, "queued_work": batcher.queued_work,
+                             "class_guidance": limits.class_guidance, "queued_images": batcher.queued_images,
+                             "queued_work": batcher.queued_work,
                              "batching": batching, "window_ms": window_ms, "max_batch": max_batch,
                              "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps,
                                         "max_best_of": limits.max_best_of, "max_work": limits.max_work,

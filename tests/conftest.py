@@ -52,6 +52,11 @@ def tiny_weights(tmp_path_factory) -> Path:
         for p in cls.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_classifier(cls, root / "classifier", {"vae_sha": vae_digest(root / "vae")})
+    guide = LatentClassifier(vae.cfg.latent_channels).eval()  # the LDM's classifier guidance: not the best-of one
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_classifier(guide, root / "guide", {"vae_sha": vae_digest(root / "vae")})
     from python.models.counter import ImageCounter, save_counter
 
     counter = ImageCounter(widths=(8, 8, 8, 8)).eval()

@@ -39,18 +39,21 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
     out = tmp_path / "cpp"
     out.mkdir()
     pipe = Pipeline(ExportFolder(ex))
-    refs = {r: pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise, apg_norm=r))
-            for r in (0.0, 0.3, float("inf"))}
+    # classifier-free, projected with a cap, projected without one; each alone and with classifier guidance
+    settings = [(0.0, 0.0), (0.3, 0.0), (float("inf"), 0.0), (0.0, 2.0), (0.3, 2.0)]
+    refs = {(r, c): pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise, apg_norm=r, class_scale=c))
+            for r, c in settings}
     # the untrained decoder squashes the guidances' difference, so parity must be well inside that difference
-    gap = min(np.abs(refs[a] - refs[b]).max() for a, b in ((0.0, 0.3), (0.0, float("inf")), (0.3, float("inf"))))
+    gap = min(np.abs(refs[a] - refs[b]).max() for i, a in enumerate(settings) for b in settings[i + 1:])
     assert gap > 0
-    for apg_norm, ref in refs.items():  # classifier-free, projected with a cap, projected without one
+    for (apg_norm, class_scale), ref in refs.items():
         r = subprocess.run([str(binary), str(ex), str(out), "--cond", str(tmp_path / "cond.f32"), "--noise",
                             str(tmp_path / "noise.f32"), "--steps", "6", "--guidance", "2.5", "--apg-norm",
-                            str(apg_norm)], capture_output=True, text=True)
+                            str(apg_norm), "--class-scale", str(class_scale)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         cpp = np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64)
-        assert np.abs(cpp - ref).max() <= min(1e-3, 0.05 * gap), (apg_norm, np.abs(cpp - ref).max(), gap)
+        assert np.abs(cpp - ref).max() <= min(1e-3, 0.05 * gap), (apg_norm, class_scale, np.abs(cpp - ref).max(),
+                                                                   gap)
         assert (out / "0.ppm").read_bytes().startswith(b"P6\n64 64\n255\n")
 
 
@@ -66,14 +69,32 @@ def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
     r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--apg-norm", "-1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--apg-norm must be 0" in r.stderr
+    r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--class-scale", "-1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--class-scale must be 0" in r.stderr
+
+
+def test_cpp_without_the_guidance_classifier_says_what_to_do(binary, tiny_weights, tmp_path):
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights, ignore=shutil.ignore_patterns("guide"))
+    ex = tmp_path / "export"
+    export_all(weights, ex, formats=("torchscript",))
+    args = [str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "-n", "1", "--steps", "2"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 2 and "class_grad.ts: not found" in r.stderr and "--class-scale 0" in r.stderr
+    r = subprocess.run(args + ["--class-scale", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_cpp_default_guidance_is_the_python_default():
     import re
     from pathlib import Path
 
-    from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE
+    from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE
 
     src = (Path(__file__).resolve().parent.parent / "runtime" / "cpp" / "ldm_sample.cpp").read_text()
     assert float(re.search(r"double w = ([0-9.]+);", src).group(1)) == DEFAULT_GUIDANCE
     assert float(re.search(r"double apg = ([0-9.]+);", src).group(1)) == DEFAULT_APG_NORM
+    assert float(re.search(r"double cls = ([0-9.]+);", src).group(1)) == DEFAULT_CLASS_SCALE

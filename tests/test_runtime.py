@@ -10,6 +10,7 @@ from export.to_onnx import export_all
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
 from python.core.labels import encode
+from python.models.classifier import load_class_grad
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
 from python.models.sampling import decode, gan_latents, ldm_latents
@@ -27,8 +28,8 @@ def export(tiny_weights, tmp_path_factory):
 
 def test_manifest_lists_everything(export):
     out, m = export
-    assert {"judge", "judge2", "decoder", "denoiser", "generator", "classifier"} <= set(m["models"])
-    assert {"decoder_ts", "denoiser_ts", "generator_ts"} <= set(m["models"])
+    assert {"judge", "judge2", "decoder", "denoiser", "generator", "classifier", "class_grad"} <= set(m["models"])
+    assert {"decoder_ts", "denoiser_ts", "generator_ts", "class_grad_ts"} <= set(m["models"])
     for name, entry in m["models"].items():
         assert entry["verified_max_rel_err"] <= 1e-4 and len(entry["sha256"]) == 64, name
         assert (out / entry["file"]).stat().st_size == entry["bytes"]
@@ -41,9 +42,10 @@ def _conditions():
                                          ["blue sphere", "green cylinder"])])
 
 
-@pytest.mark.parametrize("sampler, steps, guidance, apg_norm", [("dpmpp", 8, 2.0, 0.0), ("ddim", 6, 1.0, 0.0),
-                                                                ("ddpm", 5, 3.0, 0.0), ("dpmpp", 8, 3.0, 2.0)])
-def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance, apg_norm):
+@pytest.mark.parametrize("sampler, steps, guidance, apg_norm, class_scale", [
+    ("dpmpp", 8, 2.0, 0.0, 0.0), ("ddim", 6, 1.0, 0.0, 0.0), ("ddpm", 5, 3.0, 0.0, 0.0), ("dpmpp", 8, 3.0, 2.0, 0.0),
+    ("dpmpp", 8, 3.0, 2.0, 2.0), ("ddim", 6, 1.0, 0.0, 3.0)])
+def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance, apg_norm, class_scale):
     from runtime.generate import Pipeline
     from runtime.models import ExportFolder
 
@@ -51,17 +53,24 @@ def test_ldm_parity_with_torch(export, tiny_weights, sampler, steps, guidance, a
     pipe = Pipeline(ExportFolder(out))
     cond = _conditions()
     ours = pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, seed=5, batch=2,  # chunked: 2 + 1
-                                        apg_norm=apg_norm))
+                                        apg_norm=apg_norm, class_scale=class_scale))
     model, cfg = load_denoiser(tiny_weights / "ldm")
     schedule = Schedule(**cfg["schedule"])
+    grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae")
     ref = decode(Decoder(load_vae(tiny_weights / "vae")),
-                 ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm))
+                 ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm,
+                             class_grad=grad, class_scale=class_scale))
     assert ours.shape == (3, 3, 64, 64)
     assert np.abs(ours - ref.numpy()).max() <= 1e-3
     if apg_norm:  # the projected guidance is not classifier-free guidance under another name
         cfg_lat = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=0.0)
         apg_lat = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm)
         assert (cfg_lat - apg_lat).abs().max() > 1e-3
+    if class_scale:  # and the classifier guidance changes the samples
+        plain = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm)
+        guided = ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=5, apg_norm=apg_norm,
+                             class_grad=grad, class_scale=class_scale)
+        assert (plain - guided).abs().max() > 1e-3
 
 
 def test_gan_parity_with_torch(export, tiny_weights):

@@ -25,6 +25,12 @@ PREDICTIONS = ("epsilon", "v_prediction")
 # Frechet distance than classifier-free guidance at 4, the earlier default.
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_APG_NORM = 5.0
+# Classifier guidance on x_0 (guide_class) at this scale, with the shipped guidance classifier (weights/guide, a
+# latent classifier trained on real latents only; neither the judges nor the best-of selector): the default of every
+# path that samples images for a user (eval_gen, runtime, server, bench, C++, Triton). The trainers' probes and the
+# GAN path's teacher leave it out (scale 0), so that they measure the network itself. Chosen by measurement
+# (weights/ldm/MODEL_CARD.md, 2026-12-05, fourteenth session): +0.05 accuracy at the same surplus of objects.
+DEFAULT_CLASS_SCALE = 2.0
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
@@ -130,6 +136,22 @@ def guide_outputs(out_cond, out_uncond, scale: float, x_t, a: float, s: float, p
     x0 = guide_projected(x0_eps(x_t, out_cond, a, s, prediction)[0], x0_eps(x_t, out_uncond, a, s, prediction)[0],
                          scale, apg_norm)
     return output_from_x0(x_t, x0, a, s, prediction)
+
+
+def check_class_scale(value: float, name: str = "class scale") -> float:
+    """The classifier-guidance scale, checked: 0 (none) or a finite positive scale; a bad value is the user's."""
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name} must be 0 (no classifier guidance) or a positive scale, got {value}")
+    return float(value)
+
+
+def guide_class(out, x_t, a: float, s: float, prediction: str, grad_of, scale: float):
+    """Classifier guidance on the predicted x_0: the guided output's x_0 moved down the gradient of a frozen latent
+    classifier's loss for the requested labels, grad_of(x_0) (python.models.classifier.ClassifierGradient), times
+    `scale`; returned as the network output that gives that x_0 at (x_t, t). The classifier reads x_0, not x_t, so
+    it needs no noise-level input: one trained on real latents (with mild noise) steers every step."""
+    x0 = x0_eps(x_t, out, a, s, prediction)[0]
+    return output_from_x0(x_t, x0 - scale * grad_of(x0), a, s, prediction)
 
 
 class DDPM:

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from python.core.best_of import best_of_latents
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE, Schedule
 from python.core.errors import UserError
+from python.models.classifier import load_class_grad
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
 from python.models.sampling import decode, gan_latents, ldm_latents
@@ -19,12 +20,14 @@ MODELS = ("ldm", "gan")
 
 class TorchGenerator:
     """latents(cond, seed) and images(cond, seed) for the `model` ("ldm" or "gan") of a weights folder holding
-    vae/ and ldm/ or gan/. The network runs on `device`; sampler maths, decoder and judge stay on the host."""
+    vae/ and ldm/ or gan/ (and guide/, the guidance classifier, for the LDM at class_scale > 0). The network runs on
+    `device`; sampler maths, decoder and judge stay on the host."""
 
     def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu"):
         if model not in MODELS:
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
         self.model, self.sampler, self.device = model, sampler, device
+        self.weights, self._class_grad = Path(weights), None
         vae_dir = Path(weights) / "vae"
         self.decoder = Decoder(load_vae(vae_dir)).eval()
         if model == "ldm":
@@ -35,22 +38,32 @@ class TorchGenerator:
         require_latent_space(Path(weights) / model, cfg, vae_dir)
 
     def latents(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
-                on_step=None, seeds=None, apg_norm: float = DEFAULT_APG_NORM) -> torch.Tensor:
+                on_step=None, seeds=None, apg_norm: float = DEFAULT_APG_NORM,
+                class_scale: float = DEFAULT_CLASS_SCALE) -> torch.Tensor:
         if self.model == "gan":
             return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
         sampler = "ddpm" if steps == self.schedule.T else self.sampler
         return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step,
-                           device=self.device, seeds=seeds, apg_norm=apg_norm)
+                           device=self.device, seeds=seeds, apg_norm=apg_norm,
+                           class_grad=self.class_grad() if class_scale else None, class_scale=class_scale)
+
+    def class_grad(self):
+        """The guidance classifier's gradient module (weights/guide), loaded on first use."""
+        if self._class_grad is None:
+            self._class_grad = load_class_grad(self.weights / "guide", self.weights / "vae").to(self.device)
+        return self._class_grad
 
     def images(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
-               on_step=None, best_of: int = 1, classifier=None, apg_norm: float = DEFAULT_APG_NORM) -> torch.Tensor:
+               on_step=None, best_of: int = 1, classifier=None, apg_norm: float = DEFAULT_APG_NORM,
+               class_scale: float = DEFAULT_CLASS_SCALE) -> torch.Tensor:
         """Decoded images in [-1, 1]; with best_of > 1, the best of that many candidates per condition by the
         latent `classifier` (python/core/best_of.py)."""
         if best_of == 1:
-            return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step, apg_norm=apg_norm))
+            return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step, apg_norm=apg_norm,
+                                                     class_scale=class_scale))
         logits = (lambda z: classifier(torch.from_numpy(z)).numpy()) if classifier is not None else None
         with torch.no_grad():
             lat = best_of_latents(lambda c, seeds: self.latents(c, steps=steps, guidance=guidance, seeds=seeds,
-                                                               apg_norm=apg_norm).numpy(),
+                                                               apg_norm=apg_norm, class_scale=class_scale).numpy(),
                                   cond, best_of, logits, seed)
         return decode(self.decoder, torch.from_numpy(lat))

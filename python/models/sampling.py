@@ -28,13 +28,16 @@ def torch_call(model: torch.nn.Module, device="cpu", bf16: bool = False) -> Mode
 
 def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: int = 20,
                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0, on_step=None, batch: int = 256,
-                bf16: bool = False, device="cpu", seeds=None, apg_norm: float = DEFAULT_APG_NORM) -> torch.Tensor:
+                bf16: bool = False, device="cpu", seeds=None, apg_norm: float = DEFAULT_APG_NORM,
+                class_grad=None, class_scale: float = 0.0) -> torch.Tensor:
     """Latents (generator scale) of a torch denoiser for multi-hot conditions (N, 24), in chunks of `batch`
-    (apg_norm: python.core.sampling.guided)."""
+    (apg_norm; class_grad, a python.models.classifier.ClassifierGradient, and class_scale: classifier guidance;
+    python.core.sampling.guided)."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
+    grad = torch_call(class_grad, device) if class_grad is not None else None
     return torch.from_numpy(diffusion_latents(torch_call(model, device, bf16), schedule, cond, shape, sampler, steps,
                                               guidance, eta, seed, seeds, batch, on_step=on_step,
-                                              apg_norm=apg_norm))
+                                              apg_norm=apg_norm, class_grad=grad, class_scale=class_scale))
 
 
 def gan_latents(gen, cond, seed: int = 0, batch: int = 1024, device="cpu", seeds=None) -> torch.Tensor:

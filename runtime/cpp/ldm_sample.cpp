@@ -1,10 +1,12 @@
 // DDIM sampling with guidance over the TorchScript exports, then the VAE decoder. The guidance is the Python
 // runtime's (python/core/diffusion.py guide_outputs): adaptive projected guidance on the predicted x_0 with the
-// update's norm capped at --apg-norm, or classifier-free guidance with --apg-norm 0.
+// update's norm capped at --apg-norm, or classifier-free guidance with --apg-norm 0; then classifier guidance on
+// that x_0 (python/core/diffusion.py guide_class) through the exported class_grad.ts, --class-scale 0 to leave it out.
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
-//              [--apg-norm 5] [--seed 0]
+//              [--apg-norm 5] [--class-scale 2] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
+//              [--class-scale 2]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -65,11 +67,14 @@ void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] [--guidance W] [--apg-norm R] [--seed K]");
+  if (argc < 3)
+    fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] "
+         "[--guidance W] [--apg-norm R] [--class-scale C] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
   int n = 8, steps = 20, repeat = 1;
   double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
   double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
+  double cls = 2.0;  // = python.core.diffusion.DEFAULT_CLASS_SCALE (0: no classifier guidance)
   uint64_t seed = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -78,6 +83,7 @@ int main(int argc, char** argv) {
     else if (k == "--steps") steps = std::stoi(v);
     else if (k == "--guidance") w = std::stod(v);
     else if (k == "--apg-norm") apg = std::stod(v);
+    else if (k == "--class-scale") cls = std::stod(v);
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
@@ -97,6 +103,7 @@ int main(int argc, char** argv) {
   if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
   if (repeat < 1) fail("--repeat must be >= 1");
   if (!(apg >= 0)) fail("--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf");
+  if (!(cls >= 0 && std::isfinite(cls))) fail("--class-scale must be 0 (no classifier guidance) or a positive scale");
 
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
@@ -121,6 +128,13 @@ int main(int argc, char** argv) {
   }
   auto denoiser = torch::jit::load(ex + "/denoiser.ts");
   auto decoder = torch::jit::load(ex + "/decoder.ts");
+  torch::jit::Module class_grad;
+  if (cls > 0) {
+    if (!std::ifstream(ex + "/class_grad.ts"))
+      fail(ex + "/class_grad.ts: not found (the guidance classifier, weights/guide, exported by `python "
+           "export/to_onnx.py --format both`); give --class-scale 0 to sample without classifier guidance");
+    class_grad = torch::jit::load(ex + "/class_grad.ts");
+  }
   const bool v_pred = prediction == "v_prediction";
 
   const int64_t N = x.size(0), ratio = T / steps;
@@ -133,11 +147,12 @@ int main(int argc, char** argv) {
       auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
       const double sa = std::sqrt(a_t), ss_ = std::sqrt(1 - a_t);
       auto oc = o.slice(0, 0, N), ou = o.slice(0, N);
+      auto to_x0 = [&](const torch::Tensor& y) { return v_pred ? sa * x - ss_ * y : (x - ss_ * y) / sa; };
+      auto from_x0 = [&](const torch::Tensor& x0) { return v_pred ? (sa * x - x0) / ss_ : (x - sa * x0) / ss_; };
       torch::Tensor out;
       if (apg == 0 || w == 1.0) {
         out = ou + w * (oc - ou);  // classifier-free: uncond + w (cond - uncond)
       } else {  // projected: on the predicted x_0, the update capped and made orthogonal to x0_c
-        auto to_x0 = [&](const torch::Tensor& y) { return v_pred ? sa * x - ss_ * y : (x - ss_ * y) / sa; };
         auto norm = [](const torch::Tensor& y) {
           return y.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1, 1});
         };
@@ -145,8 +160,11 @@ int main(int argc, char** argv) {
         if (std::isfinite(apg)) d = d * (apg / norm(d)).clamp_max(1.0);
         auto unit = x0c / norm(x0c);
         d = d - (d * unit).sum({1, 2, 3}, true) * unit;
-        auto x0g = x0c + (w - 1) * d;
-        out = v_pred ? (sa * x - x0g) / ss_ : (x - sa * x0g) / ss_;
+        out = from_x0(x0c + (w - 1) * d);
+      }
+      if (cls > 0) {  // classifier guidance: x_0 down the guidance classifier's gradient for the requested labels
+        auto x0g = to_x0(out);
+        out = from_x0(x0g - cls * class_grad.forward({x0g, cond}).toTensor());
       }
       torch::Tensor x0, eps;
       if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }

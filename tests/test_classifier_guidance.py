@@ -1,0 +1,120 @@
+"""Classifier guidance on x_0 (python/core/diffusion.py guide_class) with the guidance classifier's gradient module
+(python/models/classifier.py ClassifierGradient): the written-out backward pass against autograd, the maths, and
+what a user sees when the guidance classifier is missing or the scale is bad."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.to_onnx import export_all
+from python.core.diffusion import Schedule, guide_class, x0_eps
+from python.core.errors import UserError
+from python.core.labels import encode
+from python.models.classifier import ClassifierGradient, LatentClassifier, load_class_grad
+from runtime.generate import Pipeline
+from runtime.models import ExportFolder
+
+
+def _trained_looking_classifier(channels=4):
+    """A LatentClassifier whose batch norms hold non-trivial running statistics (what folding must get right)."""
+    torch.manual_seed(3)
+    cls = LatentClassifier(channels)
+    cls.train()
+    with torch.no_grad():
+        for _ in range(3):
+            cls(torch.randn(16, channels, 16, 16) * 2 + 0.5)
+        for p in cls.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return cls.eval()
+
+
+def test_gradient_module_is_autograd_of_the_summed_cross_entropy():
+    cls = _trained_looking_classifier()
+    grad = ClassifierGradient(cls)
+    x = torch.randn(6, 4, 16, 16)
+    cond = torch.from_numpy(np.stack([encode(["red sphere"]), encode(["gray cube", "blue cylinder"])] * 3))
+    xr = x.clone().requires_grad_(True)
+    loss = F.binary_cross_entropy_with_logits(cls(xr), cond, reduction="sum")
+    ref, = torch.autograd.grad(loss, xr)
+    got = grad(x, cond)
+    assert got.shape == x.shape
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # each row's gradient is its own: another row's labels do not reach it
+    assert (grad(x[:1], cond[:1]) - got[:1]).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_guide_class_moves_x0_by_the_scaled_gradient(prediction):
+    rng = np.random.default_rng(0)
+    x_t, out, step = (rng.standard_normal((2, 4, 8, 8)).astype(np.float64) for _ in range(3))
+    sch = Schedule("cosine", prediction=prediction)
+    a, s = (float(v) for v in sch.coeffs(400))
+    guided = guide_class(out, x_t, a, s, prediction, lambda x0: step, 1.5)
+    np.testing.assert_allclose(x0_eps(x_t, guided, a, s, prediction)[0],
+                               x0_eps(x_t, out, a, s, prediction)[0] - 1.5 * step, atol=1e-10)
+
+
+def test_classifier_guidance_raises_the_guidance_classifiers_confidence(tiny_weights):
+    """The point of the term: samples the guidance classifier reads as the requested labels more often."""
+    from python.models.classifier import load_classifier
+    from python.models.denoiser import load_denoiser
+    from python.models.sampling import ldm_latents
+
+    model, cfg = load_denoiser(tiny_weights / "ldm")
+    sch = Schedule(**cfg["schedule"])
+    grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae")
+    cls = load_classifier(tiny_weights / "guide")[0]
+    cond = np.stack([encode(["red sphere"]), encode(["gray cube", "cyan cylinder"])] * 4)
+    loss = {}
+    for scale in (0.0, 3.0):
+        z = ldm_latents(model, sch, cond, "dpmpp", 6, 2.0, seed=1, apg_norm=0.0, class_grad=grad, class_scale=scale)
+        with torch.no_grad():
+            loss[scale] = float(F.binary_cross_entropy_with_logits(cls(z), torch.from_numpy(cond)))
+    assert loss[3.0] < loss[0.0], loss
+
+
+def test_export_without_a_guidance_classifier(tiny_weights, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights, ignore=shutil.ignore_patterns("guide"))
+    export_all(weights, tmp_path / "e", formats=("onnx",))
+    assert "class_grad: no guidance classifier" in capsys.readouterr().out
+    pipe = Pipeline(ExportFolder(tmp_path / "e"))
+    cond = encode(["red sphere"])[None]
+    with pytest.raises(UserError, match="class_grad.*--class-scale 0"):
+        pipe.ldm_latents(cond, steps=2)
+    assert pipe.ldm_latents(cond, steps=2, class_scale=0.0).shape == (1, 4, 16, 16)
+    with pytest.raises(UserError, match="no guidance classifier"):
+        load_class_grad(weights / "guide", weights / "vae")
+
+
+def test_every_cli_with_class_scale_refuses_a_bad_one_in_one_line(onnx_export, tiny_weights, tmp_path, capsys):
+    from python import eval_gen
+    from runtime import generate
+
+    runs = [(generate.main, ["--labels", "red sphere", "--export", str(onnx_export), "--out", str(tmp_path / "g.png")]),
+            (eval_gen.main, ["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tmp_path)])]
+    for main, args in runs:
+        for bad in ("-1", "nan", "inf"):
+            with pytest.raises(SystemExit) as e:
+                main(args + ["--class-scale", bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert "--class-scale must be" in err and len(err.splitlines()) == 1, err
+
+
+def test_server_default_follows_the_export(onnx_export, tiny_weights, tmp_path):
+    from runtime.serve import BadRequest, Limits, batch_key, parse_request
+
+    body = {"labels": ["red sphere"]}
+    with_grad, without = Limits(), Limits(class_guidance=False)
+    assert parse_request(body, with_grad)["class_scale"] == 2.0
+    assert parse_request(body, without)["class_scale"] == 0.0
+    with pytest.raises(BadRequest, match="no class_grad"):
+        parse_request({**body, "class_scale": 1.0}, without)
+    with pytest.raises(BadRequest, match="'class_scale' must be"):
+        parse_request({**body, "class_scale": -1.0}, with_grad)
+    assert batch_key(parse_request(body, with_grad)) != batch_key(parse_request({**body, "class_scale": 0}, with_grad))
+    json.dumps(parse_request(body, with_grad))  # a request stays plain JSON data
