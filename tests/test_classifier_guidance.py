@@ -118,3 +118,20 @@ def test_server_default_follows_the_export(onnx_export, tiny_weights, tmp_path):
         parse_request({**body, "class_scale": -1.0}, with_grad)
     assert batch_key(parse_request(body, with_grad)) != batch_key(parse_request({**body, "class_scale": 0}, with_grad))
     json.dumps(parse_request(body, with_grad))  # a request stays plain JSON data
+
+
+def test_eval_gen_reports_each_class_scale_as_a_setting(tiny_weights, tiny_data, tmp_path):
+    from PIL import Image
+
+    from python import eval_gen
+
+    out, js = tmp_path / "out", tmp_path / "eval.json"
+    eval_gen.main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
+                   "--seeds", "0", "--steps", "2", "--guidance", "2", "--class-scale", "0", "4", "--limit", "4",
+                   "--diversity-conditions", "2", "--per-condition", "2", "--no-fidelity", "--out", str(out),
+                   "--json", str(js)])
+    rep = json.loads(js.read_text())
+    assert [r["class_scale"] for r in rep["results"]] == [0.0, 4.0]
+    plain = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5.png"), np.int16)
+    guided = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5_cg4.png"), np.int16)
+    assert plain.shape == guided.shape and np.abs(plain - guided).max() > 0

@@ -18,7 +18,7 @@ def test_eval_ldm_writes_scores_grids_and_process(tiny_weights, tiny_data, tmp_p
     out, js = tmp_path / "out", tmp_path / "eval.json"
     main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
           "new_test.json", "--seeds", "0", "1", "--steps", "3", "--guidance", "1", "2", "--apg-norm", "0", "3", "--limit", "6",
-          "--diversity-conditions", "2", "--per-condition", "3", "--out", str(out), "--json", str(js)])
+          "--class-scale", "0", "--diversity-conditions", "2", "--per-condition", "3", "--out", str(out), "--json", str(js)])
     rep = json.loads(js.read_text())
     assert [(r["steps"], r["guidance"], r["apg_norm"]) for r in rep["results"]] == [
         (3, 1.0, 0.0), (3, 1.0, 3.0), (3, 2.0, 0.0), (3, 2.0, 3.0)]

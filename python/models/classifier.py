@@ -122,6 +122,12 @@ class ClassifierGradient(nn.Module):
             self.pads.append(p)
             size = out
         self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
+        # The backward pass's own weights, negated: a transposed convolution that reads the same initializer as a
+        # convolution is computed wrongly by OpenVINO's CPU plugin (2026.x; ~100% error, tests/test_quantize.py), and
+        # the ONNX exporter merges equal initializers, so a plain copy would be shared again. With every layer's
+        # weights negated the result is (-1)^layers times the gradient, undone once on the (N, channels) top.
+        self.weights_t = nn.ParameterList(nn.Parameter(-w, requires_grad=False) for w in weights)
+        self.sign = (-1.0) ** len(weights)
         self.shifts = nn.ParameterList(nn.Parameter(b, requires_grad=False) for b in shifts)
         self.head = nn.Parameter(cls.head.weight.detach().clone(), requires_grad=False)  # (24, channels)
         self.head_bias = nn.Parameter(cls.head.bias.detach().clone(), requires_grad=False)
@@ -133,10 +139,10 @@ class ClassifierGradient(nn.Module):
             masks.append((pre > 0).to(pre.dtype))
             h = F.relu(pre)
         logits = h.mean(dim=(2, 3)) @ self.head.t() + self.head_bias  # (N, 24)
-        g = (torch.sigmoid(logits) - cond) @ self.head  # d loss / d pooled features (N, channels)
+        g = (torch.sigmoid(logits) - cond) @ (self.sign * self.head)  # d loss / d pooled features (N, channels)
         g = (g / (h.shape[2] * h.shape[3]))[:, :, None, None].expand_as(h)  # through the mean over the grid
         for i in range(len(masks) - 1, -1, -1):
-            g = F.conv_transpose2d(g * masks[i], self.weights[i], None, self.strides[i], self.pads[i],
+            g = F.conv_transpose2d(g * masks[i], self.weights_t[i], None, self.strides[i], self.pads[i],
                                    self.out_pads[i])
         return g  # (N, C, H, W)
 
