@@ -135,3 +135,15 @@ def test_eval_gen_reports_each_class_scale_as_a_setting(tiny_weights, tiny_data,
     plain = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5.png"), np.int16)
     guided = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5_cg4.png"), np.int16)
     assert plain.shape == guided.shape and np.abs(plain - guided).max() > 0
+
+
+def test_only_a_latent_classifier_can_guide(tiny_weights, tmp_path):
+    from python.models.classifier import PixelClassifier, save_classifier
+    from python.models.vae import vae_digest
+
+    save_classifier(PixelClassifier.from_vae(tiny_weights / "vae").eval(), tmp_path / "pixels",
+                    {"vae_sha": vae_digest(tiny_weights / "vae")})
+    with pytest.raises(UserError, match="needs a latent classifier"):
+        load_class_grad(tmp_path / "pixels", tiny_weights / "vae")
+    with pytest.raises(UserError, match="no guidance classifier"):  # the image counter's folder holds none
+        load_class_grad(tiny_weights / "counter", tiny_weights / "vae")

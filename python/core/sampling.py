@@ -56,14 +56,15 @@ def guided(denoiser: ModelCall, cond: np.ndarray, scale: float, schedule: Schedu
     def denoise(x, t):
         x_in = np.concatenate([x, x]) if scale != 1.0 else x
         out = denoiser(x_in.astype(np.float32, copy=False), np.full(len(x_in), t, np.int64), both)
+        projected = apg_norm and scale != 1.0
+        if projected or class_scale:
+            a, s = (float(c) for c in schedule.coeffs(t))
         if scale == 1.0:
             g = out
-        elif not apg_norm:
-            g = guide(out[:n], out[n:], scale)
-        if scale != 1.0 and apg_norm or class_scale:
-            a, s = (float(c) for c in schedule.coeffs(t))
-        if scale != 1.0 and apg_norm:
+        elif projected:
             g = guide_outputs(out[:n], out[n:], scale, x, a, s, schedule.prediction, apg_norm)
+        else:
+            g = guide(out[:n], out[n:], scale)
         if class_scale:
             g = guide_class(g, x, a, s, schedule.prediction, lambda x0: class_grad(x0, cond), class_scale)
         return g

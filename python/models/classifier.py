@@ -191,4 +191,8 @@ def load_class_grad(folder: Path | None, vae_dir: Path) -> ClassifierGradient:
         raise UserError(f"{folder}: no guidance classifier (classifier.safetensors) for classifier guidance; give "
                         f"--class-scale 0 to sample without it, or train one: python -m python.train_classifier "
                         f"--data DATA --run-dir RUN --noise 0.5 --out {folder}")
-    return ClassifierGradient(load_classifier_for(folder, vae_dir)).eval()
+    cls = load_classifier_for(folder, vae_dir)
+    if not isinstance(cls, LatentClassifier):
+        raise UserError(f"{folder}: classifier guidance needs a latent classifier (train_classifier without --pixels), "
+                        f"not a {type(cls).__name__}")
+    return ClassifierGradient(cls).eval()
