@@ -22,7 +22,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import (  # noqa: E402
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    check_class_scale,
+)
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.images import image_grid  # noqa: E402
 from python.core.labels import CLASS_NAMES, encode, read_json  # noqa: E402
@@ -86,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--grid", type=Path, help="PNG of the first 16 images with an unrequested object")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    check_class_scale(args.class_scale, "--class-scale")
     if args.limit < 1 or args.steps < 1:
         raise UserError("--limit and --steps must be >= 1")
     if not 0 <= args.eta <= 1:

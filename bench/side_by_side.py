@@ -19,7 +19,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE  # noqa: E402
+from python.core.diffusion import (  # noqa: E402
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    check_class_scale,
+)
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import encode, read_json  # noqa: E402
 
@@ -71,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    check_class_scale(args.class_scale, "--class-scale")
     if args.limit < 1 or args.steps < 1:
         raise UserError("--limit and --steps must be >= 1")
     if not args.gan and not args.ldm:

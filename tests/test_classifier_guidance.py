@@ -91,11 +91,14 @@ def test_export_without_a_guidance_classifier(tiny_weights, tmp_path, capsys):
 
 
 def test_every_cli_with_class_scale_refuses_a_bad_one_in_one_line(onnx_export, tiny_weights, tmp_path, capsys):
+    from bench import extra_objects, side_by_side
     from python import eval_gen
     from runtime import generate
 
     runs = [(generate.main, ["--labels", "red sphere", "--export", str(onnx_export), "--out", str(tmp_path / "g.png")]),
-            (eval_gen.main, ["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tmp_path)])]
+            (eval_gen.main, ["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tmp_path)]),
+            (extra_objects.main, ["--data", str(tmp_path), "--weights", str(tiny_weights)]),
+            (side_by_side.main, ["--data", str(tmp_path), "--ldm", str(tiny_weights / "ldm"), "--out", str(tmp_path / "s.png")])]
     for main, args in runs:
         for bad in ("-1", "nan", "inf"):
             with pytest.raises(SystemExit) as e:

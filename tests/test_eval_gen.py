@@ -126,6 +126,8 @@ def test_fidelity_table_names_the_guidance():
     assert setting_name(report, row) == "LDM, dpmpp 10 steps, guidance 5"  # a report from before APG: classifier-free
     assert setting_name(report, {**row, "apg_norm": 0.0}) == "LDM, dpmpp 10 steps, guidance 5"
     assert setting_name(report, {**row, "apg_norm": 5.0}) == "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5)"
+    assert setting_name(report, {**row, "apg_norm": 5.0, "class_scale": 2.0}) == \
+        "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2"
 
 
 @pytest.mark.parametrize("module, args", [
