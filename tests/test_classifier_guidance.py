@@ -33,7 +33,7 @@ def _trained_looking_classifier(channels=4):
 
 def test_gradient_module_is_autograd_of_the_summed_cross_entropy():
     cls = _trained_looking_classifier()
-    grad = ClassifierGradient(cls)
+    grad = ClassifierGradient(cls, 16)
     x = torch.randn(6, 4, 16, 16)
     cond = torch.from_numpy(np.stack([encode(["red sphere"]), encode(["gray cube", "blue cylinder"])] * 3))
     xr = x.clone().requires_grad_(True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from python.core.errors import UserError
 from python.core.labels import NUM_CLASSES
-from python.models.vae import VAE, Decoder, VAEConfig, load_vae, require_latent_space
+from python.models.vae import VAE, Decoder, VAEConfig, load_vae, load_vae_config, require_latent_space
 from python.models.weights import SHIPPED, load_state_into, read_config, save_weights
 
 SHIPPED_CLASSIFIER = SHIPPED / "classifier"
@@ -105,7 +105,8 @@ class ClassifierGradient(nn.Module):
     graph that ONNX, TorchScript and the C++ sampler run without autograd; tests/test_classifier_guidance.py holds it
     to torch.autograd. One forward and one backward of the classifier: ~3 x its ~22 MFLOPs per latent."""
 
-    def __init__(self, cls: LatentClassifier, size: int = 16):
+    def __init__(self, cls: LatentClassifier, size: int):
+        """size: the latent grid's side (the transposed convolutions' output sizes follow from it)."""
         super().__init__()
         convs = [m for m in cls.features if isinstance(m, nn.Conv2d)]
         norms = [m for m in cls.features if isinstance(m, nn.BatchNorm2d)]
@@ -195,4 +196,4 @@ def load_class_grad(folder: Path | None, vae_dir: Path) -> ClassifierGradient:
     if not isinstance(cls, LatentClassifier):
         raise UserError(f"{folder}: classifier guidance needs a latent classifier (train_classifier without --pixels), "
                         f"not a {type(cls).__name__}")
-    return ClassifierGradient(cls).eval()
+    return ClassifierGradient(cls, load_vae_config(vae_dir).latent_shape[-1]).eval()
