@@ -35,6 +35,8 @@ def setting_name(report: dict, row: dict) -> str:
             name += f" (APG, norm cap {row['apg_norm']:g})"
         if row.get("class_scale"):  # reports before the fourteenth session have none: no classifier guidance
             name += f", classifier guidance {row['class_scale']:g}"
+            if row.get("count_weight"):  # its count term (weights/guide/counter), since the fifteenth session
+                name += f" with count term {row['count_weight']:g}"
     else:
         name += ", one pass"
     return name + (f", best of {report['best_of']}" if report["best_of"] > 1 else "")

@@ -250,6 +250,8 @@ def collect(weights: Path | None, vae: Path | None = None) -> dict:
     d = _weights(weights, "guide")
     if (d / "config.json").exists():
         grad = load_class_grad(d, vae_dir)
+        if grad.total is None:
+            print(f"class_grad: no total counter at {d / 'counter'}; the guidance loss's count term left out")
         found["class_grad"] = (grad, {"latents": rand(2, *shape), "cond": conds[:2]},
                                {"latents": rand(5, *shape), "cond": conds}, ["grad"], {})
     else:

@@ -57,6 +57,13 @@ def tiny_weights(tmp_path_factory) -> Path:
         for p in guide.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_classifier(guide, root / "guide", {"vae_sha": vae_digest(root / "vae")})
+    from python.models.classifier import total_counter
+
+    total = total_counter(vae.cfg.latent_channels, widths=(8, 8, 16)).eval()  # the guidance's count term
+    with torch.no_grad():
+        for p in total.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_classifier(total, root / "guide" / "counter", {"vae_sha": vae_digest(root / "vae")})
     from python.models.counter import ImageCounter, save_counter
 
     counter = ImageCounter(widths=(8, 8, 8, 8)).eval()

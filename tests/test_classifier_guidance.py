@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from export.to_onnx import export_all
-from python.core.diffusion import Schedule, guide_class, x0_eps
+from python.core.diffusion import DEFAULT_COUNT_WEIGHT, Schedule, guide_class, x0_eps
 from python.core.errors import UserError
 from python.core.labels import encode
-from python.models.classifier import ClassifierGradient, LatentClassifier, load_class_grad
+from python.models.classifier import ClassifierGradient, CountClassifier, LatentClassifier, load_class_grad
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
 
@@ -46,6 +46,33 @@ def test_gradient_module_is_autograd_of_the_summed_cross_entropy():
     assert (grad(x[:1], cond[:1]) - got[:1]).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_count_term_is_autograd_of_the_total_counts_cross_entropy():
+    """The count term: count_weight x the counter's cross-entropy for as many objects as requested; a request above
+    the counter's range (6 objects, totals 0..3 here) is its last bin."""
+    cls = _trained_looking_classifier()
+    torch.manual_seed(4)
+    counter = CountClassifier(4, max_total=3)
+    counter.train()
+    with torch.no_grad():
+        counter(torch.randn(16, 4, 16, 16))
+        for p in counter.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    counter.eval()
+    grad = ClassifierGradient(cls, 16, counter.total, count_weight=2.5)
+    x = torch.randn(4, 4, 16, 16)
+    six = ["red sphere", "gray cube", "blue cylinder", "green cube", "cyan sphere", "purple cube"]
+    cond = torch.from_numpy(np.stack([encode(["red sphere"]), encode(six[:2]), encode(six), encode(six[:3])]))
+    xr = x.clone().requires_grad_(True)
+    loss = F.binary_cross_entropy_with_logits(cls(xr), cond, reduction="sum") + 2.5 * F.cross_entropy(
+        counter(xr)[1], torch.tensor([1, 2, 3, 3]), reduction="sum")
+    ref, = torch.autograd.grad(loss, xr)
+    got = grad(x, cond)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    labels_only = ClassifierGradient(cls, 16)(x, cond)
+    assert (got - labels_only).abs().max() > 0.05 * ref.abs().max()  # the count term is there, not a rounding
+    assert ClassifierGradient(cls, 16, counter.total, count_weight=0.0).total is None  # weight 0: no counter read
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_guide_class_moves_x0_by_the_scaled_gradient(prediction):
     rng = np.random.default_rng(0)
@@ -57,22 +84,28 @@ def test_guide_class_moves_x0_by_the_scaled_gradient(prediction):
                                x0_eps(x_t, out, a, s, prediction)[0] - 1.5 * step, atol=1e-10)
 
 
-def test_classifier_guidance_raises_the_guidance_classifiers_confidence(tiny_weights):
-    """The point of the term: samples the guidance classifier reads as the requested labels more often."""
+@pytest.mark.parametrize("count_weight", [0.0, DEFAULT_COUNT_WEIGHT])
+def test_classifier_guidance_lowers_the_guidance_loss(tiny_weights, count_weight):
+    """The point of the term: samples that the guidance classifier reads as the requested labels more often (and,
+    with the count term, that the counter reads as holding as many objects as requested)."""
     from python.models.classifier import load_classifier
     from python.models.denoiser import load_denoiser
     from python.models.sampling import ldm_latents
 
     model, cfg = load_denoiser(tiny_weights / "ldm")
     sch = Schedule(**cfg["schedule"])
-    grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae")
+    grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae", count_weight)
+    assert (grad.total is None) == (count_weight == 0)
     cls = load_classifier(tiny_weights / "guide")[0]
+    counter = load_classifier(tiny_weights / "guide" / "counter")[0]
     cond = np.stack([encode(["red sphere"]), encode(["gray cube", "cyan cylinder"])] * 4)
+    c = torch.from_numpy(cond)
     loss = {}
     for scale in (0.0, 3.0):
         z = ldm_latents(model, sch, cond, "dpmpp", 6, 2.0, seed=1, apg_norm=0.0, class_grad=grad, class_scale=scale)
         with torch.no_grad():
-            loss[scale] = float(F.binary_cross_entropy_with_logits(cls(z), torch.from_numpy(cond)))
+            loss[scale] = float(F.binary_cross_entropy_with_logits(cls(z), c, reduction="sum")
+                                + count_weight * F.cross_entropy(counter(z), c.sum(1).long(), reduction="sum"))
     assert loss[3.0] < loss[0.0], loss
 
 
@@ -88,6 +121,27 @@ def test_export_without_a_guidance_classifier(tiny_weights, tmp_path, capsys):
     assert pipe.ldm_latents(cond, steps=2, class_scale=0.0).shape == (1, 4, 16, 16)
     with pytest.raises(UserError, match="no guidance classifier"):
         load_class_grad(weights / "guide", weights / "vae")
+
+
+def test_exported_gradient_holds_the_count_term_where_guide_has_a_counter(onnx_export, tiny_weights, tmp_path,
+                                                                           capsys):
+    """class_grad.onnx is the torch module's gradient, with the count term from guide/counter; without that folder
+    the export says so and holds the label term alone."""
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    shutil.rmtree(weights / "guide" / "counter")
+    export_all(weights, tmp_path / "e", formats=("onnx",))
+    assert "no total counter" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
+    cond = np.stack([encode(["red sphere"]), encode(["gray cube", "cyan cylinder"]), encode(["blue cube"])])
+    ref = {w: load_class_grad(tiny_weights / "guide", tiny_weights / "vae", w)(torch.from_numpy(z),
+                                                                              torch.from_numpy(cond)).numpy()
+           for w in (0.0, DEFAULT_COUNT_WEIGHT)}
+    for folder, w in ((onnx_export, DEFAULT_COUNT_WEIGHT), (tmp_path / "e", 0.0)):
+        got = ExportFolder(folder).run("class_grad", {"latents": z, "cond": cond})[0]
+        assert np.abs(got - ref[w]).max() <= 1e-4 * np.abs(ref[w]).max(), folder
+    assert np.abs(ref[DEFAULT_COUNT_WEIGHT] - ref[0.0]).max() > 1e-3 * np.abs(ref[0.0]).max()
 
 
 def test_every_cli_with_class_scale_refuses_a_bad_one_in_one_line(onnx_export, tiny_weights, tmp_path, capsys):
@@ -135,6 +189,7 @@ def test_eval_gen_reports_each_class_scale_as_a_setting(tiny_weights, tiny_data,
                    "--json", str(js)])
     rep = json.loads(js.read_text())
     assert [r["class_scale"] for r in rep["results"]] == [0.0, 4.0]
+    assert "count_weight" not in rep["results"][0] and rep["results"][1]["count_weight"] == DEFAULT_COUNT_WEIGHT
     plain = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5.png"), np.int16)
     guided = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5_cg4.png"), np.int16)
     assert plain.shape == guided.shape and np.abs(plain - guided).max() > 0

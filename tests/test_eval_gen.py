@@ -128,6 +128,8 @@ def test_fidelity_table_names_the_guidance():
     assert setting_name(report, {**row, "apg_norm": 5.0}) == "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5)"
     assert setting_name(report, {**row, "apg_norm": 5.0, "class_scale": 2.0}) == \
         "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2"
+    assert setting_name(report, {**row, "apg_norm": 5.0, "class_scale": 2.0, "count_weight": 2.5}) == \
+        "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2 with count term 2.5"
 
 
 @pytest.mark.parametrize("module, args", [

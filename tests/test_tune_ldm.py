@@ -3,16 +3,25 @@ fine-tune through its own sampler against it (python/tune_ldm.py); the count sce
 (train_ldm --count-scenes)."""
 import copy
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from python.core.diffusion import DPMSolverPP, Schedule, guide
+from python.core.diffusion import DEFAULT_COUNT_WEIGHT, DPMSolverPP, Schedule, guide
 from python.core.errors import UserError
 from python.core.sampling import diffusion_latents
 from python.data.synthetic import render_count_arrays
-from python.models.classifier import CountClassifier, load_classifier, load_classifier_for, save_classifier
+from python.models.classifier import (
+    CountClassifier,
+    LatentClassifier,
+    load_class_grad,
+    load_classifier,
+    load_classifier_for,
+    save_classifier,
+)
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
 from python.models.sampling import torch_call
 from python.models.vae import vae_digest
@@ -60,6 +69,40 @@ def test_train_classifier_counts_trains_and_saves_an_object_counter(counter_dir,
         load_classifier_for(counter_dir / "out", parts / "vae")  # a label classifier's users refuse it
     with pytest.raises(SystemExit):
         train_classifier(["--counts", "5", "--run-dir", str(counter_dir / "bad")])
+
+
+def test_total_only_trains_the_guidances_total_counter(counter_dir, parts, tmp_path):
+    """--total-only: the total network alone, at the widths asked for, reusing the run folder's renders; it is what
+    classifier guidance's count term loads from guide/counter, and a label classifier's users refuse it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(counter_dir / "run" / "count-latents.npz", run / "count-latents.npz")  # the same 30 scenes, not rendered
+    train_classifier(["--counts", "30", "--total-only", "--widths", "8", "8", "16", "--workers", "1", "--steps", "3",
+                      "--batch", "8", "--vae", str(parts / "vae"), "--run-dir", str(run),
+                      "--out", str(tmp_path / "out")])
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["output"] == "total" and cfg["widths"] == [8, 8, 16] and "heldout_accuracy" not in cfg
+    assert 0 <= cfg["heldout_total_accuracy"] <= 1
+    net = load_classifier_for(tmp_path / "out", parts / "vae", output="total")
+    assert net(torch.randn(3, 4, 16, 16)).shape == (3, 6) and net.max_total == 5
+    with pytest.raises(UserError, match="classifier of total, but labels are needed"):
+        load_classifier_for(tmp_path / "out", parts / "vae")
+    with pytest.raises(SystemExit):
+        train_classifier(["--total-only", "--run-dir", str(tmp_path / "bad")])  # no renders to count
+    # classifier guidance: the label term from guide/, the count term from guide/counter (where count_weight > 0)
+    guide = tmp_path / "guide"
+    save_classifier(LatentClassifier(4).eval(), guide, {"vae_sha": vae_digest(parts / "vae")})
+    assert load_class_grad(guide, parts / "vae").total is None  # no counter there: the label term alone
+    shutil.copytree(tmp_path / "out", guide / "counter")
+    grad = load_class_grad(guide, parts / "vae")
+    assert grad.total is not None and grad.count_weight == DEFAULT_COUNT_WEIGHT
+    assert load_class_grad(guide, parts / "vae", count_weight=0.0).total is None
+    with pytest.raises(UserError, match="count weight must be"):
+        load_class_grad(guide, parts / "vae", count_weight=-1.0)
+    shutil.rmtree(guide / "counter")
+    shutil.copytree(counter_dir / "out", guide / "counter")  # a labels-and-total counter is not the count term's
+    with pytest.raises(UserError, match="classifier of counts, but total are needed"):
+        load_class_grad(guide, parts / "vae")
 
 
 class _Fixed(torch.nn.Module):

@@ -31,6 +31,10 @@ DEFAULT_APG_NORM = 5.0
 # GAN path's teacher leave it out (scale 0), so that they measure the network itself. Chosen by measurement
 # (weights/ldm/MODEL_CARD.md, 2026-12-05, fourteenth session): +0.05 accuracy at the same surplus of objects.
 DEFAULT_CLASS_SCALE = 2.0
+# The guidance loss's count term (weights/guide/counter: "as many objects as requested"), weighted against its label
+# term; the exported class_grad graph holds it (python/models/classifier.py ClassifierGradient). Chosen by measurement
+# (weights/ldm/MODEL_CARD.md, fifteenth session): accuracy level, unasked objects halved, heldout FD 515 -> 101.
+DEFAULT_COUNT_WEIGHT = 2.5
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 

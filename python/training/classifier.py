@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from python.models.classifier import CountClassifier, LatentClassifier, PixelClassifier
+from python.models.classifier import CountClassifier, LatentClassifier, PixelClassifier, total_counter
 from python.models.judge import topk_accuracy
 from python.models.weights import load_state_into
 from python.training.latents import LatentSet
@@ -64,14 +64,16 @@ def _save(net: nn.Module, path) -> None:
 
 def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: RunDir, noise: float = 0.0,
                      device: torch.device = torch.device("cpu"), pixels_vae=None,
-                     faint: tuple[LatentSet, torch.Tensor] | None = None, faint_share: float = 0.25) -> nn.Module:
+                     faint: tuple[LatentSet, torch.Tensor] | None = None, faint_share: float = 0.25,
+                     widths: tuple = (48, 96, 192)) -> nn.Module:
     """The latent classifier on real latents (posterior samples), AdamW with a one-cycle schedule; its top-k
     accuracy on held-out latents goes to metrics.jsonl (and `cls.heldout_accuracy`). Saved to the run folder
     atomically; reused if there. With `pixels_vae` (a VAE folder), a PixelClassifier reading that VAE's decoded
     images instead of the LatentClassifier. With `faint` (faint_latents' set and ghost multi-hot), each batch gains
     batch * faint_share rows of those renders, labelled with their solid objects only, so that a half-transparent
     object reads as absent; held-out figures for them (the ghost called present, the solid objects found) too."""
-    cls = (PixelClassifier.from_vae(pixels_vae) if pixels_vae else LatentClassifier(lat.mean.shape[1])).to(device)
+    cls = (PixelClassifier.from_vae(pixels_vae) if pixels_vae else
+           LatentClassifier(lat.mean.shape[1], widths=widths)).to(device)
     kind = "pixel classifier" if pixels_vae else "latent classifier"
     path = run.path / "classifier.safetensors"
     held = heldout_rows(len(lat)).to(device)
@@ -122,27 +124,38 @@ def count_loss(net, latents: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
 
 
 def train_count_classifier(lat: LatentSet, counts: torch.Tensor, steps: int, batch: int, seed: int, run: RunDir,
-                           noise: float = 0.0, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The object counter (CountClassifier) on real latents `lat` whose rows hold counts[row] objects of each class;
-    trained and saved like train_classifier (held-out rows, one-cycle AdamW, reused if the run folder has it). Its
-    held-out figures: the share of latents whose label set it reads exactly (p > 0.5), and whose total is right."""
-    net = CountClassifier(lat.mean.shape[1]).to(device)
+                           noise: float = 0.0, device: torch.device = torch.device("cpu"), total_only: bool = False,
+                           widths: tuple = (48, 96, 192)) -> nn.Module:
+    """The object counter (CountClassifier; with total_only, its total network alone) on real latents `lat` whose
+    rows hold counts[row] objects of each class; trained and saved like train_classifier (held-out rows, one-cycle
+    AdamW, reused if the run folder has it). Its held-out figures: the share of latents whose label set it reads
+    exactly (p > 0.5; not with total_only), and whose total is right."""
+    c_in = lat.mean.shape[1]
+    net = (total_counter(c_in, widths=widths) if total_only else CountClassifier(c_in, widths=widths)).to(device)
     path = run.path / "classifier.safetensors"
     held = heldout_rows(len(lat)).to(device)
     rng = torch.Generator(device=device).manual_seed(seed + 17)
     counts = counts.to(device)
-    _fit_or_load(net, lat, held, steps, batch, noise, rng, run, path, "object counter",
-                 lambda z, idx: count_loss(net, z, counts[idx]))
+    if total_only:
+        loss = lambda z, idx: F.cross_entropy(net(z), counts[idx].sum(1).clamp(max=net.max_total))  # noqa: E731
+    else:
+        loss = lambda z, idx: count_loss(net, z, counts[idx])  # noqa: E731
+    _fit_or_load(net, lat, held, steps, batch, noise, rng, run, path, "total counter" if total_only else
+                 "object counter", loss)
     with torch.no_grad():
         outs = [net(lat.sample(held[i:i + 512], rng)) for i in range(0, len(held), 512)]
-    labels, total = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     c = counts[held]
-    net.heldout_accuracy = float(((labels > 0) == (c > 0)).all(1).float().mean())
+    if total_only:
+        total, net.heldout_accuracy = torch.cat(outs), None
+    else:
+        labels, total = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        net.heldout_accuracy = float(((labels > 0) == (c > 0)).all(1).float().mean())
     net.heldout_total_accuracy = float((total.argmax(1) == c.sum(1).clamp(max=net.max_total)).float().mean())
     if not path.exists():
         run.metrics(step=0, counter={"steps": steps, "heldout_latents": len(held), "label_set": net.heldout_accuracy,
                                      "total": net.heldout_total_accuracy})
-        run.log(f"object counter: {steps} steps; the label set right on {net.heldout_accuracy:.4f}, the total "
-                f"on {net.heldout_total_accuracy:.4f} of {len(held)} held-out latents")
+        run.log(f"object counter: {steps} steps; "
+                + ("" if total_only else f"the label set right on {net.heldout_accuracy:.4f}, ")
+                + f"the total right on {net.heldout_total_accuracy:.4f} of {len(held)} held-out latents")
         _save(net, path)
     return net
