@@ -90,6 +90,12 @@ class Pipeline:
         if not self.ex.has(name):
             raise UserError(f"{self.ex.path}: the export has no {name} ({what} not trained or not exported yet)")
 
+    @property
+    def default_class_scale(self) -> float:
+        """The classifier-guidance scale a caller that names none gets where it follows the export (the server):
+        DEFAULT_CLASS_SCALE where the export has class_grad, else 0."""
+        return DEFAULT_CLASS_SCALE if self.ex.has("class_grad") else 0.0
+
     def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                     seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None,
                     seeds: list[tuple[int, int]] | None = None, apg_norm: float = DEFAULT_APG_NORM,

@@ -80,7 +80,7 @@ class Limits:
     max_best_of: int = MAX_BEST_OF
     max_work: int = 16_384  # image-steps (n x best_of x steps) one request may ask for
     timeout_s: float = 120.0  # a request not answered by then gets a 504 and its work is cancelled
-    class_guidance: bool = True  # the export has class_grad (build_app sets it): default class_scale, else 0
+    class_guidance: bool = True  # the export has class_grad (build_app sets it from Pipeline.default_class_scale)
 
 
 def work(req: dict) -> int:
@@ -385,8 +385,7 @@ def warm_up(pipe: Pipeline, models: list[str]) -> dict:
     if "gan" in models:
         images = timed("gan", lambda: pipe.generate(cond, "gan"))
     if "ldm" in models:
-        scale = DEFAULT_CLASS_SCALE if pipe.ex.has("class_grad") else 0.0  # the class_grad graph warmed up too
-        images = timed("ldm", lambda: pipe.generate(cond, "ldm", steps=1, class_scale=scale))
+        images = timed("ldm", lambda: pipe.generate(cond, "ldm", steps=1, class_scale=pipe.default_class_scale))
     if images is not None and pipe.ex.has("judge"):
         timed("judge", lambda: judge_scores(pipe.ex, images))
     if images is not None and pipe.ex.has("classifier"):
@@ -404,7 +403,7 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
     from starlette.routing import Route
 
     pipe = Pipeline(ExportFolder(export, providers, threads, precision, backend))
-    limits = replace(limits or Limits(), class_guidance=pipe.ex.has("class_grad"))
+    limits = replace(limits or Limits(), class_guidance=pipe.default_class_scale > 0)
     batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching, max_queue_work)
     available = [m for m, part in (("ldm", "denoiser"), ("gan", "generator")) if pipe.ex.has(part)]
     warm = warm_up(pipe, available)

@@ -115,6 +115,7 @@ def test_export_without_a_guidance_classifier(tiny_weights, tmp_path, capsys):
     export_all(weights, tmp_path / "e", formats=("onnx",))
     assert "class_grad: no guidance classifier" in capsys.readouterr().out
     pipe = Pipeline(ExportFolder(tmp_path / "e"))
+    assert pipe.default_class_scale == 0.0  # what the server gives a request that names no scale
     cond = encode(["red sphere"])[None]
     with pytest.raises(UserError, match="class_grad.*--class-scale 0"):
         pipe.ldm_latents(cond, steps=2)
@@ -166,6 +167,7 @@ def test_server_default_follows_the_export(onnx_export, tiny_weights, tmp_path):
     from runtime.serve import BadRequest, Limits, batch_key, parse_request
 
     body = {"labels": ["red sphere"]}
+    assert Pipeline(ExportFolder(onnx_export)).default_class_scale == 2.0
     with_grad, without = Limits(), Limits(class_guidance=False)
     assert parse_request(body, with_grad)["class_scale"] == 2.0
     assert parse_request(body, without)["class_scale"] == 0.0
