@@ -160,7 +160,7 @@ def main(argv=None):
         t0 = time.time()
         row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "class_scale": class_scale, "files": {}}
         if args.model == "ldm" and class_scale:  # the guidance loss's count term, where weights/guide/counter has one
-            row["count_weight"] = gen.class_grad().count_weight if gen.class_grad().total is not None else 0.0
+            row["count_weight"] = gen.class_grad().count_weight
         for name, cond in files.items():
             per_seed, per_seed2, by_obj, extra = [], [], {}, []
             for seed in args.seeds:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from python.core.errors import UserError, cli
-from python.models.classifier import save_classifier
+from python.models.classifier import LATENT_WIDTHS, save_classifier
 from python.models.vae import SHIPPED_VAE, vae_digest
 from python.training.classifier import train_classifier, train_count_classifier
 from python.training.latents import LatentSet, count_latents, faint_latents, load_latents
@@ -53,8 +53,9 @@ def main(argv=None):
                         help="train the object counter on N fresh renders (1-5 objects, repeats allowed) instead")
     parser.add_argument("--total-only", action="store_true",
                         help="--counts: train only the total-count network (0..5+ objects), not the labels")
-    parser.add_argument("--widths", type=int, nargs=3, metavar="W", default=[48, 96, 192],
-                        help="the latent network's stage widths (default 48 96 192; not with --pixels)")
+    parser.add_argument("--widths", type=int, nargs=3, metavar="W", default=list(LATENT_WIDTHS),
+                        help="the latent network's stage widths (default %s; not with --pixels)"
+                             % " ".join(map(str, LATENT_WIDTHS)))
     parser.add_argument("--faint", type=int, metavar="N",
                         help="also train on N fresh renders holding one half-transparent object (opacity 0.1-0.5) "
                              "labelled absent, a quarter of each batch: a class term from this classifier is not "
@@ -77,7 +78,7 @@ def main(argv=None):
         raise UserError("--total-only trains the total counter; it needs --counts N (the renders it learns from)")
     if min(args.widths) < 1:
         raise UserError(f"--widths must be >= 1, got {args.widths}")
-    if args.pixels and args.widths != [48, 96, 192]:
+    if args.pixels and tuple(args.widths) != LATENT_WIDTHS:
         raise UserError("--widths sets the latent networks' widths; the pixel classifier (--pixels) has its own")
     if args.counts is not None and args.pixels:
         raise UserError("--counts trains a counter of latents; it does not take --pixels")

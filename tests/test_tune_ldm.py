@@ -92,7 +92,8 @@ def test_total_only_trains_the_guidances_total_counter(counter_dir, parts, tmp_p
     # classifier guidance: the label term from guide/, the count term from guide/counter (where count_weight > 0)
     guide = tmp_path / "guide"
     save_classifier(LatentClassifier(4).eval(), guide, {"vae_sha": vae_digest(parts / "vae")})
-    assert load_class_grad(guide, parts / "vae").total is None  # no counter there: the label term alone
+    alone = load_class_grad(guide, parts / "vae")
+    assert alone.total is None and alone.count_weight == 0.0  # no counter there: the label term alone
     shutil.copytree(tmp_path / "out", guide / "counter")
     grad = load_class_grad(guide, parts / "vae")
     assert grad.total is not None and grad.count_weight == DEFAULT_COUNT_WEIGHT

@@ -32,13 +32,14 @@ from python.models.weights import SHIPPED, load_state_into, read_config, save_we
 
 SHIPPED_CLASSIFIER = SHIPPED / "classifier"
 SHIPPED_GUIDE = SHIPPED / "guide"  # the classifier of the LDM's classifier guidance (not the best-of selector)
+LATENT_WIDTHS = (48, 96, 192)  # a latent network's stage widths unless told (and a config.json without "widths")
 
 
 class LatentClassifier(nn.Module):
     """latent (N, C, 16, 16) -> 24 label logits. Batch norm, no spectral norm: a discriminator's auxiliary head
     (spectral-normed features shared with the realness score) learns the labels too weakly to steer a generator."""
 
-    def __init__(self, latent_channels: int, num_classes: int = NUM_CLASSES, widths: tuple = (48, 96, 192)):
+    def __init__(self, latent_channels: int, num_classes: int = NUM_CLASSES, widths: tuple = LATENT_WIDTHS):
         super().__init__()
         self.widths = tuple(widths)
         layers, cin = [], latent_channels
@@ -65,7 +66,7 @@ class CountClassifier(nn.Module):
     took the features and the labels stayed at their prior (measured: label BCE 0.31 after 300 steps against 0.13
     alone; a per-class count head, tried before, learned only "none of each class")."""
 
-    def __init__(self, latent_channels: int, max_total: int = 5, widths: tuple = (48, 96, 192)):
+    def __init__(self, latent_channels: int, max_total: int = 5, widths: tuple = LATENT_WIDTHS):
         super().__init__()
         self.labels = LatentClassifier(latent_channels, widths=widths)
         self.total = LatentClassifier(latent_channels, max_total + 1, widths=widths)
@@ -170,8 +171,8 @@ class ClassifierGradient(nn.Module):
         0..max_total objects, the last bin meaning that many or more), read when count_weight > 0."""
         super().__init__()
         self.labels = _Backprop(cls, size)
-        self.count_weight = float(count_weight)
-        self.total = _Backprop(counter, size) if counter is not None and self.count_weight > 0 else None
+        self.total = _Backprop(counter, size) if counter is not None and count_weight > 0 else None
+        self.count_weight = float(count_weight) if self.total is not None else 0.0  # the weight in effect
 
     def forward(self, latents, cond):
         logits, saved = self.labels(latents)
@@ -185,7 +186,7 @@ class ClassifierGradient(nn.Module):
         return g  # (N, C, H, W)
 
 
-def total_counter(latent_channels: int, max_total: int = 5, widths: tuple = (48, 96, 192)) -> LatentClassifier:
+def total_counter(latent_channels: int, max_total: int = 5, widths: tuple = LATENT_WIDTHS) -> LatentClassifier:
     """A LatentClassifier of how many objects a latent holds: logits over 0..max_total, the last meaning that many
     or more (a CountClassifier's `total` network, alone)."""
     net = LatentClassifier(latent_channels, max_total + 1, widths)
@@ -211,7 +212,7 @@ def save_classifier(cls: nn.Module, folder: Path, extra: dict) -> None:
 def load_classifier(folder: Path | None = None) -> tuple[nn.Module, dict]:
     folder = Path(folder) if folder else SHIPPED_CLASSIFIER
     cfg = read_config(folder, "classifier.safetensors", "latent classifier", "python -m python.train_classifier")
-    widths = tuple(cfg.get("widths", (48, 96, 192)))
+    widths = tuple(cfg.get("widths", LATENT_WIDTHS))
     if cfg.get("output") == "counts":
         cls = CountClassifier(cfg["latent_channels"], cfg["max_total"], widths)
     elif cfg.get("output") == "total":

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from python.models.classifier import CountClassifier, LatentClassifier, PixelClassifier, total_counter
+from python.models.classifier import (
+    LATENT_WIDTHS,
+    CountClassifier,
+    LatentClassifier,
+    PixelClassifier,
+    total_counter,
+)
 from python.models.judge import topk_accuracy
 from python.models.weights import load_state_into
 from python.training.latents import LatentSet
@@ -65,7 +71,7 @@ def _save(net: nn.Module, path) -> None:
 def train_classifier(lat: LatentSet, steps: int, batch: int, seed: int, run: RunDir, noise: float = 0.0,
                      device: torch.device = torch.device("cpu"), pixels_vae=None,
                      faint: tuple[LatentSet, torch.Tensor] | None = None, faint_share: float = 0.25,
-                     widths: tuple = (48, 96, 192)) -> nn.Module:
+                     widths: tuple = LATENT_WIDTHS) -> nn.Module:
     """The latent classifier on real latents (posterior samples), AdamW with a one-cycle schedule; its top-k
     accuracy on held-out latents goes to metrics.jsonl (and `cls.heldout_accuracy`). Saved to the run folder
     atomically; reused if there. With `pixels_vae` (a VAE folder), a PixelClassifier reading that VAE's decoded
@@ -125,7 +131,7 @@ def count_loss(net, latents: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
 
 def train_count_classifier(lat: LatentSet, counts: torch.Tensor, steps: int, batch: int, seed: int, run: RunDir,
                            noise: float = 0.0, device: torch.device = torch.device("cpu"), total_only: bool = False,
-                           widths: tuple = (48, 96, 192)) -> nn.Module:
+                           widths: tuple = LATENT_WIDTHS) -> nn.Module:
     """The object counter (CountClassifier; with total_only, its total network alone) on real latents `lat` whose
     rows hold counts[row] objects of each class; trained and saved like train_classifier (held-out rows, one-cycle
     AdamW, reused if the run folder has it). Its held-out figures: the share of latents whose label set it reads
