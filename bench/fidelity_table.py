@@ -37,6 +37,8 @@ def setting_name(report: dict, row: dict) -> str:
             name += f", classifier guidance {row['class_scale']:g}"
             if row.get("count_weight"):  # its count term (weights/guide/counter), since the fifteenth session
                 name += f" with count term {row['count_weight']:g}"
+            if row.get("class_iters", 1) > 1:  # descent steps on x_0 per sampler step, since the sixteenth session
+                name += f", {row['class_iters']} descent steps"
     else:
         name += ", one pass"
     return name + (f", best of {report['best_of']}" if report["best_of"] > 1 else "")

@@ -33,10 +33,12 @@ sys.path.insert(0, str(REPO))
 
 from python.core.diffusion import (  # noqa: E402
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
     Schedule,
     check_apg_norm,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli  # noqa: E402
@@ -212,9 +214,10 @@ class Models:
 
 
 def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
-               best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE):
+               best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE,
+               class_iters: int = DEFAULT_CLASS_ITERS):
     """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm` and
-    `class_scale` (classifier guidance through the guidance classifier's gradient); best_of > 1
+    `class_scale`, `class_iters` (classifier guidance through the guidance classifier's gradient); best_of > 1
     (ONNX Runtime only) draws that many candidates per condition and keeps the latent classifier's pick
     (python/core/best_of.py)."""
     import torch
@@ -226,11 +229,13 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
-                                       batch=len(cond), apg_norm=apg_norm, class_scale=class_scale)
+                                       batch=len(cond), apg_norm=apg_norm, class_scale=class_scale,
+                                       class_iters=class_iters)
     if backend in PIPE:
         pipe = m.pipes[PIPE[backend]]
         return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond),
-                                                    apg_norm=apg_norm, class_scale=class_scale), batch=len(cond))
+                                                    apg_norm=apg_norm, class_scale=class_scale,
+                                                    class_iters=class_iters), batch=len(cond))
     if backend == "cpp":
         return None  # timed by the binary itself (cpp_times)
     bf16 = backend == "torch-bf16"
@@ -247,7 +252,7 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     @torch.no_grad()
     def run():
         lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond),
-                                apg_norm=apg_norm, class_grad=grad, class_scale=class_scale)
+                                apg_norm=apg_norm, class_grad=grad, class_scale=class_scale, class_iters=class_iters)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return decoder(torch.from_numpy(lat)).float()
 
@@ -280,7 +285,8 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
 
 
 def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int,
-              apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE) -> list[float] | None:
+              apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE,
+              class_iters: int = DEFAULT_CLASS_ITERS) -> list[float] | None:
     binary = REPO / "build" / "ldm_sample"
     if not binary.exists():
         print(f"cpp: {binary} not built (make cpp); skipped")
@@ -290,7 +296,7 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
         initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
         r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
                             "--steps", str(steps), "--guidance", str(guidance), "--apg-norm", str(apg_norm),
-                            "--class-scale", str(class_scale),
+                            "--class-scale", str(class_scale), "--class-iters", str(class_iters),
                             "--repeat", str(runs + 1)],
                            capture_output=True, text=True)
         if r.returncode:
@@ -324,7 +330,8 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
                    fidelity: bool = True, apg_norm: float = DEFAULT_APG_NORM,
-                   class_scale: float = DEFAULT_CLASS_SCALE) -> tuple[dict, dict]:
+                   class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS
+                   ) -> tuple[dict, dict]:
     """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
     with the ONNX models of the setting's precision (its last field), on the first `limit` conditions of each file
     (all with None)."""
@@ -342,7 +349,7 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
             pipe = m.pipes[key[4]]
             if key[0] == "ldm":
                 images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0,
-                                       apg_norm=apg_norm, class_scale=class_scale)
+                                       apg_norm=apg_norm, class_scale=class_scale, class_iters=class_iters)
             else:
                 images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -389,7 +396,7 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
 
 def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,
               backend: str = "onnxruntime", apg_norm: float = DEFAULT_APG_NORM,
-              class_scale: float = DEFAULT_CLASS_SCALE) -> dict:
+              class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> dict:
     """Where one LDM batch on an export-folder backend spends its time: the denoiser calls (one call per step, see
     denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
     pipe = m.pipes[PIPE[backend]]
@@ -398,7 +405,7 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     den = float(np.median(timed(lambda: pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: pipe.decode(x_T, batch=batch), runs)))
     total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond, apg_norm=apg_norm,
-                                             class_scale=class_scale), runs)))
+                                             class_scale=class_scale, class_iters=class_iters), runs)))
     return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
 
 
@@ -515,6 +522,8 @@ def main(argv=None):
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
                         help="classifier guidance on x_0 through weights/guide (0: none)")
+    parser.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS,
+                        help="classifier guidance's descent steps on x_0 per sampler step")
     parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
@@ -543,6 +552,7 @@ def main(argv=None):
         return out
     check_apg_norm(args.apg_norm, "--apg-norm")
     check_class_scale(args.class_scale, "--class-scale")
+    check_class_iters(args.class_iters, "--class-iters")
     cfg = restrict(dict(QUICK if args.quick else FULL), args)
     if args.runs:
         if args.runs < 1:
@@ -597,7 +607,7 @@ def main(argv=None):
     if cfg["limit"]:
         print(f"accuracy and fidelity on the first {cfg['limit']} conditions of each file (--quick)")
     acc, floors = accuracy_table(m, args.data, cfg["files"], settings, args.guidance, cfg["limit"],
-                                 not args.no_fidelity, args.apg_norm, args.class_scale)
+                                 not args.no_fidelity, args.apg_norm, args.class_scale, args.class_iters)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
@@ -607,7 +617,7 @@ def main(argv=None):
         cls_flops = flops_per_item(load_classifier(args.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:
         den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
-        grad_flops = (flops_per_item(m.class_grad, torch.randn(2, *m.shape), torch.zeros(2, 24))
+        grad_flops = (args.class_iters * flops_per_item(m.class_grad, torch.randn(2, *m.shape), torch.zeros(2, 24))
                       if args.class_scale and m.class_grad is not None else 0.0)
         for sampler, steps, best_of in ldm_settings:
             per_step = den_flops * (2 if args.guidance != 1.0 else 1) + grad_flops
@@ -621,12 +631,13 @@ def main(argv=None):
                     runs = cfg["latency_runs"] if batch == 1 else cfg["runs"]
                     with PeakRSS() as mem:
                         if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
-                            secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm, args.class_scale)
+                            secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm, args.class_scale,
+                                             args.class_iters)
                             if secs is None:
                                 continue
                         else:
                             secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of,
-                                                    args.apg_norm, args.class_scale), runs)
+                                                    args.apg_norm, args.class_scale, args.class_iters), runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
@@ -661,7 +672,7 @@ def main(argv=None):
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
         for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
             profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend,
-                                                          args.apg_norm, args.class_scale)
+                                                          args.apg_norm, args.class_scale, args.class_iters)
             sh = split["shares"]
             print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
                   f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
@@ -679,7 +690,8 @@ def main(argv=None):
             print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in profile[name]), flush=True)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
            "peak_flops": peak, "guidance": args.guidance, "apg_norm": args.apg_norm,
-           "class_scale": args.class_scale, "weights": str(args.weights),
+           "class_scale": args.class_scale, "class_iters": args.class_iters if args.class_scale else 1,
+           "weights": str(args.weights),
            "baseline": base,
            "decoder_flops_per_image": dec_flops, "results": results, "profile": profile,
            "conditions_limit": cfg["limit"], "fidelity_floors": floors}

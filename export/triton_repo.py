@@ -9,8 +9,8 @@ Layout (Triton's): one folder per model with config.pbtxt and a version folder 1
   inputs and outputs read from the ONNX graphs.
 - ldm: a Python-backend model that runs the project's sampling loop (the numpy core, python/core/, copied beside
   model.py as core/) and calls denoiser, class_grad and decoder through Triton (BLS), so they batch across
-  requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE, APG_NORM, CLASS_SCALE;
-  output IMAGES.
+  requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE, APG_NORM, CLASS_SCALE,
+  CLASS_ITERS; output IMAGES.
 - gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from python.core.checksum import sha256
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE
 from python.core.errors import UserError
 
 CORE = Path(__file__).resolve().parent.parent / "python" / "core"
@@ -74,7 +74,8 @@ input [
   {{ name: "STEPS", data_type: TYPE_INT32, dims: [ 1 ], optional: true }},
   {{ name: "GUIDANCE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
   {{ name: "APG_NORM", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
-  {{ name: "CLASS_SCALE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }}
+  {{ name: "CLASS_SCALE", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
+  {{ name: "CLASS_ITERS", data_type: TYPE_INT32, dims: [ 1 ], optional: true }}
 ]
 output [
   {{ name: "IMAGES", data_type: TYPE_FP32, dims: [ 3, 64, 64 ] }}
@@ -86,6 +87,7 @@ parameters: {{ key: "default_steps", value: {{ string_value: "20" }} }}
 parameters: {{ key: "default_guidance", value: {{ string_value: "{guidance}" }} }}
 parameters: {{ key: "default_apg_norm", value: {{ string_value: "{apg_norm}" }} }}
 parameters: {{ key: "default_class_scale", value: {{ string_value: "{class_scale}" }} }}
+parameters: {{ key: "default_class_iters", value: {{ string_value: "{class_iters}" }} }}
 parameters: {{ key: "manifest", value: {{ string_value: {manifest} }} }}
 """
 
@@ -117,9 +119,8 @@ Written by export/triton_repo.py. The sampling loop is the project's own (its nu
 file); each step is one BLS call to "denoiser" with the conditional and unconditional halves together.
 Requests in one execute() call that share steps and guidance (GUIDANCE, and APG_NORM: adaptive projected
 guidance's norm cap, 0 for classifier-free guidance; CLASS_SCALE: classifier guidance through "class_grad", 0 for
-none, and 0 by default where the repository has no class_grad) are sampled as one batch, each with its own seed's
-noise, so
-a request's images do not depend on its batch-mates.
+none, and 0 by default where the repository has no class_grad; CLASS_ITERS: its descent steps per sampler step) are
+sampled as one batch, each with its own seed's noise, so a request's images do not depend on its batch-mates.
 """
 import json
 import sys
@@ -130,7 +131,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from core.diffusion import Schedule, check_apg_norm, check_class_scale  # noqa: E402
+from core.diffusion import Schedule, check_apg_norm, check_class_iters, check_class_scale  # noqa: E402
 from core.sampling import diffusion_latents  # noqa: E402
 
 
@@ -153,6 +154,7 @@ class TritonPythonModel:
         self.steps, self.guidance = int(params["default_steps"]), float(params["default_guidance"])
         self.apg_norm = float(params["default_apg_norm"])
         self.class_scale = float(params["default_class_scale"])
+        self.class_iters = int(params["default_class_iters"])
 
     def _scalar(self, request, name, default, kind):
         t = pb_utils.get_input_tensor_by_name(request, name)
@@ -163,7 +165,7 @@ class TritonPythonModel:
             raise ValueError(f"{name} must be the same for every row of a request")
         return kind(values[0])
 
-    def _sample(self, cond, parts, steps, guidance, apg_norm, class_scale):
+    def _sample(self, cond, parts, steps, guidance, apg_norm, class_scale, class_iters):
         def denoiser(x, t, cond):  # per-sample t is [1] on the wire
             return _call("denoiser", {"x": x, "t": t[:, None], "cond": cond}, "out")
 
@@ -172,7 +174,8 @@ class TritonPythonModel:
 
         lat = diffusion_latents(denoiser, self.schedule, cond, self.shape, self.sampler, steps, guidance,
                                 seeds=parts, batch=len(cond), apg_norm=apg_norm,
-                                class_grad=class_grad if class_scale else None, class_scale=class_scale)
+                                class_grad=class_grad if class_scale else None, class_scale=class_scale,
+                                class_iters=class_iters)
         return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
 
     def execute(self, requests):
@@ -183,15 +186,16 @@ class TritonPythonModel:
                 seed = self._scalar(r, "SEED", 0, int)
                 key = (self._scalar(r, "STEPS", self.steps, int), self._scalar(r, "GUIDANCE", self.guidance, float),
                        check_apg_norm(self._scalar(r, "APG_NORM", self.apg_norm, float), "APG_NORM"),
-                       check_class_scale(self._scalar(r, "CLASS_SCALE", self.class_scale, float), "CLASS_SCALE"))
+                       check_class_scale(self._scalar(r, "CLASS_SCALE", self.class_scale, float), "CLASS_SCALE"),
+                       check_class_iters(self._scalar(r, "CLASS_ITERS", self.class_iters, int), "CLASS_ITERS"))
                 groups.setdefault(key, []).append((i, cond, seed))
             except Exception as e:  # noqa: BLE001 - one bad request fails alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-        for (steps, guidance, apg_norm, class_scale), members in groups.items():
+        for (steps, guidance, apg_norm, class_scale, class_iters), members in groups.items():
             try:
                 images = self._sample(np.concatenate([c for _, c, _ in members]),
                                       [(s, len(c)) for _, c, s in members], steps, guidance, apg_norm,
-                                      class_scale)
+                                      class_scale, class_iters)
             except Exception as e:  # noqa: BLE001
                 for i, _, _ in members:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
@@ -235,7 +239,7 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
         manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
         (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(
             max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE, apg_norm=DEFAULT_APG_NORM,
-            class_scale=DEFAULT_CLASS_SCALE if "class_grad" in onnx_models else 0.0,
+            class_scale=DEFAULT_CLASS_SCALE if "class_grad" in onnx_models else 0.0, class_iters=DEFAULT_CLASS_ITERS,
             manifest=json.dumps(json.dumps(manifest))))
         written.append("ldm")
     if "generator" in onnx_models:

@@ -29,9 +29,11 @@ from PIL import Image
 
 from python.core.diffusion import (
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
     check_apg_norm,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli
@@ -67,12 +69,13 @@ def diversity(gen: TorchGenerator, feature_judge, cond: np.ndarray, per: int, re
 
 
 def process_image(gen: TorchGenerator, steps: int, guidance: float, frames: int = 10,
-                  apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE) -> np.ndarray:
+                  apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE,
+                  class_iters: int = DEFAULT_CLASS_ITERS) -> np.ndarray:
     """The denoising process for PROCESS_LABELS: the latent decoded at `frames` evenly spaced steps, then the end."""
     keep = set(np.linspace(0, steps - 2, frames).round().astype(int).tolist()) if steps > 1 else set()
     snaps = []
     final = gen.images(encode(PROCESS_LABELS)[None], seed=0, steps=steps, guidance=guidance, apg_norm=apg_norm,
-                       class_scale=class_scale,
+                       class_scale=class_scale, class_iters=class_iters,
                        on_step=lambda i, x, rows: snaps.append(x.copy()) if i in keep else None)
     frames_ = decode(gen.decoder, torch.from_numpy(np.concatenate(snaps))) if snaps else final[:0]
     return image_grid(torch.cat([frames_, final]), cols=len(snaps) + 1)
@@ -97,6 +100,9 @@ def main(argv=None):
     parser.add_argument("--class-scale", type=float, nargs="+", default=[DEFAULT_CLASS_SCALE],
                         help="classifier guidance on x_0 with the weights folder's guide/ classifier (0: none); "
                              "several values are several settings (python/core/diffusion.py guide_class)")
+    parser.add_argument("--class-iters", type=int, nargs="+", default=[DEFAULT_CLASS_ITERS],
+                        help="descent steps on x_0 per sampler step in classifier guidance; several values are "
+                             "several settings")
     parser.add_argument("--limit", type=int, help="score only the first N conditions of each file")
     parser.add_argument("--diversity-conditions", type=int, default=16)
     parser.add_argument("--per-condition", type=int, default=8, help="samples per condition for the diversity figure")
@@ -118,6 +124,7 @@ def main(argv=None):
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
     apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
     class_scales = [check_class_scale(c, "--class-scale") for c in args.class_scale]
+    class_iters_ = [check_class_iters(k, "--class-iters") for k in args.class_iters]
     gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
     classifier = None
     if args.best_of > 1:
@@ -135,8 +142,9 @@ def main(argv=None):
     elif not args.no_fidelity:
         print(f"no object counter at {args.weights / 'counter'}: the counted-object figures are left out")
     files = {f: load_condition_file(args.data, f)[: args.limit] for f in args.files}
-    settings = ([(s, g, r, c) for s in args.steps for g in args.guidance for r in apg_norms for c in class_scales]
-                if args.model == "ldm" else [(None, None, None, None)])
+    settings = ([(s, g, r, c, k) for s in args.steps for g in args.guidance for r in apg_norms for c in class_scales
+                 for k in (class_iters_ if c else [1])]  # the iterations matter only with classifier guidance
+                if args.model == "ldm" else [(None, None, None, None, None)])
 
     div_cond = files[args.files[0]][: args.diversity_conditions]
     real_images = to_model_range(render_conditions(div_cond, args.per_condition))
@@ -153,14 +161,15 @@ def main(argv=None):
             "features": FEATURES if judge2 is not None else "primary judge's penultimate layer (512-d)",
             "images": f"seed {args.seeds[0]}'s, one per condition, against one fresh render per condition",
             "floors": {name: ref.floors for name, ref in references.items()}}
-    for steps, guidance, apg_norm, class_scale in settings:
-        kw = (dict(steps=steps, guidance=guidance, apg_norm=apg_norm, class_scale=class_scale) if args.model == "ldm"
-              else {})
+    for steps, guidance, apg_norm, class_scale, class_iters in settings:
+        kw = (dict(steps=steps, guidance=guidance, apg_norm=apg_norm, class_scale=class_scale, class_iters=class_iters)
+              if args.model == "ldm" else {})
         kw.update(best_of=args.best_of, classifier=classifier)
         t0 = time.time()
         row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "class_scale": class_scale, "files": {}}
         if args.model == "ldm" and class_scale:  # the guidance loss's count term, where weights/guide/counter has one
             row["count_weight"] = gen.class_grad().count_weight
+            row["class_iters"] = class_iters
         for name, cond in files.items():
             per_seed, per_seed2, by_obj, extra = [], [], {}, []
             for seed in args.seeds:
@@ -178,7 +187,8 @@ def main(argv=None):
                     args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
                            + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
-                           + (f"_cg{class_scale:g}" if class_scale else ""))  # best-of grids never overwrite plain ones
+                           + (f"_cg{class_scale:g}" if class_scale else "")
+                           + (f"_it{class_iters}" if class_scale and class_iters != 1 else ""))  # never overwritten
                     Image.fromarray(image_grid(images)).save(args.out / f"{tag}.png")
             row["files"][name] = {
                 "n": len(cond), "accuracy_mean": round(float(np.mean(per_seed)), 4),
@@ -192,15 +202,15 @@ def main(argv=None):
         row["seconds"] = round(time.time() - t0, 1)
         report["results"].append(row)
         print(f"{args.model} steps={steps} guidance={guidance}" + (f" apg_norm={apg_norm:g}" if apg_norm else "")
-              + (f" class_scale={class_scale:g}" if class_scale else "")
+              + (f" class_scale={class_scale:g} class_iters={class_iters}" if class_scale else "")
               + ": " + "; ".join(
             f"{n} {r['accuracy_mean']:.4f}+-{r['accuracy_std']:.4f} (2nd {r['second_judge_mean']})"
             + (f" KID x1000 {r['fidelity']['kid_x1000']:.1f} FD {r['fidelity']['fd']:.1f}" if "fidelity" in r else "")
             for n, r in row["files"].items()) + f"; diversity {row.get('diversity')}", flush=True)
     if args.out and args.model == "ldm":
-        steps, guidance, apg_norm, class_scale = settings[0]
-        Image.fromarray(process_image(gen, min(steps, 50), guidance, apg_norm=apg_norm, class_scale=class_scale)).save(
-            args.out / "ldm_denoising_process.png")
+        steps, guidance, apg_norm, class_scale, class_iters = settings[0]
+        Image.fromarray(process_image(gen, min(steps, 50), guidance, apg_norm=apg_norm, class_scale=class_scale,
+                                      class_iters=class_iters)).save(args.out / "ldm_denoising_process.png")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -24,11 +24,13 @@ from PIL import Image
 from python.core.best_of import best_of_latents
 from python.core.diffusion import (
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
     SAMPLERS,
     Schedule,
     check_apg_norm,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli
@@ -48,7 +50,7 @@ MAX_BEST_OF = 16
 
 def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, batch: int, best_of: int,
                    sampler: str, schedule_steps: int, apg_norm: float = DEFAULT_APG_NORM,
-                   class_scale: float = DEFAULT_CLASS_SCALE) -> None:
+                   class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> None:
     """UserError naming the first setting outside its range (NaN and infinity included) and what is valid."""
     checks = [("-n", n, 1, MAX_IMAGES), ("--steps", steps, 1, schedule_steps), ("--batch", batch, 1, MAX_IMAGES),
               ("--best-of", best_of, 1, MAX_BEST_OF), ("--seed", seed, 0, 2 ** 63 - 1),
@@ -60,6 +62,7 @@ def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, b
     check_class_scale(class_scale, "--class-scale")
     if not class_scale <= MAX_GUIDANCE:
         raise UserError(f"--class-scale must be between 0 and {MAX_GUIDANCE}, got {class_scale}")
+    check_class_iters(class_iters, "--class-iters")
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if n * best_of > MAX_IMAGES:
@@ -99,11 +102,11 @@ class Pipeline:
     def ldm_latents(self, cond: np.ndarray, sampler: str = "dpmpp", steps: int = 20, guidance: float = DEFAULT_GUIDANCE,
                     seed: int = 0, eta: float = 0.0, batch: int = 256, on_step=None, x_T=None,
                     seeds: list[tuple[int, int]] | None = None, apg_norm: float = DEFAULT_APG_NORM,
-                    class_scale: float = DEFAULT_CLASS_SCALE) -> np.ndarray:
+                    class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> np.ndarray:
         """Latents for multi-hot conditions. x_T (optional) replaces the seed's initial noise; seeds (optional,
         [(seed, count), ...] covering the rows in order) gives each batched request its own noise; apg_norm > 0:
-        adaptive projected guidance; class_scale > 0: classifier guidance with the export's class_grad
-        (python/core/sampling.py)."""
+        adaptive projected guidance; class_scale > 0: classifier guidance with the export's class_grad, class_iters
+        descent steps per sampler step (python/core/sampling.py)."""
         self._need("denoiser", "the LDM")
         if class_scale:
             self._need("class_grad", "the guidance classifier, weights/guide, for --class-scale > 0; "
@@ -112,7 +115,7 @@ class Pipeline:
         grad = lambda z, c: self.ex.run("class_grad", {"latents": z.astype(np.float32), "cond": c})[0]  # noqa: E731
         return diffusion_latents(denoiser, self.schedule, cond, self.latent_shape, sampler, steps, guidance, eta,
                                  seed, seeds, batch, x_T, on_step, apg_norm, grad if class_scale else None,
-                                 class_scale)
+                                 class_scale, class_iters)
 
     def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024,
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
@@ -168,6 +171,9 @@ def main(argv=None):
                              "(inf: no cap); 0: classifier-free guidance")
     parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
                         help="classifier guidance on x_0 with the export's guidance classifier (class_grad); 0: none")
+    parser.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS,
+                        help="descent steps on x_0 per sampler step in classifier guidance, each one more class_grad "
+                             "call (1 is the cheapest)")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="chunk size (memory budget)")
@@ -191,13 +197,14 @@ def main(argv=None):
     cond = load_conditions(args.conditions) if args.conditions else parse_label_arg(args.labels)[None]
     check_settings(len(cond) if args.conditions else args.n, args.steps, args.guidance, args.eta, args.seed,
                    args.batch, args.best_of, args.sampler, pipe.schedule.T if pipe.schedule else 1000, args.apg_norm,
-                   args.class_scale)
+                   args.class_scale, args.class_iters)
     check_output(args.out, folder=bool(args.conditions))
     if args.labels:
         cond = np.repeat(cond, args.n, axis=0)
     kw = {"seed": args.seed} if args.model == "gan" else dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                         eta=args.eta, seed=args.seed, batch=args.batch,
-                                                        apg_norm=args.apg_norm, class_scale=args.class_scale)
+                                                        apg_norm=args.apg_norm, class_scale=args.class_scale,
+                                                        class_iters=args.class_iters)
     try:
         images = pipe.generate(cond, args.model, args.best_of, **kw)
     except ValueError as e:  # sampler name / steps out of range, from the shared maths

@@ -5,10 +5,11 @@
          -d '{"labels": ["red sphere", "yellow cube"], "n": 4}' > grid.png
 
 POST /generate takes JSON {"labels": [...], "n": 1, "model": "ldm"|"gan", "sampler": "dpmpp", "steps": 20,
-"guidance": 5.0, "apg_norm": 5.0, "class_scale": 2.0, "eta": 0.0, "seed": 0, "best_of": 1, "format": "png"|"json",
-"scores": false}; all but labels are optional (defaults as shown; "apg_norm": adaptive projected guidance's norm
-cap, 0 for classifier-free guidance, python/core/diffusion.py; "class_scale": classifier guidance on x_0 through the
-export's class_grad, 0 for none, and 0 by default when the export has no class_grad; "best_of" N > 1: the best of N
+"guidance": 5.0, "apg_norm": 5.0, "class_scale": 2.0, "class_iters": 3, "eta": 0.0, "seed": 0, "best_of": 1,
+"format": "png"|"json", "scores": false}; all but labels are optional (defaults as shown; "apg_norm": adaptive
+projected guidance's norm cap, 0 for classifier-free guidance, python/core/diffusion.py; "class_scale": classifier
+guidance on x_0 through the export's class_grad, 0 for none, and 0 by default when the export has no class_grad;
+"class_iters": its descent steps per sampler step, 1 to 4, each one more class_grad call; "best_of" N > 1: the best of N
 candidates per image by the export's latent classifier, N times the work; python/core/best_of.py). It answers an
 8-per-row PNG grid, or (format "json", or Accept: application/json) a JSON list of base64 PNGs, with the judge's
 per-image scores when "scores" is true. GET /health, GET /metrics
@@ -44,10 +45,12 @@ import numpy as np
 
 from python.core.diffusion import (
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
     SAMPLERS,
     check_apg_norm,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli
@@ -78,6 +81,7 @@ class Limits:
     max_steps: int = 1000
     max_guidance: float = MAX_GUIDANCE  # the command line's bounds (runtime.generate), one place
     max_best_of: int = MAX_BEST_OF
+    max_class_iters: int = 4  # classifier guidance's descent steps per sampler step (each ~20% of a step's work)
     max_work: int = 16_384  # image-steps (n x best_of x steps) one request may ask for
     timeout_s: float = 120.0  # a request not answered by then gets a 504 and its work is cancelled
     class_guidance: bool = True  # the export has class_grad (build_app sets it from Pipeline.default_class_scale)
@@ -116,9 +120,8 @@ def parse_request(body, limits: Limits) -> dict:
     """The validated request, or BadRequest naming the field that is wrong and what is valid."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"labels\": [\"red sphere\"]}")
-    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "apg_norm", "class_scale", "eta",
-                           "seed",
-                           "best_of", "format", "scores"}
+    unknown = set(body) - {"labels", "n", "model", "sampler", "steps", "guidance", "apg_norm", "class_scale",
+                           "class_iters", "eta", "seed", "best_of", "format", "scores"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}")
     if "labels" not in body:
@@ -144,6 +147,7 @@ def parse_request(body, limits: Limits) -> dict:
              apg_norm=float(_get(body, "apg_norm", (int, float), DEFAULT_APG_NORM)),
              class_scale=float(_get(body, "class_scale", (int, float),
                                     DEFAULT_CLASS_SCALE if limits.class_guidance else 0.0)),
+             class_iters=_get(body, "class_iters", int, DEFAULT_CLASS_ITERS),
              eta=float(_get(body, "eta", (int, float), 0.0)),
              seed=_get(body, "seed", int, 0), best_of=_get(body, "best_of", int, 1), format=_get(body, "format", (str, type(None)), None),
              scores=_get(body, "scores", bool, False))
@@ -160,10 +164,13 @@ def parse_request(body, limits: Limits) -> dict:
     try:
         check_apg_norm(r["apg_norm"], "'apg_norm'")
         check_class_scale(r["class_scale"], "'class_scale'")
+        check_class_iters(r["class_iters"], "'class_iters'")
     except UserError as e:  # the shared check's message, as a 400
         raise BadRequest(str(e)) from None
     if r["class_scale"] > limits.max_guidance:
         raise BadRequest(f"'class_scale' must be between 0 and {limits.max_guidance}, got {r['class_scale']}")
+    if r["class_iters"] > limits.max_class_iters:
+        raise BadRequest(f"'class_iters' must be between 1 and {limits.max_class_iters}, got {r['class_iters']}")
     if r["class_scale"] and not limits.class_guidance:
         raise BadRequest("'class_scale' > 0 needs classifier guidance, and this server's export has no class_grad "
                          "(export/to_onnx.py with weights/guide); give 0")
@@ -185,8 +192,8 @@ def batch_key(r: dict) -> tuple:
     """Requests with equal keys can share one sampler call."""
     if r["model"] == "gan":
         return ("gan", r["best_of"])
-    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["apg_norm"], r["class_scale"], r["eta"],
-            r["best_of"])
+    return ("ldm", r["sampler"], r["steps"], r["guidance"], r["apg_norm"], r["class_scale"],
+            r["class_iters"] if r["class_scale"] else 1, r["eta"], r["best_of"])
 
 
 def condition(req: dict) -> np.ndarray:
@@ -298,7 +305,8 @@ class Batcher:
             if all(j.abandoned for j in jobs):
                 raise Cancelled
         return self.pipe.generate(cond, "ldm", r["best_of"], sampler=r["sampler"], steps=r["steps"], guidance=r["guidance"],
-                                  apg_norm=r["apg_norm"], class_scale=r["class_scale"], eta=r["eta"], seeds=seeds,
+                                  apg_norm=r["apg_norm"], class_scale=r["class_scale"], class_iters=r["class_iters"],
+                                  eta=r["eta"], seeds=seeds,
                                   batch=self.max_batch, on_step=on_step)
 
     async def run_forever(self):

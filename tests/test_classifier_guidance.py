@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from export.to_onnx import export_all
-from python.core.diffusion import DEFAULT_COUNT_WEIGHT, Schedule, guide_class, x0_eps
+from python.core.diffusion import DEFAULT_CLASS_ITERS, DEFAULT_COUNT_WEIGHT, Schedule, guide_class, x0_eps
 from python.core.errors import UserError
 from python.core.labels import encode
 from python.models.classifier import ClassifierGradient, CountClassifier, LatentClassifier, load_class_grad
@@ -82,6 +82,16 @@ def test_guide_class_moves_x0_by_the_scaled_gradient(prediction):
     guided = guide_class(out, x_t, a, s, prediction, lambda x0: step, 1.5)
     np.testing.assert_allclose(x0_eps(x_t, guided, a, s, prediction)[0],
                                x0_eps(x_t, out, a, s, prediction)[0] - 1.5 * step, atol=1e-10)
+    # several descent steps: each gradient taken where the last step left x_0 (here grad = 0.2 x_0, so each step
+    # scales x_0 by 1 - 1.5 * 0.2)
+    x0 = x0_eps(x_t, out, a, s, prediction)[0]
+    seen = []
+    three = guide_class(out, x_t, a, s, prediction, lambda z: seen.append(z) or 0.2 * z, 1.5, iters=3)
+    np.testing.assert_allclose(x0_eps(x_t, three, a, s, prediction)[0], 0.7 ** 3 * x0, atol=1e-10)
+    assert len(seen) == 3 and np.allclose(seen[2], 0.7 ** 2 * x0)
+    for bad in (0, 17, 2.0, True):
+        with pytest.raises(UserError, match="whole number of descent steps"):
+            guide_class(out, x_t, a, s, prediction, lambda z: z, 1.5, iters=bad)
 
 
 @pytest.mark.parametrize("count_weight", [0.0, DEFAULT_COUNT_WEIGHT])
@@ -101,12 +111,13 @@ def test_classifier_guidance_lowers_the_guidance_loss(tiny_weights, count_weight
     cond = np.stack([encode(["red sphere"]), encode(["gray cube", "cyan cylinder"])] * 4)
     c = torch.from_numpy(cond)
     loss = {}
-    for scale in (0.0, 3.0):
-        z = ldm_latents(model, sch, cond, "dpmpp", 6, 2.0, seed=1, apg_norm=0.0, class_grad=grad, class_scale=scale)
+    for scale, iters in ((0.0, 1), (3.0, 1), (3.0, 3)):
+        z = ldm_latents(model, sch, cond, "dpmpp", 6, 2.0, seed=1, apg_norm=0.0, class_grad=grad, class_scale=scale,
+                        class_iters=iters)
         with torch.no_grad():
-            loss[scale] = float(F.binary_cross_entropy_with_logits(cls(z), c, reduction="sum")
-                                + count_weight * F.cross_entropy(counter(z), c.sum(1).long(), reduction="sum"))
-    assert loss[3.0] < loss[0.0], loss
+            loss[scale, iters] = float(F.binary_cross_entropy_with_logits(cls(z), c, reduction="sum")
+                                       + count_weight * F.cross_entropy(counter(z), c.sum(1).long(), reduction="sum"))
+    assert loss[3.0, 1] < loss[0.0, 1] and loss[3.0, 3] < loss[0.0, 1], loss
 
 
 def test_export_without_a_guidance_classifier(tiny_weights, tmp_path, capsys):
@@ -161,6 +172,12 @@ def test_every_cli_with_class_scale_refuses_a_bad_one_in_one_line(onnx_export, t
             assert e.value.code == 2
             err = capsys.readouterr().err.strip()
             assert "--class-scale must be" in err and len(err.splitlines()) == 1, err
+    for main, args in runs[:2]:  # the two with --class-iters
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--class-iters", "0"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "--class-iters must be a whole number" in err and len(err.splitlines()) == 1, err
 
 
 def test_server_default_follows_the_export(onnx_export, tiny_weights, tmp_path):
@@ -176,6 +193,11 @@ def test_server_default_follows_the_export(onnx_export, tiny_weights, tmp_path):
     with pytest.raises(BadRequest, match="'class_scale' must be"):
         parse_request({**body, "class_scale": -1.0}, with_grad)
     assert batch_key(parse_request(body, with_grad)) != batch_key(parse_request({**body, "class_scale": 0}, with_grad))
+    assert parse_request(body, with_grad)["class_iters"] == DEFAULT_CLASS_ITERS
+    assert batch_key(parse_request(body, with_grad)) != batch_key(parse_request({**body, "class_iters": 1}, with_grad))
+    for bad, words in ((0, "whole number"), (5, "between 1 and 4"), (2.0, "must be int"), (True, "must be int")):
+        with pytest.raises(BadRequest, match=f"'class_iters'.*{words}|'class_iters' {words}"):
+            parse_request({**body, "class_iters": bad}, with_grad)
     json.dumps(parse_request(body, with_grad))  # a request stays plain JSON data
 
 
@@ -192,8 +214,9 @@ def test_eval_gen_reports_each_class_scale_as_a_setting(tiny_weights, tiny_data,
     rep = json.loads(js.read_text())
     assert [r["class_scale"] for r in rep["results"]] == [0.0, 4.0]
     assert "count_weight" not in rep["results"][0] and rep["results"][1]["count_weight"] == DEFAULT_COUNT_WEIGHT
+    assert "class_iters" not in rep["results"][0] and rep["results"][1]["class_iters"] == DEFAULT_CLASS_ITERS
     plain = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5.png"), np.int16)
-    guided = np.asarray(Image.open(out / "ldm_test_s2_g2_apg5_cg4.png"), np.int16)
+    guided = np.asarray(Image.open(out / f"ldm_test_s2_g2_apg5_cg4_it{DEFAULT_CLASS_ITERS}.png"), np.int16)
     assert plain.shape == guided.shape and np.abs(plain - guided).max() > 0
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from export.to_onnx import export_all
+from python.core.diffusion import DEFAULT_CLASS_ITERS
 from python.core.labels import encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,21 +40,25 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
     out = tmp_path / "cpp"
     out.mkdir()
     pipe = Pipeline(ExportFolder(ex))
-    # classifier-free, projected with a cap, projected without one; each alone and with classifier guidance
-    settings = [(0.0, 0.0), (0.3, 0.0), (float("inf"), 0.0), (0.0, 2.0), (0.3, 2.0)]
-    refs = {(r, c): pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise, apg_norm=r, class_scale=c))
-            for r, c in settings}
+    # classifier-free, projected with a cap, projected without one; each alone and with classifier guidance (the
+    # default descent steps, and one)
+    settings = [(0.0, 0.0, 1), (0.3, 0.0, 1), (float("inf"), 0.0, 1), (0.0, 2.0, DEFAULT_CLASS_ITERS),
+                (0.3, 2.0, DEFAULT_CLASS_ITERS), (0.3, 2.0, 1)]
+    refs = {(r, c, k): pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise, apg_norm=r, class_scale=c,
+                                                    class_iters=k))
+            for r, c, k in settings}
     # the untrained decoder squashes the guidances' difference, so parity must be well inside that difference
     gap = min(np.abs(refs[a] - refs[b]).max() for i, a in enumerate(settings) for b in settings[i + 1:])
     assert gap > 0
-    for (apg_norm, class_scale), ref in refs.items():
+    for (apg_norm, class_scale, class_iters), ref in refs.items():
+        iters = ["--class-iters", str(class_iters)] if class_iters != DEFAULT_CLASS_ITERS else []  # else its default
         r = subprocess.run([str(binary), str(ex), str(out), "--cond", str(tmp_path / "cond.f32"), "--noise",
                             str(tmp_path / "noise.f32"), "--steps", "6", "--guidance", "2.5", "--apg-norm",
-                            str(apg_norm), "--class-scale", str(class_scale)], capture_output=True, text=True)
+                            str(apg_norm), "--class-scale", str(class_scale)] + iters, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         cpp = np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64)
-        assert np.abs(cpp - ref).max() <= min(1e-3, 0.05 * gap), (apg_norm, class_scale, np.abs(cpp - ref).max(),
-                                                                   gap)
+        assert np.abs(cpp - ref).max() <= min(1e-3, 0.05 * gap), (apg_norm, class_scale, class_iters,
+                                                                   np.abs(cpp - ref).max(), gap)
         assert (out / "0.ppm").read_bytes().startswith(b"P6\n64 64\n255\n")
 
 
@@ -72,6 +77,10 @@ def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
     r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--class-scale", "-1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--class-scale must be 0" in r.stderr
+    for bad in ("0", "17"):
+        r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--class-iters", bad],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "--class-iters must be a whole number" in r.stderr
 
 
 def test_cpp_without_the_guidance_classifier_says_what_to_do(binary, tiny_weights, tmp_path):

@@ -130,6 +130,9 @@ def test_fidelity_table_names_the_guidance():
         "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2"
     assert setting_name(report, {**row, "apg_norm": 5.0, "class_scale": 2.0, "count_weight": 2.5}) == \
         "LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2 with count term 2.5"
+    assert setting_name(report, {**row, "apg_norm": 5.0, "class_scale": 2.0, "count_weight": 2.5, "class_iters": 3}) \
+        == ("LDM, dpmpp 10 steps, guidance 5 (APG, norm cap 5), classifier guidance 2 with count term 2.5, "
+            "3 descent steps")
 
 
 @pytest.mark.parametrize("module, args", [

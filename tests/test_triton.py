@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from export.triton_repo import io_of, write_repository
+from python.core.diffusion import DEFAULT_CLASS_ITERS
 from python.core.errors import UserError
 from python.core.labels import encode
 from runtime.generate import Pipeline
@@ -117,7 +118,7 @@ def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypat
     a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
     b = encode(["cyan cylinder"])[None].astype(np.float32)
 
-    def request(cond, seed, steps=None, apg_norm=None, class_scale=None):
+    def request(cond, seed, steps=None, apg_norm=None, class_scale=None, class_iters=None):
         inputs = [pb.Tensor("COND", cond), pb.Tensor("SEED", np.full((len(cond), 1), seed, np.int64))]
         if steps:
             inputs.append(pb.Tensor("STEPS", np.full((len(cond), 1), steps, np.int32)))
@@ -125,28 +126,36 @@ def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypat
             inputs.append(pb.Tensor("APG_NORM", np.full((len(cond), 1), apg_norm, np.float32)))
         if class_scale is not None:
             inputs.append(pb.Tensor("CLASS_SCALE", np.full((len(cond), 1), class_scale, np.float32)))
+        if class_iters is not None:
+            inputs.append(pb.Tensor("CLASS_ITERS", np.full((len(cond), 1), class_iters, np.int32)))
         return pb.InferenceRequest("ldm", [], inputs)
 
     bad = request(b, 1)
     bad.inputs[1] = pb.Tensor("SEED", np.array([[1], [2]]))  # seeds differing within a request
     responses = model.execute([request(a, 3, 4), request(b, 8, 4), bad, request(b, 8, 4, apg_norm=0.0),
                                request(b, 8, 4, apg_norm=-1.0), request(b, 8, 4, class_scale=0.0),
-                               request(b, 8, 4, class_scale=-2.0)])
+                               request(b, 8, 4, class_scale=-2.0), request(b, 8, 4, class_iters=1),
+                               request(b, 8, 4, class_iters=0)])
     assert responses[2].has_error() and "SEED" in responses[2].error().message()
     assert responses[4].has_error() and "APG_NORM must be 0" in responses[4].error().message()
     assert responses[6].has_error() and "CLASS_SCALE must be 0" in responses[6].error().message()
+    assert responses[8].has_error() and "CLASS_ITERS must be a whole number" in responses[8].error().message()
     assert params["default_class_scale"]["string_value"] == "2.0"  # the export has class_grad: the runtime's default
+    assert params["default_class_iters"]["string_value"] == str(DEFAULT_CLASS_ITERS)
     pipe = Pipeline(ExportFolder(onnx_export, threads=2))
     # the defaults (the runtime's guidance), and classifier-free and unguided-by-the-classifier requests beside them
     # in the same execute()
     for resp, cond, seed, kw in ((responses[0], a, 3, {}), (responses[1], b, 8, {}),
-                                 (responses[3], b, 8, {"apg_norm": 0.0}), (responses[5], b, 8, {"class_scale": 0.0})):
+                                 (responses[3], b, 8, {"apg_norm": 0.0}), (responses[5], b, 8, {"class_scale": 0.0}),
+                                 (responses[7], b, 8, {"class_iters": 1})):
         images = pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy()
         np.testing.assert_allclose(images, pipe.generate(cond, steps=4, seed=seed, **kw), atol=1e-5)
     cfg, apg = (pb.get_output_tensor_by_name(responses[i], "IMAGES").as_numpy() for i in (3, 1))
     assert np.abs(cfg - apg).max() > 1e-4  # so the parity above tells the two guidances apart
     plain = pb.get_output_tensor_by_name(responses[5], "IMAGES").as_numpy()
     assert np.abs(plain - apg).max() > 1e-4  # and classifier guidance from none
+    one_step = pb.get_output_tensor_by_name(responses[7], "IMAGES").as_numpy()
+    assert np.abs(one_step - apg).max() > 1e-5  # and one descent step from the default's several
 
 
 def test_refuses_an_export_without_a_decoder(tmp_path):

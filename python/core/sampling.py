@@ -15,9 +15,11 @@ import numpy as np
 
 from .diffusion import (
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_GUIDANCE,
     Schedule,
     check_apg_norm,
+    check_class_iters,
     check_class_scale,
     guide,
     guide_class,
@@ -40,16 +42,18 @@ def seed_parts(n: int, seed: int = 0, seeds: list[tuple[int, int]] | None = None
 
 
 def guided(denoiser: ModelCall, cond: np.ndarray, scale: float, schedule: Schedule | None = None,
-           apg_norm: float = DEFAULT_APG_NORM, class_grad: ModelCall | None = None, class_scale: float = 0.0):
+           apg_norm: float = DEFAULT_APG_NORM, class_grad: ModelCall | None = None, class_scale: float = 0.0,
+           class_iters: int = DEFAULT_CLASS_ITERS):
     """denoise(x, t) for sample_loop: the conditional and unconditional passes of guidance batched into one
     denoiser(x, t, cond) call (scale 1: the conditional pass alone). apg_norm (needs `schedule`): adaptive projected
     guidance with that norm cap (diffusion.guide_outputs) in place of classifier-free guidance (0). class_scale > 0
     (needs `schedule` and class_grad(latents, cond) -> the gradient of a latent classifier's loss): classifier
-    guidance on the guided prediction's x_0 (diffusion.guide_class)."""
+    guidance on the guided prediction's x_0 (diffusion.guide_class), class_iters descent steps per sampler step."""
     if check_apg_norm(apg_norm) and schedule is None:
         raise ValueError("adaptive projected guidance needs the schedule")
     if check_class_scale(class_scale) and (schedule is None or class_grad is None):
         raise ValueError("classifier guidance needs the schedule and the classifier's gradient")
+    check_class_iters(class_iters)
     n = len(cond)
     both = np.concatenate([cond, np.zeros_like(cond)]) if scale != 1.0 else cond
 
@@ -66,7 +70,8 @@ def guided(denoiser: ModelCall, cond: np.ndarray, scale: float, schedule: Schedu
         else:
             g = guide(out[:n], out[n:], scale)
         if class_scale:
-            g = guide_class(g, x, a, s, schedule.prediction, lambda x0: class_grad(x0, cond), class_scale)
+            g = guide_class(g, x, a, s, schedule.prediction, lambda x0: class_grad(x0, cond), class_scale,
+                            class_iters)
         return g
 
     return denoise
@@ -76,10 +81,10 @@ def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shap
                       steps: int = 20, guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0, seed: int = 0,
                       seeds: list[tuple[int, int]] | None = None, batch: int = 256, x_T=None,
                       on_step=None, apg_norm: float = DEFAULT_APG_NORM, class_grad: ModelCall | None = None,
-                      class_scale: float = 0.0) -> np.ndarray:
+                      class_scale: float = 0.0, class_iters: int = DEFAULT_CLASS_ITERS) -> np.ndarray:
     """Latents (generator scale) for multi-hot conditions (N, 24). x_T (optional) replaces the seeds' initial
     noise; on_step(i, x, rows) sees every intermediate sample of each chunk (the denoising-process grid); apg_norm:
-    adaptive projected guidance, class_grad and class_scale: classifier guidance (see `guided`)."""
+    adaptive projected guidance, class_grad, class_scale and class_iters: classifier guidance (see `guided`)."""
     cond = np.asarray(cond, np.float32)
     parts = seed_parts(len(cond), seed, seeds)
     x_T = segments(initial_noise, parts, latent_shape) if x_T is None else np.asarray(x_T, np.float32)
@@ -89,7 +94,7 @@ def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shap
         rows = slice(start, start + batch)
         out.append(sample_loop(make_sampler(sampler, schedule, steps, eta), x_T[rows],
                                guided(denoiser, cond[rows], guidance, schedule, apg_norm, class_grad,
-                                      class_scale),
+                                      class_scale, class_iters),
                                noise=lambda i, rows=rows: noise(i)[rows],
                                on_step=(lambda i, x, rows=rows: on_step(i, x, rows)) if on_step else None))
     return np.concatenate(out).astype(np.float32, copy=False)

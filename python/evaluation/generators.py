@@ -7,7 +7,13 @@ import numpy as np
 import torch
 
 from python.core.best_of import best_of_latents
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE, Schedule
+from python.core.diffusion import (
+    DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
+    DEFAULT_CLASS_SCALE,
+    DEFAULT_GUIDANCE,
+    Schedule,
+)
 from python.core.errors import UserError
 from python.models.classifier import load_class_grad
 from python.models.denoiser import load_denoiser
@@ -39,13 +45,14 @@ class TorchGenerator:
 
     def latents(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
                 on_step=None, seeds=None, apg_norm: float = DEFAULT_APG_NORM,
-                class_scale: float = DEFAULT_CLASS_SCALE) -> torch.Tensor:
+                class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> torch.Tensor:
         if self.model == "gan":
             return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
         sampler = "ddpm" if steps == self.schedule.T else self.sampler
         return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step,
                            device=self.device, seeds=seeds, apg_norm=apg_norm,
-                           class_grad=self.class_grad() if class_scale else None, class_scale=class_scale)
+                           class_grad=self.class_grad() if class_scale else None, class_scale=class_scale,
+                           class_iters=class_iters)
 
     def class_grad(self):
         """The guidance classifier's gradient module (weights/guide), loaded on first use."""
@@ -55,15 +62,16 @@ class TorchGenerator:
 
     def images(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
                on_step=None, best_of: int = 1, classifier=None, apg_norm: float = DEFAULT_APG_NORM,
-               class_scale: float = DEFAULT_CLASS_SCALE) -> torch.Tensor:
+               class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> torch.Tensor:
         """Decoded images in [-1, 1]; with best_of > 1, the best of that many candidates per condition by the
         latent `classifier` (python/core/best_of.py)."""
         if best_of == 1:
             return decode(self.decoder, self.latents(cond, seed, steps, guidance, on_step, apg_norm=apg_norm,
-                                                     class_scale=class_scale))
+                                                     class_scale=class_scale, class_iters=class_iters))
         logits = (lambda z: classifier(torch.from_numpy(z)).numpy()) if classifier is not None else None
         with torch.no_grad():
             lat = best_of_latents(lambda c, seeds: self.latents(c, steps=steps, guidance=guidance, seeds=seeds,
-                                                               apg_norm=apg_norm, class_scale=class_scale).numpy(),
+                                                               apg_norm=apg_norm, class_scale=class_scale,
+                                                               class_iters=class_iters).numpy(),
                                   cond, best_of, logits, seed)
         return decode(self.decoder, torch.from_numpy(lat))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_GUIDANCE, Schedule
 from python.core.sampling import ModelCall, diffusion_latents, one_step_latents
 
 
@@ -29,15 +29,17 @@ def torch_call(model: torch.nn.Module, device="cpu", bf16: bool = False) -> Mode
 def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: int = 20,
                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0, on_step=None, batch: int = 256,
                 bf16: bool = False, device="cpu", seeds=None, apg_norm: float = DEFAULT_APG_NORM,
-                class_grad=None, class_scale: float = 0.0) -> torch.Tensor:
+                class_grad=None, class_scale: float = 0.0, class_iters: int = DEFAULT_CLASS_ITERS) -> torch.Tensor:
     """Latents (generator scale) of a torch denoiser for multi-hot conditions (N, 24), in chunks of `batch`
-    (apg_norm; class_grad, a python.models.classifier.ClassifierGradient, and class_scale: classifier guidance;
+    (apg_norm; class_grad, a python.models.classifier.ClassifierGradient, class_scale and class_iters: classifier
+    guidance;
     python.core.sampling.guided)."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     grad = torch_call(class_grad, device) if class_grad is not None else None
     return torch.from_numpy(diffusion_latents(torch_call(model, device, bf16), schedule, cond, shape, sampler, steps,
                                               guidance, eta, seed, seeds, batch, on_step=on_step,
-                                              apg_norm=apg_norm, class_grad=grad, class_scale=class_scale))
+                                              apg_norm=apg_norm, class_grad=grad, class_scale=class_scale,
+                                              class_iters=class_iters))
 
 
 def gan_latents(gen, cond, seed: int = 0, batch: int = 1024, device="cpu", seeds=None) -> torch.Tensor:

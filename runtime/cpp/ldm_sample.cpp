@@ -1,12 +1,13 @@
 // DDIM sampling with guidance over the TorchScript exports, then the VAE decoder. The guidance is the Python
 // runtime's (python/core/diffusion.py guide_outputs): adaptive projected guidance on the predicted x_0 with the
 // update's norm capped at --apg-norm, or classifier-free guidance with --apg-norm 0; then classifier guidance on
-// that x_0 (python/core/diffusion.py guide_class) through the exported class_grad.ts, --class-scale 0 to leave it out.
+// that x_0 (python/core/diffusion.py guide_class) through the exported class_grad.ts, --class-iters descent steps
+// per sampler step, --class-scale 0 to leave it out.
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
-//              [--apg-norm 5] [--class-scale 2] [--seed 0]
+//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
-//              [--class-scale 2]
+//              [--class-scale 2] [--class-iters 3]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -69,9 +70,10 @@ void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x
 int main(int argc, char** argv) {
   if (argc < 3)
     fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] "
-         "[--guidance W] [--apg-norm R] [--class-scale C] [--seed K]");
+         "[--guidance W] [--apg-norm R] [--class-scale C] [--class-iters K] [--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
   int n = 8, steps = 20, repeat = 1;
+  int iters = 3;  // = python.core.diffusion.DEFAULT_CLASS_ITERS (descent steps on x_0 per sampler step)
   double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
   double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
   double cls = 2.0;  // = python.core.diffusion.DEFAULT_CLASS_SCALE (0: no classifier guidance)
@@ -84,6 +86,7 @@ int main(int argc, char** argv) {
     else if (k == "--guidance") w = std::stod(v);
     else if (k == "--apg-norm") apg = std::stod(v);
     else if (k == "--class-scale") cls = std::stod(v);
+    else if (k == "--class-iters") iters = std::stoi(v);
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
@@ -104,6 +107,8 @@ int main(int argc, char** argv) {
   if (repeat < 1) fail("--repeat must be >= 1");
   if (!(apg >= 0)) fail("--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf");
   if (!(cls >= 0 && std::isfinite(cls))) fail("--class-scale must be 0 (no classifier guidance) or a positive scale");
+  if (iters < 1 || iters > 16)  // 16 = python.core.diffusion.MAX_CLASS_ITERS
+    fail("--class-iters must be a whole number of descent steps in 1..16");
 
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
@@ -162,9 +167,10 @@ int main(int argc, char** argv) {
         d = d - (d * unit).sum({1, 2, 3}, true) * unit;
         out = from_x0(x0c + (w - 1) * d);
       }
-      if (cls > 0) {  // classifier guidance: x_0 down the guidance classifier's gradient for the requested labels
-        auto x0g = to_x0(out);
-        out = from_x0(x0g - cls * class_grad.forward({x0g, cond}).toTensor());
+      if (cls > 0) {  // classifier guidance: x_0 down the guidance classifier's gradient for the requested labels,
+        auto x0g = to_x0(out);  // `iters` steps, each gradient taken where the last step left x_0
+        for (int k = 0; k < iters; ++k) x0g = x0g - cls * class_grad.forward({x0g, cond}).toTensor();
+        out = from_x0(x0g);
       }
       torch::Tensor x0, eps;
       if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
