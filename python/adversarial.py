@@ -54,10 +54,14 @@ from safetensors.torch import load_file
 
 from python.core.diffusion import (
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_GUIDANCE,
     Schedule,
     add_noise,
     check_apg_norm,
+    check_class_iters,
+    check_class_scale,
+    descend_x0,
     guide,
     guide_projected,
     x0_eps,
@@ -67,7 +71,7 @@ from python.core.labels import COLORS, NUM_CLASSES
 from python.data.dataset import load_condition_file, to_model_range
 from python.evaluation.fidelity import contrast, reference_renders, sharpness
 from python.evaluation.metrics import object_rates
-from python.models.classifier import SHIPPED_CLASSIFIER, load_classifier_for
+from python.models.classifier import SHIPPED_CLASSIFIER, SHIPPED_GUIDE, load_class_grad, load_classifier_for
 from python.models.counter import SHIPPED_COUNTER, count_figures, load_counter
 from python.models.denoiser import SHIPPED_LDM, Denoiser, load_denoiser
 from python.models.generators import SHIPPED_GAN, generator_config, load_generator, save_generator
@@ -216,7 +220,7 @@ def noised(x: torch.Tensor, t: torch.Tensor, tables, gen: torch.Generator) -> to
 
 def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_score: Denoiser, guidance: float,
              t_range: tuple[int, int], tables, prediction: str, gen: torch.Generator,
-             apg_norm: float = 0.0) -> torch.Tensor:
+             apg_norm: float = 0.0, class_grad=None, class_scale: float = 0.0, class_iters: int = 1) -> torch.Tensor:
     """Distribution matching (DMD, Yin et al. 2024): the generator's latents noised to t ~ U{t_range}, then the
     difference of two denoisers' clean-latent predictions there: the frozen LDM with guidance (classifier-free, or
     adaptive projected with apg_norm > 0: the data's score, as the deployed sampler guides it) and `fake_score`, a
@@ -224,7 +228,10 @@ def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_sco
     of KL(generator || guided LDM) (mode-seeking: towards the LDM's sharp modes, not their blurred mean), normalised
     per sample by the mean |latent - real prediction| as in DMD. A squared error to the moved latent carries that
     gradient; its value is not a distance worth reading, its gradient is. apg_norm > 0: the LDM guided by adaptive
-    projected guidance with that norm cap (python/core/diffusion.py guide_projected) instead."""
+    projected guidance with that norm cap (python/core/diffusion.py guide_projected) instead. class_scale > 0: the
+    guided prediction then moved by classifier guidance, class_grad(x_0, cond) (a ClassifierGradient: the label
+    classifier's and the total counter's loss), class_iters descent steps (diffusion.descend_x0): the LDM as the
+    deployed sampler guides it by default."""
     ca, cs = tables
     with torch.no_grad():
         t = torch.randint(t_range[0], t_range[1], (len(fake),), generator=gen)
@@ -235,6 +242,8 @@ def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_sco
                                       x0_eps(x_t, both[len(fake):], ca[t], cs[t], prediction)[0], guidance, apg_norm)
         else:
             real_x0 = x0_eps(x_t, guide(both[: len(fake)], both[len(fake):], guidance), ca[t], cs[t], prediction)[0]
+        if class_scale:
+            real_x0 = descend_x0(real_x0, lambda x0: class_grad(x0, cond), class_scale, class_iters)
         fake_x0 = x0_eps(x_t, fake_score(x_t, t, cond), ca[t], cs[t], prediction)[0]
         scale = (fake - real_x0).abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-4)
         step = (fake_x0 - real_x0) / scale
@@ -314,6 +323,13 @@ def train(args, cfg: dict) -> tuple[Path, int]:
         raise UserError("--adv-weight 0 and --dmd-weight 0 leave the generator no objective against the data; "
                         "give one of them a weight > 0")
     check_apg_norm(cfg["dmd_apg_norm"], "--dmd-apg-norm")
+    check_class_scale(cfg["dmd_class_scale"], "--dmd-class-scale")
+    check_class_iters(cfg["dmd_class_iters"], "--dmd-class-iters")
+    dmd_grad = None
+    if cfg["dmd_class_scale"]:  # the label classifier and total counter of the LDM's classifier guidance
+        if not use_dmd:
+            raise UserError("--dmd-class-scale guides the DMD term's LDM, which --dmd-weight 0 does not use")
+        dmd_grad = load_class_grad(args.dmd_guide, vae_dir).eval()
     lo, hi = cfg["dmd_t_range"]
     if not 0 <= lo < hi <= schedule.T:
         raise UserError(f"--dmd-t-range must be two timesteps 0 <= LOW < HIGH <= {schedule.T}, got {lo} {hi}")
@@ -323,7 +339,10 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
                               "mismatch": cfg["mismatch"]} if use_adv else None,
                dmd={"guidance": cfg["dmd_guidance"], "t_range": [lo, hi], "fake_lr": cfg["fake_lr"],
-                    **({"apg_norm": cfg["dmd_apg_norm"]} if cfg["dmd_apg_norm"] else {})} if use_dmd else None,
+                    **({"apg_norm": cfg["dmd_apg_norm"]} if cfg["dmd_apg_norm"] else {}),
+                    **({"class_scale": cfg["dmd_class_scale"], "class_iters": cfg["dmd_class_iters"],
+                        "count_weight": dmd_grad.count_weight, "guide": str(args.dmd_guide)} if dmd_grad else {})}
+               if use_dmd else None,
                count_term={"weight": args.count_weight, "counter": str(args.counter)} if counter else None)
     if args.init_disc:  # checked before the run folder is made; a resumed run's own heads replace these below
         if not use_adv:
@@ -360,6 +379,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                if use_adv else "")
             + (f"distribution matching against the LDM at guidance {cfg['dmd_guidance']:g}"
                + (f" (adaptive projected, norm cap {cfg['dmd_apg_norm']:g})" if cfg["dmd_apg_norm"] else "")
+               + (f", classifier guidance {cfg['dmd_class_scale']:g} (count term {dmd_grad.count_weight:g}, "
+                  f"{cfg['dmd_class_iters']} descent steps)" if dmd_grad else "")
                + f", t in [{lo}, {hi}) "
                f"(x{cfg['dmd_weight']:g}); " if use_dmd else "")
             + f"{len(lat)} real latents")
@@ -458,7 +479,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                     extra["g_adv"] = g_adv.item()
                 if use_dmd:  # towards the guided LDM's distribution, away from the generator's own
                     g_dmd = dmd_loss(fake, cond, teacher, fake_score, cfg["dmd_guidance"], (lo, hi), tables,
-                                     schedule.prediction, gen, cfg["dmd_apg_norm"])
+                                     schedule.prediction, gen, cfg["dmd_apg_norm"], dmd_grad,
+                                     cfg["dmd_class_scale"], cfg["dmd_class_iters"])
                     loss = loss + cfg["dmd_weight"] * g_dmd
                     extra["g_dmd"] = g_dmd.item()
                 if cls_nets:
@@ -557,6 +579,15 @@ def main(argv=None):
                              "adaptive projected guidance with that norm cap (inf: no cap), which adds fewer duplicated "
                              "objects at the same accuracy (weights/ldm/MODEL_CARD.md); default: the LDM's sampling "
                              "default")
+    parser.add_argument("--dmd-class-scale", type=float, default=0.0,
+                        help="classifier guidance of the DMD term's LDM on its x_0 (the guide folder's label "
+                             "classifier and total counter, as the deployed sampler; 0: none, the runs before the "
+                             "sixteenth session)")
+    parser.add_argument("--dmd-class-iters", type=int, default=DEFAULT_CLASS_ITERS,
+                        help="descent steps of --dmd-class-scale per prediction")
+    parser.add_argument("--dmd-guide", type=Path, default=SHIPPED_GUIDE,
+                        help="the guidance classifier folder for --dmd-class-scale (default weights/guide, with its "
+                             "counter/; trained on real latents only, not a judge)")
     parser.add_argument("--dmd-t-range", type=int, nargs=2, default=[20, 980], metavar=("LOW", "HIGH"),
                         help="the DMD term's noise levels: t ~ U{LOW..HIGH-1} of the LDM's T")
     parser.add_argument("--fake-lr", type=float, help="the fake score's learning rate (AdamW; DMD)")

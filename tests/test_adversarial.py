@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from python import adversarial
-from python.core.diffusion import DEFAULT_APG_NORM
+from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_COUNT_WEIGHT
 from python.core.errors import UserError
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
@@ -243,6 +243,23 @@ def test_dmd_moves_each_latent_along_the_fake_minus_the_guided_real_prediction(t
         want = (mine - real) / (fake - real).abs().mean((1, 2, 3), keepdim=True) / fake.numel()
     assert torch.allclose(fake.grad, want, atol=1e-6 * want.abs().max().item(), rtol=1e-3)
     assert not torch.allclose(fake.grad, g, rtol=1e-2)
+    # with classifier guidance the (classifier-free) real prediction is then moved down the guidance classifier's
+    # gradient, three descent steps each taken where the last left it: the deployed sampler's guidance
+    from python.models.classifier import load_class_grad
+
+    class_grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae")
+    fake.grad = None
+    adversarial.dmd_loss(fake, cond, teacher, other, 2.0, (100, 900), tables, schedule.prediction,
+                         torch.Generator().manual_seed(3), class_grad=class_grad, class_scale=4.0,
+                         class_iters=3).backward()
+    with torch.no_grad():
+        real = x0_eps(x_t, guide(teacher(x_t, t, cond), teacher(x_t, t, torch.zeros_like(cond)), 2.0), ca, cs,
+                      schedule.prediction)[0]
+        for _ in range(3):
+            real = real - 4.0 * class_grad(real, cond)
+        want = (mine - real) / (fake - real).abs().mean((1, 2, 3), keepdim=True) / fake.numel()
+    assert torch.allclose(fake.grad, want, atol=1e-6 * want.abs().max().item(), rtol=1e-3)
+    assert not torch.allclose(fake.grad, g, rtol=1e-2)
 
 
 def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_data, tiny_weights, tmp_path, capsys):
@@ -276,8 +293,19 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
         adversarial.main(_args(tiny_data, tiny_weights, run, "--adv-weight", "0", "--dmd-weight", "1",
                                "--dmd-guidance", "3", "--dmd-t-range", "50", "950", "--resume", "--steps", "8"))
     assert "--resume with settings that change the run" in capsys.readouterr().err
+    # the teacher with the deployed sampler's classifier guidance, recorded with the run
+    guided = tmp_path / "guided"
+    adversarial.main(_args(tiny_data, tiny_weights, guided, "--adv-weight", "0", "--dmd-weight", "1",
+                           "--dmd-class-scale", "2", "--dmd-guide", str(tiny_weights / "guide")))
+    _, cfg = load_generator(guided / "final")
+    assert {k: cfg["dmd"][k] for k in ("class_scale", "class_iters", "count_weight")} == {
+        "class_scale": 2.0, "class_iters": DEFAULT_CLASS_ITERS, "count_weight": DEFAULT_COUNT_WEIGHT}
     for bad, msg in ((["--adv-weight", "0"], "no objective"), (["--dmd-weight", "1", "--dmd-t-range", "900", "100"],
-                                                               "--dmd-t-range")):
+                                                               "--dmd-t-range"),
+                     (["--dmd-class-scale", "1"], "--dmd-weight 0 does not use"),
+                     (["--dmd-weight", "1", "--dmd-class-scale", "-1"], "--dmd-class-scale must be"),
+                     (["--dmd-weight", "1", "--dmd-class-scale", "1", "--dmd-class-iters", "0"],
+                      "--dmd-class-iters must be")):
         with pytest.raises(SystemExit):
             adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "bad", *bad))
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()

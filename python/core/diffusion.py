@@ -167,10 +167,16 @@ def guide_class(out, x_t, a: float, s: float, prediction: str, grad_of, scale: f
     `scale`, `iters` times over (each step's gradient taken where the last one left x_0); returned as the network
     output that gives that x_0 at (x_t, t). The classifier reads x_0, not x_t, so it needs no noise-level input: one
     trained on real latents (with mild noise) steers every step."""
-    x0 = x0_eps(x_t, out, a, s, prediction)[0]
+    return output_from_x0(x_t, descend_x0(x0_eps(x_t, out, a, s, prediction)[0], grad_of, scale, iters), a, s,
+                          prediction)
+
+
+def descend_x0(x0, grad_of, scale: float, iters: int = 1):
+    """x_0 moved `iters` times down grad_of (each gradient taken where the last step left it), `scale` per step: the
+    x_0 of classifier guidance (guide_class; the GAN path's DMD teacher, python/adversarial.py, uses it directly)."""
     for _ in range(check_class_iters(iters)):
         x0 = x0 - scale * grad_of(x0)
-    return output_from_x0(x_t, x0, a, s, prediction)
+    return x0
 
 
 class DDPM:
