@@ -81,6 +81,13 @@ def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
         r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--class-iters", bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "--class-iters must be a whole number" in r.stderr
+    for option, bad in (("--class-iters", "2.5"), ("--steps", "ten"), ("--seed", "-1"), ("--guidance", "")):
+        r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", option, bad],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and f"{option} must be a number, got '{bad}'" in r.stderr, r.stderr
+    r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--steps"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "option --steps has no value" in r.stderr
 
 
 def test_cpp_without_the_guidance_classifier_says_what_to_do(binary, tiny_weights, tmp_path):

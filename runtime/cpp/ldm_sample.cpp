@@ -26,6 +26,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -65,6 +66,30 @@ void write_ppm(const std::string& path, const torch::Tensor& img) {  // img: 3 x
   f.write(reinterpret_cast<const char*>(u8.data_ptr<uint8_t>()), u8.numel());
 }
 
+// An option's value as a number, the whole of it ("2.5" is not a step count, "8x" not a count), or a one-line error.
+template <typename T, typename Parse>
+T number(const std::string& option, const std::string& v, Parse parse) {
+  size_t used = 0;
+  T x{};
+  try {
+    x = parse(v, &used);
+  } catch (const std::logic_error&) {  // not a number, or out of range
+    used = std::string::npos;
+  }
+  if (used != v.size() || v.empty() || (v[0] == '-' && std::is_unsigned<T>::value))
+    fail(option + " must be a number, got '" + v + "'");
+  return x;
+}
+int whole(const std::string& o, const std::string& v) {
+  return number<int>(o, v, [](const std::string& s, size_t* p) { return std::stoi(s, p); });
+}
+double real(const std::string& o, const std::string& v) {
+  return number<double>(o, v, [](const std::string& s, size_t* p) { return std::stod(s, p); });
+}
+uint64_t unsigned64(const std::string& o, const std::string& v) {
+  return number<uint64_t>(o, v, [](const std::string& s, size_t* p) { return std::stoull(s, p); });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -78,19 +103,20 @@ int main(int argc, char** argv) {
   double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
   double cls = 2.0;  // = python.core.diffusion.DEFAULT_CLASS_SCALE (0: no classifier guidance)
   uint64_t seed = 0;
+  if ((argc - 3) % 2) fail(std::string("option ") + argv[argc - 1] + " has no value");
   for (int i = 3; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--labels") labels = v;
-    else if (k == "-n") n = std::stoi(v);
-    else if (k == "--steps") steps = std::stoi(v);
-    else if (k == "--guidance") w = std::stod(v);
-    else if (k == "--apg-norm") apg = std::stod(v);
-    else if (k == "--class-scale") cls = std::stod(v);
-    else if (k == "--class-iters") iters = std::stoi(v);
-    else if (k == "--seed") seed = std::stoull(v);
+    else if (k == "-n") n = whole(k, v);
+    else if (k == "--steps") steps = whole(k, v);
+    else if (k == "--guidance") w = real(k, v);
+    else if (k == "--apg-norm") apg = real(k, v);
+    else if (k == "--class-scale") cls = real(k, v);
+    else if (k == "--class-iters") iters = whole(k, v);
+    else if (k == "--seed") seed = unsigned64(k, v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
-    else if (k == "--repeat") repeat = std::stoi(v);
+    else if (k == "--repeat") repeat = whole(k, v);
     else fail("unknown option " + k);
   }
   torch::NoGradGuard no_grad;
@@ -105,6 +131,7 @@ int main(int argc, char** argv) {
   for (int64_t t = 0; t < T; ++t) ab[t] = std::stod(sched[t + 1]);
   if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
   if (repeat < 1) fail("--repeat must be >= 1");
+  if (n < 1) fail("-n must be >= 1");
   if (!(apg >= 0)) fail("--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf");
   if (!(cls >= 0 && std::isfinite(cls))) fail("--class-scale must be 0 (no classifier guidance) or a positive scale");
   if (iters < 1 || iters > 16)  // 16 = python.core.diffusion.MAX_CLASS_ITERS
