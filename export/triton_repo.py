@@ -184,10 +184,11 @@ class TritonPythonModel:
             try:
                 cond = pb_utils.get_input_tensor_by_name(r, "COND").as_numpy().astype(np.float32)
                 seed = self._scalar(r, "SEED", 0, int)
+                class_scale = check_class_scale(self._scalar(r, "CLASS_SCALE", self.class_scale, float), "CLASS_SCALE")
+                class_iters = check_class_iters(self._scalar(r, "CLASS_ITERS", self.class_iters, int), "CLASS_ITERS")
                 key = (self._scalar(r, "STEPS", self.steps, int), self._scalar(r, "GUIDANCE", self.guidance, float),
-                       check_apg_norm(self._scalar(r, "APG_NORM", self.apg_norm, float), "APG_NORM"),
-                       check_class_scale(self._scalar(r, "CLASS_SCALE", self.class_scale, float), "CLASS_SCALE"),
-                       check_class_iters(self._scalar(r, "CLASS_ITERS", self.class_iters, int), "CLASS_ITERS"))
+                       check_apg_norm(self._scalar(r, "APG_NORM", self.apg_norm, float), "APG_NORM"), class_scale,
+                       class_iters if class_scale else 1)  # without classifier guidance the steps do not matter
                 groups.setdefault(key, []).append((i, cond, seed))
             except Exception as e:  # noqa: BLE001 - one bad request fails alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
