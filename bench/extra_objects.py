@@ -24,8 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from python.core.diffusion import (  # noqa: E402
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli  # noqa: E402
@@ -87,11 +89,14 @@ def main(argv=None):
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
                         help="classifier guidance on x_0 with the weights folder's guide/ classifier (0: none)")
+    parser.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS,
+                        help="descent steps of classifier guidance per sampler step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="PNG of the first 16 images with an unrequested object")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     check_class_scale(args.class_scale, "--class-scale")
+    check_class_iters(args.class_iters, "--class-iters")
     if args.limit < 1 or args.steps < 1:
         raise UserError("--limit and --steps must be >= 1")
     if not 0 <= args.eta <= 1:
@@ -111,7 +116,8 @@ def main(argv=None):
             grad = load_class_grad(args.weights / "guide", args.weights / "vae") if args.class_scale else None
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, args.sampler, args.steps, args.guidance,
                               seed=args.seed, eta=args.eta, apg_norm=args.apg_norm, class_grad=grad,
-                              class_scale=args.class_scale)
+                              class_scale=args.class_scale,
+                              class_iters=args.class_iters)
         else:
             from python.models.generators import load_generator
 
@@ -120,7 +126,8 @@ def main(argv=None):
         probs = judge_probs(load_judge(args.weights / "judge" / "judge.safetensors"), images).numpy()
     res = {"model": args.model, "file": args.file, "limit": args.limit, "seed": args.seed,
            **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance,
-               "apg_norm": args.apg_norm, "class_scale": args.class_scale}
+               "apg_norm": args.apg_norm, "class_scale": args.class_scale,
+               "class_iters": args.class_iters}
               if args.model == "ldm" else {}),
            **analyse(probs, cond, seen)}
     print(json.dumps(res, indent=1))

@@ -21,8 +21,10 @@ sys.path.insert(0, str(REPO))
 
 from python.core.diffusion import (  # noqa: E402
     DEFAULT_APG_NORM,
+    DEFAULT_CLASS_ITERS,
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
+    check_class_iters,
     check_class_scale,
 )
 from python.core.errors import UserError, cli  # noqa: E402
@@ -71,12 +73,15 @@ def main(argv=None):
                         help="adaptive projected guidance's norm cap (0: classifier-free guidance; inf: no cap)")
     parser.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE,
                         help="classifier guidance on x_0 with --guide's classifier (0: none)")
+    parser.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS,
+                        help="descent steps of classifier guidance per sampler step")
     parser.add_argument("--guide", type=Path, help="the guidance classifier's folder (default: guide/ beside --vae)")
     parser.add_argument("--vae", type=Path, default=SHIPPED_VAE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     check_class_scale(args.class_scale, "--class-scale")
+    check_class_iters(args.class_iters, "--class-iters")
     if args.limit < 1 or args.steps < 1:
         raise UserError("--limit and --steps must be >= 1")
     if not args.gan and not args.ldm:
@@ -101,9 +106,10 @@ def main(argv=None):
             guide = args.guide or args.vae.parent / "guide"
             grad = load_class_grad(guide, args.vae) if args.class_scale else None
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, "dpmpp", args.steps, args.guidance,
-                              seed=args.seed, apg_norm=args.apg_norm, class_grad=grad, class_scale=args.class_scale)
+                              seed=args.seed, apg_norm=args.apg_norm, class_grad=grad, class_scale=args.class_scale,
+                              class_iters=args.class_iters)
             apg = (f", APG {args.apg_norm:g}" if args.apg_norm else "") + (
-                f", CG {args.class_scale:g}" if args.class_scale else "")
+                f", CG {args.class_scale:g} x{args.class_iters}" if args.class_scale else "")
             rows.append((f"LDM {args.steps} steps, g {args.guidance:g}{apg}\n{folder.name}",
                          to_uint8(decode(decoder, lat))))
     from PIL import Image

@@ -172,7 +172,7 @@ def test_every_cli_with_class_scale_refuses_a_bad_one_in_one_line(onnx_export, t
             assert e.value.code == 2
             err = capsys.readouterr().err.strip()
             assert "--class-scale must be" in err and len(err.splitlines()) == 1, err
-    for main, args in runs[:2]:  # the two with --class-iters
+    for main, args in runs:
         with pytest.raises(SystemExit) as e:
             main(args + ["--class-iters", "0"])
         assert e.value.code == 2
@@ -230,3 +230,20 @@ def test_only_a_latent_classifier_can_guide(tiny_weights, tmp_path):
         load_class_grad(tmp_path / "pixels", tiny_weights / "vae")
     with pytest.raises(UserError, match="no guidance classifier"):  # the image counter's folder holds none
         load_class_grad(tiny_weights / "counter", tiny_weights / "vae")
+
+
+def test_bench_tools_sample_with_the_descent_steps_they_are_given(tiny_weights, tiny_data, tmp_path, monkeypatch):
+    """extra_objects and side_by_side hand --class-iters to the sampler (and extra_objects records it)."""
+    from bench import extra_objects, side_by_side
+    from python.models import sampling
+
+    seen, real = [], sampling.ldm_latents
+    monkeypatch.setattr(sampling, "ldm_latents", lambda *a, **k: seen.append(k["class_iters"]) or real(*a, **k))
+    js = tmp_path / "extra.json"
+    extra_objects.main(["--data", str(tiny_data), "--weights", str(tiny_weights), "--limit", "2", "--steps", "2",
+                        "--class-iters", "2", "--json", str(js)])
+    side_by_side.main(["--data", str(tiny_data), "--file", "heldout.json", "--limit", "2", "--steps", "2",
+                       "--ldm", str(tiny_weights / "ldm"), "--vae", str(tiny_weights / "vae"), "--class-iters", "4",
+                       "--out", str(tmp_path / "s.png")])
+    assert seen == [2, 4]
+    assert json.loads(js.read_text())["class_iters"] == 2
