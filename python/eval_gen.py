@@ -186,6 +186,7 @@ def main(argv=None):
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
                     args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
+                           + (f"_{args.sampler}" if steps and args.sampler != "dpmpp" else "")
                            + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
                            + (f"_cg{class_scale:g}" if class_scale else "")
                            + (f"_it{class_iters}" if class_scale and class_iters != 1 else ""))  # never overwritten

@@ -62,6 +62,35 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
         assert (out / "0.ppm").read_bytes().startswith(b"P6\n64 64\n255\n")
 
 
+def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, monkeypatch):
+    """--spacing leading / trailing walk python.core.diffusion.DDIM's timesteps (6 steps: T/n is not whole)."""
+    from python.core import diffusion, sampling
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    ex = tmp_path / "export"
+    export_all(tiny_weights, ex, formats=("onnx", "torchscript"))
+    cond = np.stack([encode(["red sphere", "yellow cube"]), encode(["gray cube"])])
+    noise = np.random.default_rng(3).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    cond.astype(np.float32).tofile(tmp_path / "cond.f32")
+    noise.tofile(tmp_path / "noise.f32")
+    pipe, refs = Pipeline(ExportFolder(ex)), {}
+    for spacing in diffusion.DDIM_SPACINGS:
+        monkeypatch.setattr(sampling, "make_sampler",
+                            lambda name, sch, n, eta, _s=spacing: diffusion.DDIM(sch, n, eta, _s))
+        refs[spacing] = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise))
+    assert np.abs(refs["leading"] - refs["trailing"]).max() > 1e-3
+    for spacing, ref in refs.items():
+        out = tmp_path / spacing
+        out.mkdir()
+        r = subprocess.run([str(binary), str(ex), str(out), "--cond", str(tmp_path / "cond.f32"), "--noise",
+                            str(tmp_path / "noise.f32"), "--steps", "6", "--guidance", "2.5", "--spacing", spacing],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        cpp = np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64)
+        assert np.abs(cpp - ref).max() <= 1e-3, (spacing, np.abs(cpp - ref).max())
+
+
 def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
     ex = tmp_path / "export"
     export_all(tiny_weights, ex, formats=("torchscript",))
@@ -88,6 +117,9 @@ def test_cpp_labels_and_errors(binary, tiny_weights, tmp_path):
     r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--steps"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "option --steps has no value" in r.stderr
+    r = subprocess.run([str(binary), str(ex), str(tmp_path), "--labels", "gray cube", "--spacing", "linspace"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--spacing must be trailing or leading, got 'linspace'" in r.stderr
 
 
 def test_cpp_without_the_guidance_classifier_says_what_to_do(binary, tiny_weights, tmp_path):

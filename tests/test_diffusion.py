@@ -94,14 +94,39 @@ def test_ddpm_matches_diffusers(kind, prediction):
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_matches_diffusers(kind, prediction, eta):
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_ddim_matches_diffusers(kind, prediction, eta, spacing):
     sch = Schedule(kind, prediction=prediction)
     ref = DDIMScheduler(num_train_timesteps=1000, trained_betas=sch.betas, prediction_type=prediction,
-                        clip_sample=False, set_alpha_to_one=True)
+                        clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing)
     _float64(ref, sch)
     for steps in (10, 25, 50):
         _set_timesteps(ref, steps)
-        assert _compare(DDIM(sch, steps, eta), ref) <= 1e-5
+        assert _compare(DDIM(sch, steps, eta, spacing), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 30, 1000])
+def test_ddim_trailing_starts_at_the_last_timestep_and_walks_its_own_grid(steps):
+    """Where n does not divide T, diffusers steps each t to t - T//n, off its own grid; ours goes to the next
+    timestep, so a deterministic DDIM run is exactly the chain x_T -> x_{t_1} -> ... -> x_0."""
+    sch = Schedule("cosine", prediction="v_prediction")
+    ddim = DDIM(sch, steps)
+    ts = ddim.timesteps
+    assert ts[0] == sch.T - 1 and len(ts) == steps and np.all(np.diff(ts) < 0) and ts[-1] >= 0
+    assert np.array_equal(ddim.prev[:-1], ts[1:]) and ddim.prev[-1] == -1
+    assert np.all(np.abs(np.diff(ts) + sch.T / steps) <= 1)  # evenly spaced, to rounding
+    # the update with the true x_0 and eps lands exactly on the next marginal (x_0 itself at the end)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 2, 3, 4, 4))
+    for i, t in enumerate(ts):
+        a, s = (float(c) for c in sch.coeffs(int(t)))
+        out = target(x0, eps, a, s, "v_prediction")
+        got = ddim.step(out, i, add_noise(x0, eps, a, s))
+        p = int(ddim.prev[i])
+        want = x0 if p < 0 else add_noise(x0, eps, *(float(c) for c in sch.coeffs(p)))
+        assert np.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="valid: trailing, leading"):
+        DDIM(sch, 10, spacing="linspace")
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])

@@ -5,15 +5,17 @@
 // per sampler step, --class-scale 0 to leave it out.
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
-//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--seed 0]
+//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--spacing trailing] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
-//              [--class-scale 2] [--class-iters 3]
+//              [--class-scale 2] [--class-iters 3] [--spacing trailing]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
 // The schedule (alpha_bar for t = 0..T-1) and the label list come from files the Python export writes
 // (schedule.txt, labels.txt): the maths that defines them lives once, in python/core/diffusion.py; this file only
-// runs the DDIM update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps with "leading" timesteps.
+// runs the DDIM update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps on python.core.diffusion.DDIM's timesteps:
+// --spacing trailing (the default: T-1, T-1-T/n, ... rounded, each step to the next, the last to x_0) or leading
+// (0, T//n, ..., diffusers' default, which starts at t = T - T//n).
 // Writes 0.ppm ... N-1.ppm and images.f32 (N x 3 x 64 x 64, float32, [-1, 1]) for parity tests.
 #include <torch/script.h>
 
@@ -95,8 +97,10 @@ uint64_t unsigned64(const std::string& o, const std::string& v) {
 int main(int argc, char** argv) {
   if (argc < 3)
     fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] "
-         "[--guidance W] [--apg-norm R] [--class-scale C] [--class-iters K] [--seed K]");
+         "[--guidance W] [--apg-norm R] [--class-scale C] [--class-iters K] [--spacing trailing|leading] "
+         "[--seed K]");
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
+  std::string spacing = "trailing";  // = python.core.diffusion.DDIM's default
   int n = 8, steps = 20, repeat = 1;
   int iters = 3;  // = python.core.diffusion.DEFAULT_CLASS_ITERS (descent steps on x_0 per sampler step)
   double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
@@ -113,6 +117,7 @@ int main(int argc, char** argv) {
     else if (k == "--apg-norm") apg = real(k, v);
     else if (k == "--class-scale") cls = real(k, v);
     else if (k == "--class-iters") iters = whole(k, v);
+    else if (k == "--spacing") spacing = v;
     else if (k == "--seed") seed = unsigned64(k, v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
@@ -130,6 +135,8 @@ int main(int argc, char** argv) {
   std::vector<double> ab(T);
   for (int64_t t = 0; t < T; ++t) ab[t] = std::stod(sched[t + 1]);
   if (steps < 1 || steps > T) fail("--steps must be in 1.." + std::to_string(T));
+  if (spacing != "trailing" && spacing != "leading")
+    fail("--spacing must be trailing or leading, got '" + spacing + "'");
   if (repeat < 1) fail("--repeat must be >= 1");
   if (n < 1) fail("-n must be >= 1");
   if (!(apg >= 0)) fail("--apg-norm must be 0 (classifier-free guidance), a positive norm cap or inf");
@@ -169,11 +176,15 @@ int main(int argc, char** argv) {
   }
   const bool v_pred = prediction == "v_prediction";
 
-  const int64_t N = x.size(0), ratio = T / steps;
+  const int64_t N = x.size(0);
+  std::vector<int64_t> ts(steps);  // python.core.diffusion.DDIM's timesteps; step i goes to ts[i + 1], the last to x_0
+  for (int i = 0; i < steps; ++i)
+    ts[i] = spacing == "leading" ? int64_t(steps - 1 - i) * (T / steps)
+                                 : int64_t(std::nearbyint(T - i * (double(T) / steps))) - 1;
   auto both = torch::cat({cond, torch::zeros_like(cond)});
   auto sample = [&](torch::Tensor x) {  // noise -> images: the timed part
     for (int i = 0; i < steps; ++i) {
-      const int64_t t = (steps - 1 - i) * ratio, prev = t - ratio;
+      const int64_t t = ts[i], prev = i + 1 < steps ? ts[i + 1] : -1;
       const double a_t = ab[t], a_prev = prev >= 0 ? ab[prev] : 1.0;
       auto tt = torch::full({2 * N}, t, torch::kInt64);
       auto o = denoiser.forward({torch::cat({x, x}), tt, both}).toTensor();
