@@ -129,6 +129,15 @@ def test_ddim_trailing_starts_at_the_last_timestep_and_walks_its_own_grid(steps)
         DDIM(sch, 10, spacing="linspace")
 
 
+def test_ddim_grids_hold_n_distinct_timesteps_for_every_n():
+    """Float arange overshoots for some n (61, 103, ...: an extra t = -1, which would read alpha_bar[-1])."""
+    sch = Schedule("cosine", prediction="v_prediction")
+    for spacing in ("trailing", "leading"):
+        for n in range(1, sch.T + 1):
+            ts = DDIM(sch, n, spacing=spacing).timesteps
+            assert len(ts) == n and ts[-1] >= 0 and ts[0] <= sch.T - 1 and np.all(np.diff(ts) < 0), (spacing, n)
+
+
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [5, 10, 20, 25])

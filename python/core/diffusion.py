@@ -229,7 +229,8 @@ class DDIM:
         if spacing == "leading":
             ts = np.arange(steps)[::-1] * (T // steps)
         else:
-            ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+            # T - i T/n, not arange(T, 0, -T/n): a float step overshoots for some n (61, 103, ...) by one t = -1
+            ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64) - 1
         self.timesteps = np.asarray(ts, dtype=np.int64)
         self.prev = np.concatenate([self.timesteps[1:], [-1]])  # where each step goes (-1: x_0, alpha_bar 1)
 
