@@ -116,8 +116,7 @@ def main(argv=None):
             grad = load_class_grad(args.weights / "guide", args.weights / "vae") if args.class_scale else None
             lat = ldm_latents(model, Schedule(**cfg["schedule"]), cond, args.sampler, args.steps, args.guidance,
                               seed=args.seed, eta=args.eta, apg_norm=args.apg_norm, class_grad=grad,
-                              class_scale=args.class_scale,
-                              class_iters=args.class_iters)
+                              class_scale=args.class_scale, class_iters=args.class_iters)
         else:
             from python.models.generators import load_generator
 
@@ -126,8 +125,7 @@ def main(argv=None):
         probs = judge_probs(load_judge(args.weights / "judge" / "judge.safetensors"), images).numpy()
     res = {"model": args.model, "file": args.file, "limit": args.limit, "seed": args.seed,
            **({"sampler": args.sampler, "eta": args.eta, "steps": args.steps, "guidance": args.guidance,
-               "apg_norm": args.apg_norm, "class_scale": args.class_scale,
-               "class_iters": args.class_iters}
+               "apg_norm": args.apg_norm, "class_scale": args.class_scale, "class_iters": args.class_iters}
               if args.model == "ldm" else {}),
            **analyse(probs, cond, seen)}
     print(json.dumps(res, indent=1))

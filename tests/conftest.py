@@ -97,3 +97,17 @@ def onnx_export(tiny_weights, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx_export")
     export_all(tiny_weights, out, formats=("onnx",))
     return out
+
+
+@pytest.fixture
+def ddim_spacing(monkeypatch):
+    """ddim_spacing("leading"): the shared samplers' "ddim" walks that spacing for the rest of the test (no command-line
+    option chooses it in Python; the C++ sampler's --spacing and the regression fixture's old images need it)."""
+    from python.core import diffusion, sampling
+
+    make = sampling.make_sampler
+
+    def use(spacing: str):
+        monkeypatch.setattr(sampling, "make_sampler", lambda name, sch, n, eta=0.0: diffusion.DDIM(sch, n, eta, spacing)
+                            if name == "ddim" else make(name, sch, n, eta))
+    return use

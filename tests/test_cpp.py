@@ -62,9 +62,9 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
         assert (out / "0.ppm").read_bytes().startswith(b"P6\n64 64\n255\n")
 
 
-def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, monkeypatch):
+def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, ddim_spacing):
     """--spacing leading / trailing walk python.core.diffusion.DDIM's timesteps (6 steps: T/n is not whole)."""
-    from python.core import diffusion, sampling
+    from python.core.diffusion import DDIM_SPACINGS
     from runtime.generate import Pipeline
     from runtime.models import ExportFolder
 
@@ -75,9 +75,8 @@ def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, monkeyp
     cond.astype(np.float32).tofile(tmp_path / "cond.f32")
     noise.tofile(tmp_path / "noise.f32")
     pipe, refs = Pipeline(ExportFolder(ex)), {}
-    for spacing in diffusion.DDIM_SPACINGS:
-        monkeypatch.setattr(sampling, "make_sampler",
-                            lambda name, sch, n, eta, _s=spacing: diffusion.DDIM(sch, n, eta, _s))
+    for spacing in DDIM_SPACINGS:
+        ddim_spacing(spacing)
         refs[spacing] = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise))
     assert np.abs(refs["leading"] - refs["trailing"]).max() > 1e-3
     for spacing, ref in refs.items():
