@@ -92,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--files", nargs="+", default=["test.json", "new_test.json", "heldout.json"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sampler", default="dpmpp", help="dpmpp or ddim (1000 steps always use ddpm)")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="--sampler ddim: the share of DDIM's stochastic noise, 0-1 (default 0, deterministic)")
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
     parser.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
     parser.add_argument("--apg-norm", type=float, nargs="+", default=[DEFAULT_APG_NORM],
@@ -125,7 +127,7 @@ def main(argv=None):
     apg_norms = [check_apg_norm(r, "--apg-norm") for r in args.apg_norm]
     class_scales = [check_class_scale(c, "--class-scale") for c in args.class_scale]
     class_iters_ = [check_class_iters(k, "--class-iters") for k in args.class_iters]
-    gen = TorchGenerator(args.model, args.weights, args.sampler, args.device)
+    gen = TorchGenerator(args.model, args.weights, args.sampler, args.device, args.eta)
     classifier = None
     if args.best_of > 1:
         classifier = load_classifier_for(args.classifier or args.weights / "classifier", args.weights / "vae")
@@ -151,6 +153,7 @@ def main(argv=None):
     real_spread = (spread(judge_features(feature_judge, real_images), len(div_cond)),
                    spread(real_images.flatten(1), len(div_cond)))
     report = {"model": args.model, "weights": str(args.weights), "sampler": args.sampler if args.model == "ldm" else None,
+              **({"eta": args.eta} if args.eta else {}),
               "seeds": args.seeds, "limit": args.limit, "best_of": args.best_of, "results": []}
     references = {}
     if not args.no_fidelity:
@@ -187,6 +190,7 @@ def main(argv=None):
                     args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
                            + (f"_{args.sampler}" if steps and args.sampler != "dpmpp" else "")
+                           + (f"_eta{args.eta:g}" if args.eta else "")
                            + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
                            + (f"_cg{class_scale:g}" if class_scale else "")
                            + (f"_it{class_iters}" if class_scale and class_iters != 1 else ""))  # never overwritten

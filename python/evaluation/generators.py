@@ -1,6 +1,7 @@
 """Either generator of a weights folder (LDM or GAN path) with its VAE decoder, in torch: images for conditions."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,15 @@ class TorchGenerator:
     vae/ and ldm/ or gan/ (and guide/, the guidance classifier, for the LDM at class_scale > 0). The network runs on
     `device`; sampler maths, decoder and judge stay on the host."""
 
-    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu"):
+    def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu", eta: float = 0.0):
         if model not in MODELS:
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        self.model, self.sampler, self.device = model, sampler, device
+        if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+            raise UserError(f"--eta must be in [0, 1] (0: deterministic DDIM), got {eta}")
+        if eta and (model != "ldm" or sampler != "ddim"):
+            raise UserError(f"--eta {eta:g} is DDIM's noise; it needs --model ldm --sampler ddim (got --model {model} "
+                            f"--sampler {sampler}); DPM-Solver++ and the GAN path are deterministic")
+        self.model, self.sampler, self.device, self.eta = model, sampler, device, eta
         self.weights, self._class_grad = Path(weights), None
         vae_dir = Path(weights) / "vae"
         self.decoder = Decoder(load_vae(vae_dir)).eval()
@@ -49,8 +55,8 @@ class TorchGenerator:
         if self.model == "gan":
             return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
         sampler = "ddpm" if steps == self.schedule.T else self.sampler
-        return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, on_step=on_step,
-                           device=self.device, seeds=seeds, apg_norm=apg_norm,
+        return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, eta=self.eta,
+                           on_step=on_step, device=self.device, seeds=seeds, apg_norm=apg_norm,
                            class_grad=self.class_grad() if class_scale else None, class_scale=class_scale,
                            class_iters=class_iters)
 
