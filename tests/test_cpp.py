@@ -145,3 +145,48 @@ def test_cpp_default_guidance_is_the_python_default():
     assert float(re.search(r"double w = ([0-9.]+);", src).group(1)) == DEFAULT_GUIDANCE
     assert float(re.search(r"double apg = ([0-9.]+);", src).group(1)) == DEFAULT_APG_NORM
     assert float(re.search(r"double cls = ([0-9.]+);", src).group(1)) == DEFAULT_CLASS_SCALE
+
+
+def test_cpp_ddim_noise_matches_python(binary, tiny_weights, tmp_path):
+    """--eta with --step-noise (python.core.noise.step_noise's draws) walks python.core.diffusion.DDIM's stochastic
+    update; without the file the noise comes from --seed (reproducible, and used); bad values refused in one line."""
+    from python.core.noise import step_noise
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    ex = tmp_path / "export"
+    export_all(tiny_weights, ex, formats=("onnx", "torchscript"))
+    cond = np.stack([encode(["red sphere", "yellow cube"]), encode(["gray cube"])])
+    x_T = np.random.default_rng(4).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    cond.astype(np.float32).tofile(tmp_path / "cond.f32")
+    x_T.tofile(tmp_path / "noise.f32")
+    draw = step_noise(7, 2, (4, 16, 16))  # what the Python runtime draws for seed 7
+    np.stack([draw(i) for i in range(6)]).tofile(tmp_path / "steps.f32")
+    pipe = Pipeline(ExportFolder(ex))
+    ref = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, seed=7, eta=0.5, x_T=x_T))
+    plain = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, seed=7, x_T=x_T))
+    assert np.abs(ref - plain).max() > 1e-3
+    base = [str(binary), str(ex)]
+    args = ["--cond", str(tmp_path / "cond.f32"), "--noise", str(tmp_path / "noise.f32"), "--steps", "6",
+            "--guidance", "2.5"]
+    out = tmp_path / "cpp"
+    out.mkdir()
+    r = subprocess.run(base + [str(out)] + args + ["--eta", "0.5", "--step-noise", str(tmp_path / "steps.f32")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cpp = np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64)
+    assert np.abs(cpp - ref).max() <= 1e-3, np.abs(cpp - ref).max()
+    images = []
+    for name, eta in [("a", "0.5"), ("b", "0.5"), ("c", "0")]:
+        (tmp_path / name).mkdir()
+        r = subprocess.run(base + [str(tmp_path / name), "--labels", "red sphere", "-n", "2", "--steps", "4",
+                                   "--seed", "3", "--eta", eta], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        images.append(np.fromfile(tmp_path / name / "images.f32", np.float32))
+    assert np.array_equal(images[0], images[1]) and np.abs(images[0] - images[2]).max() > 1e-3
+    for bad, why in [(["--eta", "1.5"], "--eta must be in [0, 1]"),
+                     (["--step-noise", str(tmp_path / "steps.f32")], "it needs --eta > 0"),
+                     (["--eta", "0.5", "--step-noise", str(tmp_path / "noise.f32")],
+                      "--step-noise holds 2 latents; --steps x items is 12")]:
+        r = subprocess.run(base + [str(out)] + args + bad, capture_output=True, text=True)
+        assert r.returncode == 2 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -5,9 +5,9 @@
 // per sampler step, --class-scale 0 to leave it out.
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
-//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--spacing trailing] [--seed 0]
+//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--spacing trailing] [--eta 0] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
-//              [--class-scale 2] [--class-iters 3] [--spacing trailing]
+//              [--class-scale 2] [--class-iters 3] [--spacing trailing] [--eta E --step-noise STEPS.f32]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -15,7 +15,10 @@
 // (schedule.txt, labels.txt): the maths that defines them lives once, in python/core/diffusion.py; this file only
 // runs the DDIM update x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps on python.core.diffusion.DDIM's timesteps:
 // --spacing trailing (the default: T-1, T-1-T/n, ... rounded, each step to the next, the last to x_0) or leading
-// (0, T//n, ..., diffusers' default, which starts at t = T - T//n).
+// (0, T//n, ..., diffusers' default, which starts at t = T - T//n). --eta (0-1, default 0: deterministic) adds DDIM's
+// stochastic term as python.core.diffusion.DDIM does: sigma = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)),
+// x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z, z drawn per step from --seed's own stream, or
+// read from --step-noise (steps x N x C x H x W float32: python.core.noise.step_noise, for parity tests).
 // Writes 0.ppm ... N-1.ppm and images.f32 (N x 3 x 64 x 64, float32, [-1, 1]) for parity tests.
 #include <torch/script.h>
 
@@ -98,14 +101,15 @@ int main(int argc, char** argv) {
   if (argc < 3)
     fail("usage: ldm_sample EXPORT_DIR OUT_DIR (--labels \"a,b\" [-n N] | --cond F --noise F) [--steps S] "
          "[--guidance W] [--apg-norm R] [--class-scale C] [--class-iters K] [--spacing trailing|leading] "
-         "[--seed K]");
-  std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file;
+         "[--eta E [--step-noise F]] [--seed K]");
+  std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file, step_noise_file;
   std::string spacing = "trailing";  // = python.core.diffusion.DDIM's default
   int n = 8, steps = 20, repeat = 1;
   int iters = 3;  // = python.core.diffusion.DEFAULT_CLASS_ITERS (descent steps on x_0 per sampler step)
   double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
   double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
   double cls = 2.0;  // = python.core.diffusion.DEFAULT_CLASS_SCALE (0: no classifier guidance)
+  double eta = 0.0;  // DDIM's noise, as python.core.diffusion.DDIM's eta (0: deterministic)
   uint64_t seed = 0;
   if ((argc - 3) % 2) fail(std::string("option ") + argv[argc - 1] + " has no value");
   for (int i = 3; i + 1 < argc; i += 2) {
@@ -118,6 +122,8 @@ int main(int argc, char** argv) {
     else if (k == "--class-scale") cls = real(k, v);
     else if (k == "--class-iters") iters = whole(k, v);
     else if (k == "--spacing") spacing = v;
+    else if (k == "--eta") eta = real(k, v);
+    else if (k == "--step-noise") step_noise_file = v;
     else if (k == "--seed") seed = unsigned64(k, v);
     else if (k == "--cond") cond_file = v;
     else if (k == "--noise") noise_file = v;
@@ -143,6 +149,8 @@ int main(int argc, char** argv) {
   if (!(cls >= 0 && std::isfinite(cls))) fail("--class-scale must be 0 (no classifier guidance) or a positive scale");
   if (iters < 1 || iters > 16)  // 16 = python.core.diffusion.MAX_CLASS_ITERS
     fail("--class-iters must be a whole number of descent steps in 1..16");
+  if (!(eta >= 0 && eta <= 1)) fail("--eta must be in [0, 1] (0: deterministic DDIM)");
+  if (!step_noise_file.empty() && eta == 0) fail("--step-noise is DDIM's noise per step; it needs --eta > 0");
 
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
@@ -177,6 +185,22 @@ int main(int argc, char** argv) {
   const bool v_pred = prediction == "v_prediction";
 
   const int64_t N = x.size(0);
+  torch::Tensor z;  // DDIM's noise per step (steps x N x C x H x W), drawn before the timed part
+  if (eta > 0) {
+    if (!step_noise_file.empty()) {
+      z = read_f32(step_noise_file, {C, H, W});
+      if (z.size(0) != steps * N)
+        fail("--step-noise holds " + std::to_string(z.size(0)) + " latents; --steps x items is " +
+             std::to_string(steps * N));
+      z = z.view({steps, N, C, H, W});
+    } else {
+      std::seed_seq streams{seed, uint64_t(1)};  // a stream of its own, not x_T's
+      std::mt19937_64 rng(streams);
+      std::normal_distribution<float> normal;
+      z = torch::empty({steps, N, C, H, W});
+      for (auto* p = z.data_ptr<float>(), *e = p + z.numel(); p != e; ++p) *p = normal(rng);
+    }
+  }
   std::vector<int64_t> ts(steps);  // python.core.diffusion.DDIM's timesteps; step i goes to ts[i + 1], the last to x_0
   for (int i = 0; i < steps; ++i)
     ts[i] = spacing == "leading" ? int64_t(steps - 1 - i) * (T / steps)
@@ -213,7 +237,9 @@ int main(int argc, char** argv) {
       torch::Tensor x0, eps;
       if (v_pred) { x0 = sa * x - ss_ * out; eps = ss_ * x + sa * out; }
       else { x0 = (x - ss_ * out) / sa; eps = out; }
-      x = std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
+      const double sigma = eta > 0 ? eta * std::sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) : 0.0;
+      x = std::sqrt(a_prev) * x0 + std::sqrt(std::max(1 - a_prev - sigma * sigma, 0.0)) * eps;
+      if (sigma > 0) x = x + sigma * z[i];
     }
     return decoder.forward({x}).toTensor().contiguous();
   };
