@@ -32,6 +32,7 @@ from python.core.diffusion import (
     check_apg_norm,
     check_class_iters,
     check_class_scale,
+    check_eta,
 )
 from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
@@ -54,10 +55,11 @@ def check_settings(n: int, steps: int, guidance: float, eta: float, seed: int, b
     """UserError naming the first setting outside its range (NaN and infinity included) and what is valid."""
     checks = [("-n", n, 1, MAX_IMAGES), ("--steps", steps, 1, schedule_steps), ("--batch", batch, 1, MAX_IMAGES),
               ("--best-of", best_of, 1, MAX_BEST_OF), ("--seed", seed, 0, 2 ** 63 - 1),
-              ("--guidance", guidance, 0.0, MAX_GUIDANCE), ("--eta", eta, 0.0, 1.0)]
+              ("--guidance", guidance, 0.0, MAX_GUIDANCE)]
     for flag, value, lo, hi in checks:
         if not (math.isfinite(value) and lo <= value <= hi):
             raise UserError(f"{flag} must be between {lo} and {hi}, got {value}")
+    check_eta(eta, "--eta")
     check_apg_norm(apg_norm, "--apg-norm")
     check_class_scale(class_scale, "--class-scale")
     if not class_scale <= MAX_GUIDANCE:

@@ -169,7 +169,7 @@ def test_ddim_eta_reaches_the_sampler_and_is_checked(tiny_weights, tiny_data, tm
           "--diversity-conditions", "2", "--per-condition", "2", "--no-fidelity", "--out", str(out), "--json", str(js)])
     assert json.loads(js.read_text())["eta"] == 0.5 and (out / "ldm_test_ddim_eta0.5_s3_g5_apg5.png").exists()
     refused = {"it needs --model ldm --sampler ddim": ["--eta", "0.5"],  # DPM-Solver++ (the default) has no noise
-               "--eta must be in [0, 1]": ["--sampler", "ddim", "--eta", "2"]}
+               "--eta must be between 0.0 and 1.0, got 2.0": ["--sampler", "ddim", "--eta", "2"]}
     for why, bad in refused.items():
         with pytest.raises(SystemExit):
             main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), *bad])

@@ -154,6 +154,13 @@ def check_class_scale(value: float, name: str = "class scale") -> float:
     return float(value)
 
 
+def check_eta(value: float, name: str = "eta") -> float:
+    """DDIM's noise share, checked: a number in [0, 1] (0: deterministic); a bad value is the user's."""
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise UserError(f"{name} must be between 0.0 and 1.0, got {value}")
+    return float(value)
+
+
 def check_class_iters(value, name: str = "class iters") -> int:
     """The number of descent steps on x_0 per sampler step, checked: a whole number in 1..MAX_CLASS_ITERS."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_CLASS_ITERS:

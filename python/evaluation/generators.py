@@ -1,7 +1,6 @@
 """Either generator of a weights folder (LDM or GAN path) with its VAE decoder, in torch: images for conditions."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from python.core.diffusion import (
     DEFAULT_CLASS_SCALE,
     DEFAULT_GUIDANCE,
     Schedule,
+    check_eta,
 )
 from python.core.errors import UserError
 from python.models.classifier import load_class_grad
@@ -33,9 +33,7 @@ class TorchGenerator:
     def __init__(self, model: str, weights: Path, sampler: str = "dpmpp", device: str = "cpu", eta: float = 0.0):
         if model not in MODELS:
             raise UserError(f"--model must be 'ldm' or 'gan', got {model!r}")
-        if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
-            raise UserError(f"--eta must be in [0, 1] (0: deterministic DDIM), got {eta}")
-        if eta and (model != "ldm" or sampler != "ddim"):
+        if check_eta(eta, "--eta") and (model != "ldm" or sampler != "ddim"):
             raise UserError(f"--eta {eta:g} is DDIM's noise; it needs --model ldm --sampler ddim (got --model {model} "
                             f"--sampler {sampler}); DPM-Solver++ and the GAN path are deterministic")
         self.model, self.sampler, self.device, self.eta = model, sampler, device, eta
