@@ -27,6 +27,22 @@ def binary():
     return BINARY
 
 
+def _parity_inputs(tiny_weights, tmp_path, noise_seed: int):
+    """An ONNX + TorchScript export of the tiny weights, the Python runtime over it, two conditions and their x_T,
+    and ldm_sample's arguments that read the same conditions and x_T from files."""
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    ex = tmp_path / "export"
+    export_all(tiny_weights, ex, formats=("onnx", "torchscript"))
+    cond = np.stack([encode(["red sphere", "yellow cube"]), encode(["gray cube"])])
+    x_T = np.random.default_rng(noise_seed).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    cond.astype(np.float32).tofile(tmp_path / "cond.f32")
+    x_T.tofile(tmp_path / "noise.f32")
+    return ex, Pipeline(ExportFolder(ex)), cond, x_T, ["--cond", str(tmp_path / "cond.f32"), "--noise",
+                                                      str(tmp_path / "noise.f32")]
+
+
 def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
     from runtime.generate import Pipeline
     from runtime.models import ExportFolder
@@ -65,16 +81,9 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
 def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, ddim_spacing):
     """--spacing leading / trailing walk python.core.diffusion.DDIM's timesteps (6 steps: T/n is not whole)."""
     from python.core.diffusion import DDIM_SPACINGS
-    from runtime.generate import Pipeline
-    from runtime.models import ExportFolder
 
-    ex = tmp_path / "export"
-    export_all(tiny_weights, ex, formats=("onnx", "torchscript"))
-    cond = np.stack([encode(["red sphere", "yellow cube"]), encode(["gray cube"])])
-    noise = np.random.default_rng(3).standard_normal((2, 4, 16, 16), dtype=np.float32)
-    cond.astype(np.float32).tofile(tmp_path / "cond.f32")
-    noise.tofile(tmp_path / "noise.f32")
-    pipe, refs = Pipeline(ExportFolder(ex)), {}
+    ex, pipe, cond, noise, files = _parity_inputs(tiny_weights, tmp_path, 3)
+    refs = {}
     for spacing in DDIM_SPACINGS:
         ddim_spacing(spacing)
         refs[spacing] = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise))
@@ -82,9 +91,8 @@ def test_cpp_ddim_spacing_matches_python(binary, tiny_weights, tmp_path, ddim_sp
     for spacing, ref in refs.items():
         out = tmp_path / spacing
         out.mkdir()
-        r = subprocess.run([str(binary), str(ex), str(out), "--cond", str(tmp_path / "cond.f32"), "--noise",
-                            str(tmp_path / "noise.f32"), "--steps", "6", "--guidance", "2.5", "--spacing", spacing],
-                           capture_output=True, text=True)
+        r = subprocess.run([str(binary), str(ex), str(out), *files, "--steps", "6", "--guidance", "2.5", "--spacing",
+                            spacing], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         cpp = np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64)
         assert np.abs(cpp - ref).max() <= 1e-3, (spacing, np.abs(cpp - ref).max())
@@ -151,24 +159,15 @@ def test_cpp_ddim_noise_matches_python(binary, tiny_weights, tmp_path):
     """--eta with --step-noise (python.core.noise.step_noise's draws) walks python.core.diffusion.DDIM's stochastic
     update; without the file the noise comes from --seed (reproducible, and used); bad values refused in one line."""
     from python.core.noise import step_noise
-    from runtime.generate import Pipeline
-    from runtime.models import ExportFolder
 
-    ex = tmp_path / "export"
-    export_all(tiny_weights, ex, formats=("onnx", "torchscript"))
-    cond = np.stack([encode(["red sphere", "yellow cube"]), encode(["gray cube"])])
-    x_T = np.random.default_rng(4).standard_normal((2, 4, 16, 16), dtype=np.float32)
-    cond.astype(np.float32).tofile(tmp_path / "cond.f32")
-    x_T.tofile(tmp_path / "noise.f32")
+    ex, pipe, cond, x_T, files = _parity_inputs(tiny_weights, tmp_path, 4)
     draw = step_noise(7, 2, (4, 16, 16))  # what the Python runtime draws for seed 7
     np.stack([draw(i) for i in range(6)]).tofile(tmp_path / "steps.f32")
-    pipe = Pipeline(ExportFolder(ex))
     ref = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, seed=7, eta=0.5, x_T=x_T))
     plain = pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, seed=7, x_T=x_T))
     assert np.abs(ref - plain).max() > 1e-3
     base = [str(binary), str(ex)]
-    args = ["--cond", str(tmp_path / "cond.f32"), "--noise", str(tmp_path / "noise.f32"), "--steps", "6",
-            "--guidance", "2.5"]
+    args = [*files, "--steps", "6", "--guidance", "2.5"]
     out = tmp_path / "cpp"
     out.mkdir()
     r = subprocess.run(base + [str(out)] + args + ["--eta", "0.5", "--step-noise", str(tmp_path / "steps.f32")],
