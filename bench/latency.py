@@ -40,6 +40,7 @@ from python.core.diffusion import (  # noqa: E402
     check_apg_norm,
     check_class_iters,
     check_class_scale,
+    check_eta,
 )
 from python.core.errors import UserError, cli  # noqa: E402
 from python.core.labels import NUM_CLASSES, load_conditions  # noqa: E402
@@ -80,11 +81,15 @@ ACCURACY_OF = {"onnxruntime-int8": "int8", "openvino-int8": "ov-int8"}
 def restrict(cfg: dict, args) -> dict:
     """The matrix narrowed by the command line (the full matrix takes about an hour and a half on 2 cores)."""
     if args.samplers or args.steps:
-        cfg["ldm"] = [(s, n) for s, n in cfg["ldm"] if (not args.samplers or s in args.samplers)]
+        if args.samplers:  # each sampler asked for, at the matrix's step counts (--quick's holds DPM-Solver++ only)
+            cfg["ldm"] = sorted({(s, n) for s in args.samplers for _, n in cfg["ldm"]})
         if args.steps:
             cfg["ldm"] = sorted({(s, n) for s, _ in cfg["ldm"] for n in args.steps})
         if not cfg["ldm"]:
             raise UserError("--samplers/--steps leave no LDM setting to measure")
+    if args.eta and "ddim" not in {s for s, _ in cfg["ldm"]}:
+        raise UserError(f"--eta {args.eta} is DDIM's noise, and the LDM settings measured "
+                        f"({', '.join(sorted({s for s, _ in cfg['ldm']}))}) hold no DDIM; add --samplers ddim")
     if args.backends:
         cfg["ldm_backends"] = list(args.backends)
         cfg["gan_backends"] = [b for b in args.backends if b != "cpp"]  # the C++ path is the LDM's
@@ -215,27 +220,29 @@ class Models:
 
 def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: float, cond: np.ndarray,
                best_of: int = 1, apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE,
-               class_iters: int = DEFAULT_CLASS_ITERS):
+               class_iters: int = DEFAULT_CLASS_ITERS, eta: float = 0.0):
     """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm` and
-    `class_scale`, `class_iters` (classifier guidance through the guidance classifier's gradient); best_of > 1
+    `class_scale`, `class_iters` (classifier guidance through the guidance classifier's gradient); `eta`: DDIM's
+    stochastic update (DDIM only; its step noise is seed 0's, python.core.noise, on every backend); best_of > 1
     (ONNX Runtime only) draws that many candidates per condition and keeps the latent classifier's pick
     (python/core/best_of.py)."""
     import torch
 
     from python.models.sampling import torch_call
 
+    eta = ddim_eta(sampler, eta)
     x_T = initial_noise(0, len(cond), m.shape)
     if best_of > 1:
         if backend != "onnxruntime":
             raise UserError(f"best-of-N is timed on the onnxruntime backend only, not {backend}")
         return lambda: m.pipe.generate(cond, "ldm", best_of, sampler=sampler, steps=steps, guidance=guidance,
                                        batch=len(cond), apg_norm=apg_norm, class_scale=class_scale,
-                                       class_iters=class_iters)
+                                       class_iters=class_iters, eta=eta)
     if backend in PIPE:
         pipe = m.pipes[PIPE[backend]]
         return lambda: pipe.decode(pipe.ldm_latents(cond, sampler, steps, guidance, x_T=x_T, batch=len(cond),
                                                     apg_norm=apg_norm, class_scale=class_scale,
-                                                    class_iters=class_iters), batch=len(cond))
+                                                    class_iters=class_iters, eta=eta), batch=len(cond))
     if backend == "cpp":
         return None  # timed by the binary itself (cpp_times)
     bf16 = backend == "torch-bf16"
@@ -251,12 +258,18 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
 
     @torch.no_grad()
     def run():
-        lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, x_T=x_T, batch=len(cond),
-                                apg_norm=apg_norm, class_grad=grad, class_scale=class_scale, class_iters=class_iters)
+        lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, eta, x_T=x_T,
+                                batch=len(cond), apg_norm=apg_norm, class_grad=grad, class_scale=class_scale,
+                                class_iters=class_iters)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return decoder(torch.from_numpy(lat)).float()
 
     return run
+
+
+def ddim_eta(sampler: str, eta: float) -> float:
+    """The eta a setting samples with: --eta for DDIM, 0 for the deterministic solvers (DPM-Solver++ has none)."""
+    return eta if sampler == "ddim" else 0.0
 
 
 def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
@@ -286,7 +299,9 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
 
 def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: int,
               apg_norm: float = DEFAULT_APG_NORM, class_scale: float = DEFAULT_CLASS_SCALE,
-              class_iters: int = DEFAULT_CLASS_ITERS) -> list[float] | None:
+              class_iters: int = DEFAULT_CLASS_ITERS, eta: float = 0.0) -> list[float] | None:
+    """The C++ sampler's own timings (DDIM; with eta > 0 its step noise comes from its own seeded stream, drawn
+    before the timed loop)."""
     binary = REPO / "build" / "ldm_sample"
     if not binary.exists():
         print(f"cpp: {binary} not built (make cpp); skipped")
@@ -297,7 +312,7 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
         r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
                             "--steps", str(steps), "--guidance", str(guidance), "--apg-norm", str(apg_norm),
                             "--class-scale", str(class_scale), "--class-iters", str(class_iters),
-                            "--repeat", str(runs + 1)],
+                            "--repeat", str(runs + 1)] + (["--eta", str(eta)] if eta else []),
                            capture_output=True, text=True)
         if r.returncode:
             raise UserError(f"cpp runtime failed: {r.stderr.strip()}")
@@ -330,8 +345,8 @@ def fidelity_references(m: Models, data: Path, conds: dict[str, np.ndarray]) -> 
 
 def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limit: int | None = None,
                    fidelity: bool = True, apg_norm: float = DEFAULT_APG_NORM,
-                   class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS
-                   ) -> tuple[dict, dict]:
+                   class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS,
+                   eta: float = 0.0) -> tuple[dict, dict]:
     """({setting: {"primary": {file: acc}, "second": {file: acc}, "fidelity": {file: figures}}}, {file: floors})
     with the ONNX models of the setting's precision (its last field), on the first `limit` conditions of each file
     (all with None)."""
@@ -349,7 +364,8 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
             pipe = m.pipes[key[4]]
             if key[0] == "ldm":
                 images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0,
-                                       apg_norm=apg_norm, class_scale=class_scale, class_iters=class_iters)
+                                       apg_norm=apg_norm, class_scale=class_scale, class_iters=class_iters,
+                                       eta=ddim_eta(key[1], eta))
             else:
                 images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -396,7 +412,8 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
 
 def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,
               backend: str = "onnxruntime", apg_norm: float = DEFAULT_APG_NORM,
-              class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> dict:
+              class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS,
+              eta: float = 0.0) -> dict:
     """Where one LDM batch on an export-folder backend spends its time: the denoiser calls (one call per step, see
     denoiser_feeds), the decoder, and the rest (sampler arithmetic, noise, Python) = end to end minus both."""
     pipe = m.pipes[PIPE[backend]]
@@ -405,7 +422,7 @@ def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, 
     den = float(np.median(timed(lambda: pipe.ex.run("denoiser", feeds), runs)))
     dec = float(np.median(timed(lambda: pipe.decode(x_T, batch=batch), runs)))
     total = float(np.median(timed(ldm_runner(m, backend, sampler, steps, guidance, cond, apg_norm=apg_norm,
-                                             class_scale=class_scale, class_iters=class_iters), runs)))
+                                             class_scale=class_scale, class_iters=class_iters, eta=eta), runs)))
     return {"sampler": sampler, "steps": steps, **time_split(batch, total, denoiser=den * steps, decoder=dec)}
 
 
@@ -443,11 +460,12 @@ def op_profile(module, *inputs, top: int = 8) -> list[dict]:
     return [{"op": k, "share": round(t / total, 3)} for k, t in sorted(ev, key=lambda e: -e[1])[:top]]
 
 
-def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate, best_of=1) -> dict:
+def record(model, backend, sampler, steps, batch, secs, flops, peak, rss, acc, baseline_rate, best_of=1,
+           eta=0.0) -> dict:
     med = float(np.median(secs))
     ips = batch / med
     r = dict(model=model, backend=backend, precision=PRECISION.get(backend, "fp32"), sampler=sampler, steps=steps,
-             best_of=best_of, batch=batch,
+             best_of=best_of, batch=batch, **({"eta": eta} if eta else {}),
              images_per_sec=round(ips, 2),
              images_per_sec_min=round(batch / max(secs), 2), images_per_sec_max=round(batch / min(secs), 2),
              seconds=[round(s, 5) for s in secs], peak_rss_mb=round(rss / 2 ** 20, 1) if rss else None,
@@ -485,7 +503,7 @@ def plot(results: list[dict], path: Path, title: str):
             best = y
             line.append((x, y))
             tag = f" best-of-{r['best_of']}" if r.get("best_of", 1) > 1 else ""
-            label = f"{r['model']} {r['backend']} {r['sampler'] or ''}{r['steps'] or ''}{tag} b{r['batch']}"
+            label = f"{r['model']} {r['backend']} {sampler_label(r) or ''}{r['steps'] or ''}{tag} b{r['batch']}"
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     if line:
         ax.plot(*zip(*line), "k--", lw=0.8)
@@ -524,6 +542,9 @@ def main(argv=None):
                         help="classifier guidance on x_0 through weights/guide (0: none)")
     parser.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS,
                         help="classifier guidance's descent steps on x_0 per sampler step")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM's stochastic update for the DDIM rows, 0..1 (0: deterministic; needs DDIM among "
+                             "the samplers: --quick times DPM-Solver++ only unless --samplers ddim)")
     parser.add_argument("--runs", type=int, help="timed runs per configuration (>= 5 unless testing)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
@@ -553,6 +574,7 @@ def main(argv=None):
     check_apg_norm(args.apg_norm, "--apg-norm")
     check_class_scale(args.class_scale, "--class-scale")
     check_class_iters(args.class_iters, "--class-iters")
+    check_eta(args.eta, "--eta")
     cfg = restrict(dict(QUICK if args.quick else FULL), args)
     if args.runs:
         if args.runs < 1:
@@ -607,7 +629,7 @@ def main(argv=None):
     if cfg["limit"]:
         print(f"accuracy and fidelity on the first {cfg['limit']} conditions of each file (--quick)")
     acc, floors = accuracy_table(m, args.data, cfg["files"], settings, args.guidance, cfg["limit"],
-                                 not args.no_fidelity, args.apg_norm, args.class_scale, args.class_iters)
+                                 not args.no_fidelity, args.apg_norm, args.class_scale, args.class_iters, args.eta)
     dec_flops = flops_per_item(m.decoder, torch.randn(2, *m.shape))
     results = []
     cls_flops = 0.0
@@ -632,18 +654,19 @@ def main(argv=None):
                     with PeakRSS() as mem:
                         if backend == "cpp":  # DDIM only; the quick matrix times it at the dpmpp step count
                             secs = cpp_times(m, steps, args.guidance, cond, runs, args.apg_norm, args.class_scale,
-                                             args.class_iters)
+                                             args.class_iters, args.eta)
                             if secs is None:
                                 continue
                         else:
                             secs = timed(ldm_runner(m, backend, sampler, steps, args.guidance, cond, best_of,
-                                                    args.apg_norm, args.class_scale, args.class_iters), runs)
+                                                    args.apg_norm, args.class_scale, args.class_iters, args.eta),
+                                         runs)
                     smp = "ddim" if backend == "cpp" else sampler
                     prec = PRECISION.get(backend, "fp32")
                     results.append(record("ldm", backend, smp, steps, batch, secs, flops, peak[prec],
                                           mem.peak if backend != "cpp" else 0,
                                           acc.get(("ldm", smp, steps, best_of, ACCURACY_OF.get(backend, "fp32"))),
-                                          base["images_per_sec"], best_of))
+                                          base["images_per_sec"], best_of, ddim_eta(smp, args.eta)))
                     _print(results[-1])
     if m.gan:
         gen_flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24))
@@ -672,7 +695,8 @@ def main(argv=None):
         (sampler, steps), batch = cfg["ldm"][0], max(cfg["ldm_batches"])
         for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
             profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend,
-                                                          args.apg_norm, args.class_scale, args.class_iters)
+                                                          args.apg_norm, args.class_scale, args.class_iters,
+                                                          ddim_eta(sampler, args.eta))
             sh = split["shares"]
             print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
                   f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
@@ -691,6 +715,7 @@ def main(argv=None):
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "machine": machine,
            "peak_flops": peak, "guidance": args.guidance, "apg_norm": args.apg_norm,
            "class_scale": args.class_scale, "class_iters": args.class_iters if args.class_scale else 1,
+           "eta": args.eta,
            "weights": str(args.weights),
            "baseline": base,
            "decoder_flops_per_image": dec_flops, "results": results, "profile": profile,
@@ -729,7 +754,8 @@ def markdown(out: dict) -> str:
         lat = f"{r['latency_ms_p50']} / {r['latency_ms_p95']}" if "latency_ms_p50" in r else ""
         frac = f"{100 * r['fraction_of_peak']:.1f}" if r.get("fraction_of_peak") is not None else ""
         speed = f"{r['speedup_vs_baseline']:,.0f}" if r.get("speedup_vs_baseline") else ""
-        smp = ", ".join(x for x in (r["sampler"], f"best of {r['best_of']}" if r.get("best_of", 1) > 1 else None) if x)
+        smp = ", ".join(x for x in (sampler_label(r), f"best of {r['best_of']}" if r.get("best_of", 1) > 1 else None)
+                        if x)
         rows.append(f"| {r['model']} | {r['backend']} | {smp} | {r['steps'] or ''} | {r['batch']} | "
                     f"{rate} | {frac} | {speed} | {acc if r['accuracy'] else ''} | "
                     f"{fidelity_cell((r.get('fidelity') or {}).get('heldout.json'))} | {lat} |")
@@ -740,6 +766,11 @@ def markdown(out: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def sampler_label(r: dict) -> str | None:
+    """A row's sampler as the tables show it: DDIM with noise carries its eta ("ddim eta0.5")."""
+    return f"{r['sampler']} eta{r['eta']:g}" if r.get("eta") else r["sampler"]
+
+
 def fidelity_cell(f: dict | None) -> str:
     return f"{f['kid_x1000']:.1f} / {f['precision']:.2f} / {f['unrequested']:.2f}" if f else ""
 
@@ -748,7 +779,7 @@ def _print(r: dict):
     acc = r["accuracy"]
     acc_s = " ".join(f"{k.split('.')[0]}={v:.3f}" for k, v in acc.items()) if acc else "-"
     lat = f" p50 {r['latency_ms_p50']:.1f} ms p95 {r['latency_ms_p95']:.1f} ms" if "latency_ms_p50" in r else ""
-    smp = (r["sampler"] or "-") + (f"x{r['best_of']}" if r.get("best_of", 1) > 1 else "")
+    smp = (sampler_label(r) or "-") + (f"x{r['best_of']}" if r.get("best_of", 1) > 1 else "")
     print(f"{r['model']:4} {r['backend']:12} {smp:8} {str(r['steps'] or '-'):>4} b{r['batch']:<4}"
           f"{r['images_per_sec']:9.1f} img/s [{r['images_per_sec_min']:.1f}-{r['images_per_sec_max']:.1f}] "
           f"{100 * (r['fraction_of_peak'] or 0):5.1f}% peak  x{r['speedup_vs_baseline'] or 0:,.0f} baseline  "

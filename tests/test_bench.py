@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -93,12 +94,12 @@ def test_matrix_restriction_and_its_errors():
     import pytest
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from latency import FULL, restrict
+    from latency import FULL, QUICK, restrict
 
     from python.core.errors import UserError
 
     def args(**kw):
-        base = dict(samplers=None, steps=None, backends=None, batches=None, files=None, no_latency=False)
+        base = dict(samplers=None, steps=None, backends=None, batches=None, files=None, no_latency=False, eta=0.0)
         return argparse.Namespace(**{**base, **kw})
 
     cfg = restrict(dict(FULL), args(samplers=["dpmpp"], steps=[10, 25], backends=["onnxruntime", "cpp"],
@@ -109,3 +110,41 @@ def test_matrix_restriction_and_its_errors():
     assert restrict(dict(FULL), args())["ldm"] == FULL["ldm"]  # nothing asked, nothing changed
     with pytest.raises(UserError, match="--batches"):
         restrict(dict(FULL), args(batches=[0]))
+    # a sampler asked for is measured at the matrix's step counts, also where the matrix lacks it (--quick's)
+    assert restrict(dict(QUICK), args(samplers=["ddim"]))["ldm"] == [("ddim", 10)]
+    assert restrict(dict(QUICK), args(samplers=["ddim"], eta=0.5))["ldm"] == [("ddim", 10)]
+    with pytest.raises(UserError, match="--eta 0.5 is DDIM's noise.*hold no DDIM; add --samplers ddim"):
+        restrict(dict(QUICK), args(eta=0.5))
+
+
+def test_eta_reaches_every_ddim_backend(tiny_weights, tiny_data, tmp_path):
+    """--eta: the DDIM rows sample with DDIM's noise (the same step noise on torch and ONNX Runtime, so their images
+    agree), the rows and tables say so, and DPM-Solver++ rows stay deterministic."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from latency import Models, conditions_for, ldm_runner
+
+    m = Models(tiny_weights, None, 2)
+    cond = conditions_for(4)
+    ort = {e: ldm_runner(m, "onnxruntime", "ddim", 4, 2.0, cond, eta=e)() for e in (0.0, 0.5)}
+    torch_half = ldm_runner(m, "torch-fp32", "ddim", 4, 2.0, cond, eta=0.5)().numpy()
+    assert np.abs(ort[0.5] - ort[0.0]).max() > 1e-2  # the noise is used
+    assert np.abs(torch_half - ort[0.5]).max() < 1e-3  # and it is the same noise on both backends
+    dpm = [ldm_runner(m, "onnxruntime", "dpmpp", 4, 2.0, cond, eta=e)() for e in (0.0, 0.5)]
+    assert np.array_equal(dpm[0], dpm[1])  # no eta outside DDIM
+
+    out, md = tmp_path / "eta.json", tmp_path / "eta.md"
+    r = subprocess.run([sys.executable, "bench/latency.py", "--quick", "--weights", str(tiny_weights), "--data",
+                        str(tiny_data), "--samplers", "ddim", "--eta", "0.5", "--backends", "onnxruntime", "cpp",
+                        "--batches", "4", "--no-latency", "--no-fidelity", "--files", "test.json", "--runs", "1",
+                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    ldm = [x for x in res["results"] if x["model"] == "ldm"]
+    assert res["eta"] == 0.5 and {(x["backend"], x["sampler"], x["eta"]) for x in ldm} == {
+        ("onnxruntime", "ddim", 0.5), ("cpp", "ddim", 0.5)}
+    assert all("eta" not in x for x in res["results"] if x["model"] != "ldm")
+    assert "| ldm | onnxruntime | ddim eta0.5 | 10 | 4 |" in md.read_text()
+    r = subprocess.run([sys.executable, "bench/latency.py", "--quick", "--weights", str(tiny_weights), "--eta", "1.5"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--eta must be between 0.0 and 1.0, got 1.5" in r.stderr
