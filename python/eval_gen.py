@@ -128,6 +128,8 @@ def main(argv=None):
     class_scales = [check_class_scale(c, "--class-scale") for c in args.class_scale]
     class_iters_ = [check_class_iters(k, "--class-iters") for k in args.class_iters]
     gen = TorchGenerator(args.model, args.weights, args.sampler, args.device, args.eta)
+    if args.out:  # before any work: the grids (test files only) and the denoising-process image are written there
+        args.out.mkdir(parents=True, exist_ok=True)
     classifier = None
     if args.best_of > 1:
         classifier = load_classifier_for(args.classifier or args.weights / "classifier", args.weights / "vae")
@@ -187,7 +189,6 @@ def main(argv=None):
                 if seed == args.seeds[0] and name in references:
                     fidelity = references[name].figures(images)
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
-                    args.out.mkdir(parents=True, exist_ok=True)
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
                            + (f"_{args.sampler}" if steps and args.sampler != "dpmpp" else "")
                            + (f"_eta{args.eta:g}" if args.eta else "")

@@ -175,3 +175,13 @@ def test_ddim_eta_reaches_the_sampler_and_is_checked(tiny_weights, tiny_data, tm
             main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), *bad])
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err
+
+
+def test_out_folder_made_before_the_work_when_no_grid_needs_it(tiny_weights, tiny_data, tmp_path):
+    """--out a new folder with only heldout.json (no course grids): the denoising-process image still lands there
+    (the folder was made for the grids alone, so this run ended in a traceback after all its sampling)."""
+    out, js = tmp_path / "new" / "out", tmp_path / "eval.json"
+    main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "heldout.json",
+          "--seeds", "0", "--steps", "3", "--limit", "4", "--class-scale", "0", "--diversity-conditions", "2",
+          "--per-condition", "2", "--no-fidelity", "--out", str(out), "--json", str(js)])
+    assert (out / "ldm_denoising_process.png").exists() and json.loads(js.read_text())["model"] == "ldm"
