@@ -223,14 +223,14 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
                class_iters: int = DEFAULT_CLASS_ITERS, eta: float = 0.0):
     """fn() -> images for the LDM on one backend, from fixed noise, guided by `guidance` with `apg_norm` and
     `class_scale`, `class_iters` (classifier guidance through the guidance classifier's gradient); `eta`: DDIM's
-    stochastic update (DDIM only; its step noise is seed 0's, python.core.noise, on every backend); best_of > 1
+    stochastic update (the other samplers ignore it; its step noise is seed 0's, python.core.noise, on every
+    backend); best_of > 1
     (ONNX Runtime only) draws that many candidates per condition and keeps the latent classifier's pick
     (python/core/best_of.py)."""
     import torch
 
     from python.models.sampling import torch_call
 
-    eta = ddim_eta(sampler, eta)
     x_T = initial_noise(0, len(cond), m.shape)
     if best_of > 1:
         if backend != "onnxruntime":
@@ -268,7 +268,8 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
 
 
 def ddim_eta(sampler: str, eta: float) -> float:
-    """The eta a setting samples with: --eta for DDIM, 0 for the deterministic solvers (DPM-Solver++ has none)."""
+    """The eta a row records: --eta for DDIM, 0 for the other samplers (python.core.diffusion.make_sampler gives eta to
+    DDIM alone, so the samplers themselves need no such filter)."""
     return eta if sampler == "ddim" else 0.0
 
 
@@ -365,7 +366,7 @@ def accuracy_table(m: Models, data: Path, files, settings, guidance: float, limi
             if key[0] == "ldm":
                 images = pipe.generate(cond, "ldm", key[3], sampler=key[1], steps=key[2], guidance=guidance, seed=0,
                                        apg_norm=apg_norm, class_scale=class_scale, class_iters=class_iters,
-                                       eta=ddim_eta(key[1], eta))
+                                       eta=eta)
             else:
                 images = pipe.generate(cond, "gan", key[3], seed=0)
             for which, name in (("primary", "judge"), ("second", "judge2")):
@@ -696,7 +697,7 @@ def main(argv=None):
         for backend in [b for b in split_backends if b in cfg["ldm_backends"] or b == "onnxruntime"]:
             profile[f"ldm_{backend}"] = split = breakdown(m, sampler, steps, args.guidance, batch, cfg["runs"], backend,
                                                           args.apg_norm, args.class_scale, args.class_iters,
-                                                          ddim_eta(sampler, args.eta))
+                                                          args.eta)
             sh = split["shares"]
             print(f"LDM time ({backend}, {sampler} {steps} steps, batch {batch}): denoiser {100 * sh['denoiser']:.0f}%, "
                   f"decoder {100 * sh['decoder']:.0f}%, other {100 * sh['other']:.0f}%", flush=True)
