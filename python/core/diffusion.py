@@ -110,6 +110,14 @@ def output_from_x0(x_t, x0, a: float, s: float, prediction: str):
     return (x_t - a * x0) / s if prediction == "epsilon" else (a * x_t - x0) / s
 
 
+def ddim_target(x_t, x_next, a: float, s: float, a_next: float, s_next: float, prediction: str):
+    """The network output with which one deterministic DDIM step from x_t (coefficients a, s) lands on x_next
+    (a_next, s_next; 1, 0 at x_0): the target of progressive distillation (Salimans & Ho 2022). DDIM's step is
+    x_next = a_next x_0 + s_next (x_t - a x_0) / s, solved for x_0."""
+    x0 = (x_next - (s_next / s) * x_t) / (a_next - s_next * a / s)
+    return output_from_x0(x_t, x0, a, s, prediction)
+
+
 def check_apg_norm(value: float, name: str = "apg norm") -> float:
     """The apg_norm setting, checked: 0 (classifier-free guidance), a positive cap, or inf; `name` is the option or
     field the message names. A bad value is the user's: UserError, which the CLIs print as one line."""

@@ -29,10 +29,11 @@ def spread(feats: torch.Tensor, groups: int) -> float:
 
 
 def ldm_probe(model, schedule, decoder, judge, cond, steps: int, guidance: float, device, seed: int = 0,
-              apg_norm: float = DEFAULT_APG_NORM):
-    """The LDM trainers' held-out figure: `model`'s samples for `cond` (DPM-Solver++, `steps`, `guidance` with
-    `apg_norm`, noise `seed`) decoded and read by the judge. Returns ({accuracy, by_objects, unrequested}, the images)."""
-    images = decode(decoder, ldm_latents(model, schedule, cond, "dpmpp", steps, guidance, seed=seed, device=device,
+              apg_norm: float = DEFAULT_APG_NORM, sampler: str = "dpmpp"):
+    """The LDM trainers' held-out figure: `model`'s samples for `cond` (`sampler`, default DPM-Solver++, `steps`,
+    `guidance` with `apg_norm`, noise `seed`) decoded and read by the judge. Returns ({accuracy, by_objects,
+    unrequested}, the images)."""
+    images = decode(decoder, ldm_latents(model, schedule, cond, sampler, steps, guidance, seed=seed, device=device,
                                          apg_norm=apg_norm))
     res = judge_score(judge, images, cond)
     return {"accuracy": res["accuracy"], "by_objects": res["by_objects"],
