@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,13 @@ def train(args) -> None:
     grid = np.asarray(meta["grid"])
     if tcfg.get("vae_sha") != meta["vae_sha"]:
         raise UserError(f"--init reads VAE {tcfg.get('vae_sha')}, the trajectories VAE {meta['vae_sha']}")
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    n_steps = len(grid) - 1
+    sampling = {"sampler": "ddim", "steps": n_steps, "guidance": 1.0, "apg_norm": 0.0, "class_scale": 0.0}
+    # what python.ship needs to ship the run as a denoiser folder (its architecture, schedule, latent space, and
+    # how it is meant to be sampled)
+    cfg = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
+           "denoiser": asdict(model.cfg), "schedule": schedule.config(), "vae_sha": tcfg.get("vae_sha"),
+           "sampling": sampling, "distilled_from": meta["ldm"]}
     run = RunDir(args.run_dir, cfg, resume=args.resume, fixed=("trajectories",))
     model.train()
     ema.eval().requires_grad_(False)
@@ -186,7 +193,7 @@ def train(args) -> None:
     a = torch.tensor(np.sqrt(ab[grid]), dtype=torch.float32)
     s = torch.tensor(np.sqrt(1.0 - ab[grid]), dtype=torch.float32)
     t_grid = torch.from_numpy(grid)
-    n_paths, n_steps = xs.shape[1], len(grid) - 1
+    n_paths = xs.shape[1]
     judge = load_judge(args.judge)
     decoder = Decoder(load_vae(args.vae or SHIPPED_VAE)).eval()
     eval_cond = load_condition_file(args.eval_data or args.data, "heldout.json")[: args.eval_conditions]
@@ -231,9 +238,7 @@ def train(args) -> None:
                 break
     progress.close()
     extra = {"schedule": schedule.config(), "vae_sha": tcfg.get("vae_sha"), "trained_steps": step,
-             "distilled_from": meta["ldm"], "sampling": {"sampler": "ddim", "steps": n_steps, "guidance": 1.0,
-                                                         "apg_norm": 0.0, "class_scale": 0.0},
-             "train_seconds": round(run.elapsed(), 1)}
+             "distilled_from": meta["ldm"], "sampling": sampling, "train_seconds": round(run.elapsed(), 1)}
     save_denoiser(copy.deepcopy(ema).float(), run.path / "final", extra)
     run.log(f"saved EMA weights to {run.path / 'final'}")
     if interrupt.requested:

@@ -55,7 +55,10 @@ def main(argv=None):
             raise UserError(f"{args.run}: not an LDM run (config.json has no 'denoiser')")
         model = Denoiser(denoiser_config(cfg, args.run))
         model.load_state_dict(weights["model" if args.raw else "ema"])
-        save_denoiser(model.eval(), args.out, {"schedule": cfg["schedule"], **provenance}, half=not args.fp32)
+        # a distilled few-step denoiser (python.distill_ldm) says how it is meant to be sampled and from what
+        distilled = {k: cfg[k] for k in ("sampling", "distilled_from") if k in cfg}
+        save_denoiser(model.eval(), args.out, {"schedule": cfg["schedule"], **provenance, **distilled},
+                      half=not args.fp32)
     else:  # a GAN run's generator, or python/distill.py's one-step student: either ships as the GAN path's
         if not {"kind", "gan", "distilled"} & set(cfg):
             raise UserError(f"{args.run}: not a GAN run (config.json has no 'gan')")

@@ -88,6 +88,11 @@ def test_student_trains_resumes_and_saves_a_denoiser(tiny_data, tiny_weights, tm
     student, cfg = load_denoiser(run / "final")
     assert cfg["trained_steps"] == 40 and cfg["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": 1.0,
                                                               "apg_norm": 0.0, "class_scale": 0.0}
+    from python import ship
+
+    ship.main(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])  # ships as a denoiser folder
+    shipped, scfg = load_denoiser(tmp_path / "shipped")
+    assert scfg["sampling"] == cfg["sampling"] and scfg["trained_steps"] == 40 and "distilled_from" in scfg
     # what it learnt: its own two plain steps land nearer the guided teacher's six-step x_0 than the teacher's
     # conditional model alone does on the same two steps
     teacher, tcfg = load_denoiser(tiny_weights / "ldm")
