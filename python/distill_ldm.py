@@ -84,7 +84,8 @@ def student_grid(schedule: Schedule, teacher_steps: int, steps: int) -> np.ndarr
 
 
 def teacher_paths(model, schedule: Schedule, cond: np.ndarray, seed: int, teacher_steps: int, steps: int,
-                  guidance: float, apg_norm: float, class_grad, class_scale: float, class_iters: int) -> np.ndarray:
+                  guidance: float, apg_norm: float, class_grad, class_scale: float, class_iters: int,
+                  device="cpu") -> np.ndarray:
     """(steps + 1, N, C, H, W): the teacher's latent at each student grid point, x_T first, x_0 last."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     k = teacher_steps // steps
@@ -95,7 +96,7 @@ def teacher_paths(model, schedule: Schedule, cond: np.ndarray, seed: int, teache
             kept.append(np.array(x, np.float32))
 
     ldm_latents(model, schedule, cond, "ddim", teacher_steps, guidance, seed=seed, on_step=keep, batch=len(cond),
-                apg_norm=apg_norm, class_grad=class_grad if class_scale else None, class_scale=class_scale,
+                device=device, apg_norm=apg_norm, class_grad=class_grad if class_scale else None, class_scale=class_scale,
                 class_iters=class_iters)
     return np.stack(kept)
 
@@ -104,10 +105,11 @@ def make_trajectories(args) -> None:
     check_apg_norm(args.apg_norm, "--apg-norm")
     check_class_scale(args.class_scale, "--class-scale")
     check_class_iters(args.class_iters, "--class-iters")
-    model, cfg = load_denoiser(args.ldm or SHIPPED_LDM)
+    model, cfg = load_denoiser(args.ldm or SHIPPED_LDM, args.device)
     schedule = Schedule(**cfg["schedule"])
     grid = student_grid(schedule, args.teacher_steps, args.steps)
-    class_grad = load_class_grad(args.guide or SHIPPED_GUIDE, args.vae or SHIPPED_VAE) if args.class_scale else None
+    class_grad = load_class_grad(args.guide or SHIPPED_GUIDE, args.vae or SHIPPED_VAE).to(args.device) \
+        if args.class_scale else None
     train_sets = training_label_sets(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"ldm": str(Path(args.ldm or SHIPPED_LDM).resolve()), "vae_sha": cfg.get("vae_sha"),
@@ -126,7 +128,8 @@ def make_trajectories(args) -> None:
         t0 = time.time()
         with torch.no_grad():
             xs = teacher_paths(model, schedule, cond, args.seed * 1_000_000 + i, args.teacher_steps, args.steps,
-                               args.guidance, args.apg_norm, class_grad, args.class_scale, args.class_iters)
+                               args.guidance, args.apg_norm, class_grad, args.class_scale, args.class_iters,
+                               args.device)
         tmp = args.out / f".paths-{i:05d}.tmp.npz"
         np.savez(tmp, cond=cond, xs=xs, t=grid)
         os.replace(tmp, f)
@@ -181,7 +184,9 @@ def train(args) -> None:
            "denoiser": asdict(model.cfg), "schedule": schedule.config(), "vae_sha": tcfg.get("vae_sha"),
            "sampling": sampling, "distilled_from": meta["ldm"]}
     run = RunDir(args.run_dir, cfg, resume=args.resume, fixed=("trajectories",))
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
+    ema.to(device)
     ema.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = warmup_cosine(opt, args.steps, args.warmup, floor=0.1)
@@ -190,9 +195,9 @@ def train(args) -> None:
     step = run.restore(modules, objects) if args.resume and (run.path / "latest").exists() else 0
     # per grid point: (a, s) at t and at the next point (alpha_bar 1 at x_0)
     ab = np.concatenate([schedule.alpha_bar, [1.0]])  # index -1 reads 1.0
-    a = torch.tensor(np.sqrt(ab[grid]), dtype=torch.float32)
-    s = torch.tensor(np.sqrt(1.0 - ab[grid]), dtype=torch.float32)
-    t_grid = torch.from_numpy(grid)
+    a = torch.tensor(np.sqrt(ab[grid]), dtype=torch.float32, device=device)
+    s = torch.tensor(np.sqrt(1.0 - ab[grid]), dtype=torch.float32, device=device)
+    t_grid = torch.from_numpy(grid).to(device)
     n_paths = xs.shape[1]
     judge = load_judge(args.judge)
     decoder = Decoder(load_vae(args.vae or SHIPPED_VAE)).eval()
@@ -202,7 +207,7 @@ def train(args) -> None:
             f"{meta['class_scale']})")
 
     def probe():
-        res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, n_steps, 1.0, "cpu", apg_norm=0.0,
+        res, images = ldm_probe(ema, schedule, decoder, judge, eval_cond, n_steps, 1.0, device, apg_norm=0.0,
                                 sampler="ddim")
         run.metrics(step=step, heldout_subset=res, sampler="ddim", sampler_steps=n_steps, guidance=1.0)
         progress.write(f"step {step}: accuracy {res['accuracy']:.4f}, unrequested {res['unrequested']:.3f}")
@@ -215,7 +220,8 @@ def train(args) -> None:
         while step < args.steps:
             m = torch.randint(0, n_paths, (args.batch,), generator=gen)
             j = torch.randint(0, n_steps, (args.batch,), generator=gen)
-            x_t, x_next, cond = xs[j, m], xs[j + 1, m], cond_all[m]
+            x_t, x_next, cond = (v.to(device, non_blocking=True) for v in (xs[j, m], xs[j + 1, m], cond_all[m]))
+            j = j.to(device)
             view = lambda v: v[:, None, None, None]  # noqa: E731
             tgt = ddim_target(x_t, x_next, view(a[j]), view(s[j]), view(a[j + 1]), view(s[j + 1]),
                               schedule.prediction)
@@ -239,7 +245,7 @@ def train(args) -> None:
     progress.close()
     extra = {"schedule": schedule.config(), "vae_sha": tcfg.get("vae_sha"), "trained_steps": step,
              "distilled_from": meta["ldm"], "sampling": sampling, "train_seconds": round(run.elapsed(), 1)}
-    save_denoiser(copy.deepcopy(ema).float(), run.path / "final", extra)
+    save_denoiser(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
     run.log(f"saved EMA weights to {run.path / 'final'}")
     if interrupt.requested:
         raise SystemExit(interrupt.exit_code)
@@ -264,8 +270,9 @@ def main(argv=None) -> None:
     p.add_argument("--apg-norm", type=float, default=DEFAULT_APG_NORM)
     p.add_argument("--class-scale", type=float, default=DEFAULT_CLASS_SCALE)
     p.add_argument("--class-iters", type=int, default=DEFAULT_CLASS_ITERS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the teacher runs")
     p.set_defaults(func=make_trajectories)
-    p = add_run_options(sub.add_parser("train", help="the few-step student"), "distill_ldm")
+    p = add_run_options(sub.add_parser("train", help="the few-step student"), "distill_ldm", device=True)
     p.add_argument("--trajectories", type=Path, required=True)
     p.add_argument("--eval-data", type=Path, help="folder with heldout.json (default: --data)")
     p.add_argument("--init", type=Path, help="denoiser folder or run folder to start from (default: weights/ldm)")
