@@ -171,7 +171,8 @@ def main(argv=None):
               if args.model == "ldm" else {})
         kw.update(best_of=args.best_of, classifier=classifier)
         t0 = time.time()
-        row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "class_scale": class_scale, "files": {}}
+        row = {"steps": steps, "guidance": guidance, "apg_norm": apg_norm, "class_scale": class_scale, "files": {},
+               **({"sampler": gen.sampler_for(steps)} if args.model == "ldm" else {})}  # ddpm at T, whatever --sampler
         if args.model == "ldm" and class_scale:  # the guidance loss's count term, where weights/guide/counter has one
             row["count_weight"] = gen.class_grad().count_weight
             row["class_iters"] = class_iters
@@ -190,7 +191,7 @@ def main(argv=None):
                     fidelity = references[name].figures(images)
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
-                           + (f"_{args.sampler}" if steps and args.sampler != "dpmpp" else "")
+                           + (f"_{gen.sampler_for(steps)}" if steps and gen.sampler_for(steps) != "dpmpp" else "")
                            + (f"_eta{args.eta:g}" if args.eta else "")
                            + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
                            + (f"_cg{class_scale:g}" if class_scale else "")

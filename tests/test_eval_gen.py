@@ -159,15 +159,20 @@ def test_every_cli_with_apg_norm_refuses_a_negative_one_in_one_line(module, args
 def test_ddim_eta_reaches_the_sampler_and_is_checked(tiny_weights, tiny_data, tmp_path, capsys):
     from python.evaluation.generators import TorchGenerator
     cond = np.eye(24, dtype=np.float32)[:4]
-    plain = TorchGenerator("ldm", tiny_weights, "ddim").latents(cond, seed=0, steps=3, class_scale=0)
+    plain = TorchGenerator("ldm", tiny_weights, "ddim")
+    plain_x = plain.latents(cond, seed=0, steps=3, class_scale=0)
     noisy = TorchGenerator("ldm", tiny_weights, "ddim", eta=1.0)
     a, b = (noisy.latents(cond, seed=0, steps=3, class_scale=0) for _ in range(2))
-    assert torch.equal(a, b) and not torch.allclose(a, plain, atol=1e-3)  # seeded noise, and it is used
+    assert torch.equal(a, b) and not torch.allclose(a, plain_x, atol=1e-3)  # seeded noise, and it is used
     out, js = tmp_path / "out", tmp_path / "eval.json"
     main(["--model", "ldm", "--weights", str(tiny_weights), "--data", str(tiny_data), "--files", "test.json",
           "--seeds", "0", "--steps", "3", "--limit", "4", "--sampler", "ddim", "--eta", "0.5", "--class-scale", "0",
           "--diversity-conditions", "2", "--per-condition", "2", "--no-fidelity", "--out", str(out), "--json", str(js)])
-    assert json.loads(js.read_text())["eta"] == 0.5 and (out / "ldm_test_ddim_eta0.5_s3_g5_apg5.png").exists()
+    report = json.loads(js.read_text())
+    assert report["eta"] == 0.5 and (out / "ldm_test_ddim_eta0.5_s3_g5_apg5.png").exists()
+    assert report["results"][0]["sampler"] == "ddim"  # each setting names the sampler that ran it
+    # at the schedule's every step the sampler is DDPM whatever --sampler says, and the report says so
+    assert plain.sampler_for(plain.schedule.T) == "ddpm" and plain.sampler_for(3) == "ddim"
     refused = {"it needs --model ldm --sampler ddim": ["--eta", "0.5"],  # DPM-Solver++ (the default) has no noise
                "--eta must be between 0.0 and 1.0, got 2.0": ["--sampler", "ddim", "--eta", "2"]}
     for why, bad in refused.items():

@@ -47,13 +47,19 @@ class TorchGenerator:
             self.net, cfg = load_generator(Path(weights) / "gan", device)
         require_latent_space(Path(weights) / model, cfg, vae_dir)
 
+    def sampler_for(self, steps: int) -> str | None:
+        """The sampler that runs at `steps`: DDPM at the schedule's every step (T), else the one asked for; None for
+        the GAN path."""
+        if self.model != "ldm":
+            return None
+        return "ddpm" if steps == self.schedule.T else self.sampler
+
     def latents(self, cond: np.ndarray, seed: int = 0, steps: int = 25, guidance: float = DEFAULT_GUIDANCE,
                 on_step=None, seeds=None, apg_norm: float = DEFAULT_APG_NORM,
                 class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> torch.Tensor:
         if self.model == "gan":
             return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
-        sampler = "ddpm" if steps == self.schedule.T else self.sampler
-        return ldm_latents(self.net, self.schedule, cond, sampler, steps, guidance, seed=seed, eta=self.eta,
+        return ldm_latents(self.net, self.schedule, cond, self.sampler_for(steps), steps, guidance, seed=seed, eta=self.eta,
                            on_step=on_step, device=self.device, seeds=seeds, apg_norm=apg_norm,
                            class_grad=self.class_grad() if class_scale else None, class_scale=class_scale,
                            class_iters=class_iters)
