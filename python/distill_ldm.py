@@ -61,7 +61,7 @@ from python.data.dataset import load_condition_file
 from python.distill import training_label_sets
 from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_class_grad
-from python.models.denoiser import SHIPPED_LDM, load_denoiser, save_denoiser
+from python.models.denoiser import SHIPPED_LDM, Denoiser, denoiser_config, load_denoiser, save_denoiser
 from python.models.judge import load_judge
 from python.models.sampling import ldm_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae
@@ -100,7 +100,8 @@ def teacher_paths(model, schedule: Schedule, cond: np.ndarray, seed: int, teache
             kept.append(np.array(x, np.float32))
 
     ldm_latents(model, schedule, cond, "ddim", teacher_steps, guidance, seed=seed, on_step=keep, batch=len(cond),
-                device=device, apg_norm=apg_norm, class_grad=class_grad if class_scale else None, class_scale=class_scale,
+                device=device, apg_norm=apg_norm, class_grad=class_grad if class_scale else None,
+                class_scale=class_scale,
                 class_iters=class_iters)
     return np.stack(kept)
 
@@ -160,11 +161,13 @@ def load_trajectories(folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
 
 
 def _init_student(src: Path | None):
-    """(student, ema, config) from a run folder's latest checkpoint or a denoiser folder (default: the shipped LDM)."""
+    """(student, ema, config) from a run folder's latest checkpoint (another student run's, continued on other
+    trajectories) or a denoiser folder (default: the shipped LDM)."""
     if src is not None and (ck := load_checkpoint(Path(src))):
-        model, cfg = load_denoiser(Path(src) / "final") if (Path(src) / "final").exists() else (None, None)
-        if model is None:
-            raise UserError(f"--init {src}: a run folder without final/ (resume it with --resume instead)")
+        cfg = json.loads((Path(src) / "config.json").read_text())
+        if "denoiser" not in cfg or "schedule" not in cfg:
+            raise UserError(f"--init {src}: a run folder, but not of a denoiser (its config.json has no 'denoiser')")
+        model = Denoiser(denoiser_config(cfg, Path(src)))
         ema = copy.deepcopy(model)
         model.load_state_dict(ck[1]["model"])
         ema.load_state_dict(ck[1]["ema"])
@@ -180,6 +183,9 @@ def train(args) -> None:
     grid = np.asarray(meta["grid"])
     if tcfg.get("vae_sha") != meta["vae_sha"]:
         raise UserError(f"--init reads VAE {tcfg.get('vae_sha')}, the trajectories VAE {meta['vae_sha']}")
+    shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
+    if tuple(xs.shape[2:]) != shape:
+        raise UserError(f"--init's denoiser reads latents {shape}, the trajectories hold {tuple(xs.shape[2:])}")
     n_steps = len(grid) - 1
     sampling = {"sampler": "ddim", "steps": n_steps, "guidance": 1.0, "apg_norm": 0.0, "class_scale": 0.0}
     # what python.ship needs to ship the run as a denoiser folder (its architecture, schedule, latent space, and
@@ -260,7 +266,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("trajectories", help="the teacher's latents along the student's grid")
-    p.add_argument("--data", type=Path, default=Path("data/iclevr"), help="dataset folder (its train.json's label sets)")
+    p.add_argument("--data", type=Path, default=Path("data/iclevr"),
+                   help="dataset folder (its train.json's label sets)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ldm", type=Path, help="teacher denoiser folder (default: weights/ldm)")
     p.add_argument("--guide", type=Path, help="classifier guidance's classifier (default: weights/guide)")
@@ -290,7 +297,7 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=250)
     p.set_defaults(func=train)
     args = parser.parse_args(argv)
-    for name in ("count", "shard", "batch", "eval_conditions", "save_every"):
+    for name in ("count", "shard", "batch", "eval_conditions", "save_every", "teacher_steps", "steps"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "eval_every", 0) < 0:

@@ -191,7 +191,8 @@ def main(argv=None):
                     fidelity = references[name].figures(images)
                 if args.out and seed == args.seeds[0] and name in ("test.json", "new_test.json"):
                     tag = (f"{args.model}" + (f"_best_of_{args.best_of}" if args.best_of > 1 else "") + f"_{Path(name).stem}"
-                           + (f"_{gen.sampler_for(steps)}" if steps and gen.sampler_for(steps) != "dpmpp" else "")
+                           + (f"_{gen.sampler_for(steps)}" if steps and gen.sampler_for(steps) != "dpmpp"
+                              else "")
                            + (f"_eta{args.eta:g}" if args.eta else "")
                            + (f"_s{steps}_g{guidance:g}" if steps else "") + (f"_apg{apg_norm:g}" if apg_norm else "")
                            + (f"_cg{class_scale:g}" if class_scale else "")

@@ -88,6 +88,9 @@ def test_student_trains_resumes_and_saves_a_denoiser(tiny_data, tiny_weights, tm
     student, cfg = load_denoiser(run / "final")
     assert cfg["trained_steps"] == 40 and cfg["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": 1.0,
                                                               "apg_norm": 0.0, "class_scale": 0.0}
+    # another run can continue this student (--init RUN, e.g. on more trajectories): it starts from its EMA
+    _, again, _ = distill_ldm._init_student(run)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), student.state_dict().values()))
     from python import ship
 
     ship.main(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])  # ships as a denoiser folder

@@ -59,8 +59,8 @@ class TorchGenerator:
                 class_scale: float = DEFAULT_CLASS_SCALE, class_iters: int = DEFAULT_CLASS_ITERS) -> torch.Tensor:
         if self.model == "gan":
             return gan_latents(self.net, cond, seed, device=self.device, seeds=seeds)
-        return ldm_latents(self.net, self.schedule, cond, self.sampler_for(steps), steps, guidance, seed=seed, eta=self.eta,
-                           on_step=on_step, device=self.device, seeds=seeds, apg_norm=apg_norm,
+        return ldm_latents(self.net, self.schedule, cond, self.sampler_for(steps), steps, guidance, seed=seed,
+                           eta=self.eta, on_step=on_step, device=self.device, seeds=seeds, apg_norm=apg_norm,
                            class_grad=self.class_grad() if class_scale else None, class_scale=class_scale,
                            class_iters=class_iters)
 
