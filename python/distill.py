@@ -46,9 +46,8 @@ from python.core.best_of import best_of as select_best
 from python.core.best_of import candidate_seed
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm
 from python.core.errors import UserError, cli
-from python.core.labels import OBJECTS, load_objects
 from python.core.noise import initial_noise
-from python.data.dataset import load_condition_file, read_labelled
+from python.data.dataset import load_condition_file, training_label_sets
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import SHIPPED_LDM, load_denoiser
 from python.models.gan import Discriminator, GANConfig
@@ -81,15 +80,6 @@ def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps:
         x0, chosen = select_best(best_of, run, lambda z: classifier(torch.from_numpy(z)).numpy(), cond)
     noises = np.stack([initial_noise(candidate_seed(seed, k), len(cond), shape) for k in range(best_of)])
     return noises[chosen, np.arange(len(cond))], x0
-
-
-def training_label_sets(data: Path) -> np.ndarray:
-    """The distinct label sets of the dataset's train.json (the teacher is asked for what it was trained on)."""
-    data = Path(data)
-    if not (data / "train.json").exists():
-        raise UserError(f"{data}: no train.json (make a dataset with `python -m python.make_data --out {data}`)")
-    objects = load_objects(data / "objects.json") if (data / "objects.json").exists() else OBJECTS
-    return np.unique(read_labelled(data / "train.json", objects)[1].astype(np.float32), axis=0)
 
 
 def make_pairs(args) -> None:

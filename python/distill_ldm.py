@@ -57,8 +57,7 @@ from python.core.diffusion import (
 )
 from python.core.errors import UserError, cli
 from python.core.noise import initial_noise
-from python.data.dataset import load_condition_file
-from python.distill import training_label_sets
+from python.data.dataset import load_condition_file, training_label_sets
 from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_class_grad
 from python.models.denoiser import SHIPPED_LDM, Denoiser, denoiser_config, load_denoiser, save_denoiser

@@ -145,3 +145,12 @@ def load_condition_file(root_or_file: Path, name: str | None = None) -> np.ndarr
     objects_path = path.parent / "objects.json"
     objects = load_objects(objects_path) if objects_path.exists() else OBJECTS
     return load_conditions(path, objects)
+
+
+def training_label_sets(data: Path) -> np.ndarray:
+    """The distinct label sets of the dataset's train.json (the teacher is asked for what it was trained on)."""
+    data = Path(data)
+    if not (data / "train.json").exists():
+        raise UserError(f"{data}: no train.json (make a dataset with `python -m python.make_data --out {data}`)")
+    objects = load_objects(data / "objects.json") if (data / "objects.json").exists() else OBJECTS
+    return np.unique(read_labelled(data / "train.json", objects)[1].astype(np.float32), axis=0)
