@@ -81,7 +81,7 @@ from python.models.sampling import decode, gan_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Interruption, Progress, add_run_options, resolve_config
+from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import class_term, coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
 
@@ -435,9 +435,7 @@ def train(args, cfg: dict) -> tuple[Path, int]:
             # calls everything fake (-1) would beat any other constant and learn nothing
             w = cfg["mismatch"]
             loss = d_real + (d_fake + w * d_mis) / (1 + w)
-        d_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        d_opt.step()
+        optimiser_step(loss, d_opt)
         return d_real, d_fake, d_mis
 
     def f_update(fake, cond):
@@ -445,10 +443,7 @@ def train(args, cfg: dict) -> tuple[Path, int]:
         t = torch.randint(0, schedule.T, (len(fake),), generator=gen)
         loss = diffusion_loss(fake_score, fake, cond, t, torch.randn(fake.shape, generator=gen), tables, w_tab,
                               schedule.prediction)[0]
-        f_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(fake_score.parameters(), 1.0)
-        f_opt.step()
+        optimiser_step(loss, f_opt, clip=fake_score.parameters())
         return loss
 
     def critics(real, cond, fake, f_fake):
@@ -491,10 +486,7 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                     total = count_reward(counter, fake, cond, present=0.0, absent=0.0, total=1.0)
                     loss = loss + args.count_weight * total
                     extra["count"] = total.item()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
-                opt.step()
+                gnorm = optimiser_step(loss, opt, clip=student.parameters())
             else:  # the critics' warm-up: a generator step against untrained heads would follow noise
                 with torch.no_grad():
                     fake = student(z, cond)

@@ -57,7 +57,7 @@ from python.models.one_step import OneStep
 from python.models.sampling import decode, gan_latents, ldm_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae
 from python.training.ema import ema_update
-from python.training.loop import Progress, add_run_options
+from python.training.loop import Progress, add_run_options, optimiser_step
 from python.training.losses import adaptive_weight, class_term
 from python.training.rundir import RunDir, load_checkpoint
 from python.training.schedules import warmup_cosine
@@ -251,18 +251,11 @@ def train(args) -> None:
             extra.update(adv=adv.item(), adv_w=w.item())
         if extra:  # the regression term beside the others, when there are others
             extra["reg"] = reg.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        if sched is not None:
-            sched.step()
+        gnorm = optimiser_step(loss, opt, sched, clip=student.parameters())
         if disc is not None:  # after the student's step, whose backward needs the discriminator as it was
             d_loss = (torch.relu(1 - disc(x_0, cond)[0]).mean() +
                       torch.relu(1 + disc(fake.detach(), cond)[0]).mean())
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
+            optimiser_step(d_loss, d_opt)
             extra["d_loss"] = d_loss.item()
         step += 1
         ema_update(ema, student, step, args.ema)

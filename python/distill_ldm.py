@@ -65,7 +65,7 @@ from python.models.judge import load_judge
 from python.models.sampling import ldm_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae
 from python.training.ema import ema_update
-from python.training.loop import Interruption, Progress, add_run_options
+from python.training.loop import Interruption, Progress, add_run_options, optimiser_step
 from python.training.rundir import RunDir, load_checkpoint
 from python.training.schedules import warmup_cosine
 
@@ -235,11 +235,7 @@ def train(args) -> None:
             tgt = ddim_target(x_t, x_next, view(a[j]), view(s[j]), view(a[j + 1]), view(s[j + 1]),
                               schedule.prediction)
             loss = (model(x_t, t_grid[j], cond) - tgt).square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            gnorm = optimiser_step(loss, opt, sched, clip=model.parameters())
             step += 1
             ema_update(ema, model, step, args.ema)
             progress.step(step, args.batch, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),

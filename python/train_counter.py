@@ -29,7 +29,7 @@ from python.data.dataset import to_model_range
 from python.data.synthetic import render_count_arrays
 from python.models.counter import ImageCounter, count_objects, save_counter
 from python.models.vae import SHIPPED_VAE, load_vae, reconstruct, vae_digest
-from python.training.loop import add_run_options, resolve_config
+from python.training.loop import add_run_options, optimiser_step, resolve_config
 from python.training.losses import noise_augment
 from python.training.rundir import RunDir
 
@@ -100,10 +100,7 @@ def main(argv=None):
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         x = noise_augment(x, args.noise, gen)
         loss = F.cross_entropy(net(x), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched)
     net = net.eval().requires_grad_(False).cpu()
     held_u8, held_y = images_u8[-held:], totals[-held:]
     figures = {"renders": held_out_figures(net, to_model_range(held_u8), held_y),

@@ -36,7 +36,7 @@ from python.models.judge import SHIPPED_JUDGES, load_judge
 from python.models.vae import SHIPPED_VAE, VAE, VAEConfig, load_vae, save_vae, vae_digest
 from python.training.autoencoder import log_reconstructions, reconstruction_figures
 from python.training.latents import load_latents
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import adaptive_weight, gradient_l1
 from python.training.rundir import RunDir
 from python.training.schedules import warmup_cosine
@@ -130,16 +130,10 @@ def main(argv=None):
                 loss = loss + w * adv
                 disc.requires_grad_(True)
                 extra.update(adv=adv.item(), adv_w=w.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched, clip=params)
         if disc:  # after the decoder's step: its backward needs the discriminator's weights as they were
             d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()  # hinge
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
+            optimiser_step(d_loss, d_opt)
             extra["d_loss"] = d_loss.item()
         step += 1
         progress.step(step, len(x), lambda: dict(loss=loss.item(), mse=mse.item(), grad_l1=grad.item(),

@@ -25,7 +25,7 @@ from python.core.errors import cli
 from python.data.dataset import load_split, to_model_range
 from python.data.synthetic import render_labelled_arrays
 from python.models.judge import ARCHS, build_judge, judge_logits, judge_score, load_judge, save_judge
-from python.training.loop import Progress, resolve_config
+from python.training.loop import Progress, optimiser_step, resolve_config
 from python.training.rundir import RunDir
 from python.training.schedules import warmup_cosine
 
@@ -117,10 +117,7 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             out = judge_logits(net, x)
         loss = F.binary_cross_entropy_with_logits(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched)
         step += 1
         progress.step(step, len(idx), lambda: dict(loss=loss.item(), lr=sched.get_last_lr()[0]))
         if step % cfg["eval_every"] == 0 or step == steps:

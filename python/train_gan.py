@@ -35,7 +35,7 @@ from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.classifier import train_classifier
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import noise_augment
 from python.training.rundir import RunDir
 
@@ -128,27 +128,21 @@ def main(argv=None):
         if r1:
             grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
             loss_d = loss_d + args.r1 / 2 * args.r1_every * grad.pow(2).flatten(1).sum(1).mean()
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        optimiser_step(loss_d, opt_d)
         if opt_c is not None:  # the classifier: real latents carry their labels, generated ones none
             cls.train()
             logits = cls(noise_augment(torch.cat([real.detach(), fake]), args.cls_noise, gen_rng))
             bce = F.binary_cross_entropy_with_logits(logits, torch.cat([cond, torch.zeros_like(cond)]),
                                                      reduction="none").mean(1)
             loss_c = bce[:bs].mean() + args.cls_fake * bce[bs:].mean()
-            opt_c.zero_grad(set_to_none=True)
-            loss_c.backward()
-            opt_c.step()
+            optimiser_step(loss_c, opt_c)
             cls.eval()
         # generator: fool the projection head, satisfy the auxiliary classifier
         fake = gen(z, cond)
         d_fake, aux_fake = disc(fake, cond)
         class_logits = cls(noise_augment(fake, args.cls_noise, gen_rng)) if cls is not None else aux_fake
         loss_g = -d_fake.mean() + args.cls_weight * F.binary_cross_entropy_with_logits(class_logits, cond)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        optimiser_step(loss_g, opt_g)
         step += 1
         ema_update(ema, gen, step, args.ema)
         progress.step(step, bs, lambda: dict(loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=d_real.mean().item(),

@@ -25,7 +25,7 @@ from python.data.dataset import heldout_or_train, load_split, to_model_range
 from python.models.vae import VAE, VAEConfig, save_vae
 from python.training.autoencoder import log_reconstructions, reconstruction_figures
 from python.training.latents import load_latents
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Progress, add_run_options, optimiser_step, resolve_config
 from python.training.rundir import RunDir
 from python.training.schedules import warmup_cosine
 
@@ -85,11 +85,7 @@ def main(argv=None):
         mse = F.mse_loss(rec.float(), x)
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
         loss = mse + args.beta * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(loss, opt, sched, clip=vae.parameters())
         step += 1
         progress.step(step, len(x), lambda: dict(loss=loss.item(), mse=mse.item(), kl=kl.item(),
                                                   lr=sched.get_last_lr()[0]))

@@ -50,7 +50,7 @@ from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import load_latents
-from python.training.loop import Progress, add_run_options, resolve_config
+from python.training.loop import Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir
 
@@ -187,10 +187,7 @@ def main(argv=None):
             anchor = diffusion_loss(model, z0, lat.labels[idx] * keep.float()[:, None], t, eps, (ca_tab, cs_tab),
                                     w_tab, schedule.prediction)[0]
             loss = loss + args.anchor_weight * anchor
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        gnorm = optimiser_step(loss, opt, clip=model.parameters())
         step += 1
         ema_update(ema, model, step, args.ema)
         progress.step(step, cfg["batch"], lambda: dict(reward=reward.item(), **parts, anchor=anchor.item(),

@@ -19,6 +19,7 @@ from python.models.classifier import (
 from python.models.judge import topk_accuracy
 from python.models.weights import load_state_into
 from python.training.latents import LatentSet
+from python.training.loop import optimiser_step
 from python.training.losses import noise_augment
 from python.training.rundir import RunDir
 
@@ -54,10 +55,7 @@ def _fit_or_load(net: nn.Module, lat: LatentSet, held: torch.Tensor, steps: int,
         for _ in tqdm(range(steps), desc=kind, unit="step", dynamic_ncols=True):
             idx = train_rows[torch.randint(0, len(train_rows), (batch,), generator=rng, device=held.device)]
             loss_value = loss(noise_augment(lat.sample(idx, rng), noise, rng), idx)
-            opt.zero_grad(set_to_none=True)
-            loss_value.backward()
-            opt.step()
-            sched.step()
+            optimiser_step(loss_value, opt, sched)
     net.eval().requires_grad_(False)
 
 

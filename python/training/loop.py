@@ -82,6 +82,21 @@ def check_settings(cfg: dict) -> None:
                 raise UserError(f"{option(k)} must be in [{lo:g}, {hi:g}{']' if hi_ok else ')'}, got {v!r}")
 
 
+def optimiser_step(loss, opt, sched=None, clip=None, max_norm: float = 1.0) -> float | None:
+    """One update from `loss`: clear the gradients, backpropagate, clip the gradient norm of the parameters `clip`
+    (None: no clipping) at `max_norm`, step the optimiser and then the learning-rate schedule (if any). Returns the
+    gradient norm before clipping (None without clipping). Every trainer's update, written once."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(torch.nn.utils.clip_grad_norm_(clip, max_norm)) if clip is not None else None
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return gnorm
+
+
 class Progress:
     """A tqdm bar over the training steps and, every `every` steps (and at the last), one metrics.jsonl line with
     the interval's images/s. `show` names the metrics also shown on the bar. Without a run folder (a DDP rank
