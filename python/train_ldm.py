@@ -45,12 +45,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm, x0_eps
 from python.core.errors import UserError, cli
-from python.data.dataset import load_condition_file
+from python.core.labels import NUM_CLASSES
+from python.data.dataset import load_condition_file, load_split
+from python.data.layout import mirror, train_layouts
 from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
@@ -58,7 +61,7 @@ from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
 from python.training.latents import count_latents, load_latents, mixed_batch
-from python.training.loop import Interruption, Progress, add_run_options, resolve_config
+from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.repa import ClassifierTargets, Projector, alignment_loss
 from python.training.rundir import RunDir, restore_checkpoint
@@ -87,6 +90,10 @@ def main(argv=None):
                    help="with --cond tokens, also add a pooled embedding of the label set to the time embedding")
     parser.add_argument("--token-update", action=argparse.BooleanOptionalAction, default=False,
                         help="the class tokens attend to the patches after each block (two-way; see denoiser.py)")
+    parser.add_argument("--layout", action="store_true",
+                        help="condition on each object's place too (python/data/layout.py; a data folder written by "
+                             "python.make_data, whose scenes can be re-drawn); sampling draws places from the "
+                             "renderer's placement prior")
     parser.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
     parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
     parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
@@ -158,6 +165,8 @@ def main(argv=None):
             raise UserError(f"--count-fraction must be in (0, 1), got {args.count_fraction}")
         if args.count_workers is not None and args.count_workers < 1:
             raise UserError(f"--count-workers must be >= 1, got {args.count_workers}")
+        if args.layout:
+            raise UserError("--count-scenes and --layout do not go together: the count scenes' places are not kept")
         if not (args.pooled and args.cond == "tokens"):
             raise UserError("--count-scenes needs --pooled (and --cond tokens): the class tokens' attention cannot "
                             "tell one object of a class from two, the pooled embedding of the counts can")
@@ -178,7 +187,12 @@ def main(argv=None):
     schedule = Schedule(args.schedule, prediction=args.prediction)
     dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=args.patch, width=cfg["width"],
                             depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled,
-                            token_update=args.token_update)
+                            token_update=args.token_update, layout=args.layout)
+    if args.layout:  # each latent's condition row: its multi-hot, then its objects' places (mirror images mirrored)
+        split_names = load_split(args.data).names
+        half = len(lat) // 2
+        places = train_layouts(args.data, split_names, lat.labels[:half].numpy())
+        lat = replace(lat, labels=torch.cat([lat.labels, torch.from_numpy(np.concatenate([places, mirror(places)]))], 1))
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world,
                count_scenes=dict(scenes=args.count_scenes, seed=args.count_seed, fraction=args.count_fraction)
                if args.count_scenes else None,
@@ -209,10 +223,10 @@ def main(argv=None):
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
             raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
-        # a pooled embedding or token update the init lacks starts at zero, so the warm start computes what the init
+        # a pooled embedding, token update or layout input the init lacks starts at zero, so the warm start computes what the init
         # did; any other weight it lacks is an error
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
-        plain = Denoiser(replace(dcfg, pooled=False, token_update=False)).state_dict().keys()
+        plain = Denoiser(replace(dcfg, pooled=False, token_update=False, layout=False)).state_dict().keys()
         if any(k in plain for k in missing):
             raise UserError(f"--init {args.init}: weights missing for {missing}")
     model.to(device)
@@ -289,14 +303,10 @@ def main(argv=None):
                     loss = loss + args.repa_weight * align
             if cls_nets and (sel := keep & (t < cls_max_t)).any():
                 x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
-                cls_term = class_term(cls_nets, x0, cond[sel].clamp(max=1))  # presence, whatever the count
+                cls_term = class_term(cls_nets, x0, cond[sel][:, :NUM_CLASSES].clamp(max=1))  # presence, whatever the count
                 extra = {**extra, "cls": cls_term.detach(), "mse": extra.get("mse", loss.detach())}
                 loss = loss + args.cls_weight * cls_term
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            gnorm = optimiser_step(loss, opt, sched, clip=model.parameters())
             step += 1
             ema_update(ema, model, step, args.ema)
             progress.step(step, per_rank * world, lambda: dict(loss=loss.item(), grad_norm=float(gnorm),

@@ -19,6 +19,10 @@ being drawn. Without it the tokens are fixed embeddings, and nothing stops two r
 requested colour drawn twice, weights/ldm/MODEL_CARD.md). Its output projections start at zero, so a model
 without it warm-starts unchanged.
 Both take the condition as the multi-hot vector itself, so ONNX export needs no token bookkeeping.
+With layout=True a condition row is the multi-hot followed by each class's (u, v, r) (python/data/layout.py): the
+network draws one Gaussian blob per present object on the latent grid (24 maps, a class's map zero when it is
+absent) and adds their patch embedding (zero at initialisation, so a model without it warm-starts unchanged) to the
+patch tokens. The samplers' unconditional pass zeroes the whole row: no objects and no layout.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class DenoiserConfig:
     num_classes: int = NUM_CLASSES
     pooled: bool = False  # also add a linear embedding of the whole label set to the time embedding ("tokens")
     token_update: bool = False  # the class tokens attend to the patches after each block but the last ("tokens")
+    layout: bool = False  # the condition also carries each object's place (python/data/layout.py), drawn as blobs
 
     def __post_init__(self):
         if self.cond not in ("tokens", "sum"):
@@ -59,6 +64,11 @@ class DenoiserConfig:
         if self.size % self.patch or self.width % self.heads:
             raise UserError(f"size {self.size} must be divisible by patch {self.patch} and width {self.width} by "
                             f"heads {self.heads}")
+
+    @property
+    def cond_dim(self) -> int:
+        """The width of a condition row: the multi-hot, then (with layout) 3 numbers per class."""
+        return self.num_classes * (4 if self.layout else 1)
 
     @property
     def tokens(self) -> int:
@@ -149,6 +159,12 @@ class Denoiser(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.class_emb = nn.Parameter(torch.randn(cfg.num_classes + 1, d) * 0.02)  # last row: the null token
+        if cfg.layout:
+            self.layout_in = nn.Conv2d(cfg.num_classes, d, p, p)
+            nn.init.zeros_(self.layout_in.weight)
+            nn.init.zeros_(self.layout_in.bias)
+            grid = (torch.arange(cfg.size, dtype=torch.float32) + 0.5) / cfg.size
+            self.register_buffer("grid", grid, persistent=False)
         if cfg.pooled and cfg.cond == "tokens":
             self.cond_emb = nn.Linear(cfg.num_classes, d)
             nn.init.zeros_(self.cond_emb.weight)
@@ -191,10 +207,23 @@ class Denoiser(nn.Module):
                 out.append(h)
         return out
 
+    def blobs(self, cond, places):
+        """(N, 24) multi-hot and (N, 72) places -> (N, 24, H, W): one Gaussian (sigma = the object's r) per present
+        object on the latent grid."""
+        u, v, r = places.float().view(-1, self.cfg.num_classes, 3).unbind(-1)  # 3 x (N, 24)
+        g = self.grid
+        inv = 1.0 / (2.0 * (r.clamp(min=1e-2) ** 2))[..., None]  # (N, 24, 1)
+        bx = torch.exp(-((g - u[..., None]) ** 2) * inv)  # (N, 24, W)
+        by = torch.exp(-((g - v[..., None]) ** 2) * inv)  # (N, 24, H)
+        return (cond > 0.5).float()[..., None, None] * by[..., :, None] * bx[..., None, :]
+
     def _inputs(self, x, t, cond):
         """(patch tokens, time and pooled-label embedding, class tokens, their mask): what every block takes."""
         cfg = self.cfg
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (N, L, d), L = (H / p)^2 tokens
+        if cfg.layout:
+            cond, places = cond[:, :cfg.num_classes], cond[:, cfg.num_classes:]
+            h = h + self.layout_in(self.blobs(cond, places).to(h.dtype)).flatten(2).transpose(1, 2)
         emb = self.t_mlp(timestep_embedding(t, cfg.width))  # (N, d)
         ctx = mask = None
         if cfg.cond == "sum":
