@@ -260,7 +260,7 @@ def ldm_runner(m: Models, backend: str, sampler: str, steps: int, guidance: floa
     def run():
         lat = diffusion_latents(denoiser, m.schedule, cond, m.shape, sampler, steps, guidance, eta, x_T=x_T,
                                 batch=len(cond), apg_norm=apg_norm, class_grad=grad, class_scale=class_scale,
-                                class_iters=class_iters)
+                                class_iters=class_iters, layout_bank=getattr(m.ldm, "layout_bank", None))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return decoder(torch.from_numpy(lat)).float()
 
@@ -308,6 +308,8 @@ def cpp_times(m: Models, steps: int, guidance: float, cond: np.ndarray, runs: in
         print(f"cpp: {binary} not built (make cpp); skipped")
         return None
     with tempfile.TemporaryDirectory() as d:
+        if m.pipe.ex.layout_bank is not None:  # a layout denoiser: the rows carry the places (seed 0's)
+            cond = m.pipe.ex.layout_bank.condition_rows(cond)
         cond.astype(np.float32).tofile(f"{d}/cond.f32")
         initial_noise(0, len(cond), m.shape).tofile(f"{d}/noise.f32")
         r = subprocess.run([str(binary), str(m.export), d, "--cond", f"{d}/cond.f32", "--noise", f"{d}/noise.f32",
@@ -407,8 +409,11 @@ def denoiser_feeds(m: Models, batch: int, guidance: float) -> dict[str, np.ndarr
     """One denoiser call's inputs for a sampler batch: 2 x batch rows with guidance (conditional and
     unconditional passes in one call), batch rows without."""
     passes = 2 if guidance != 1.0 else 1
+    cond = conditions_for(batch)
+    if m.pipe.ex.layout_bank is not None:  # a layout denoiser's rows carry the places too
+        cond = m.pipe.ex.layout_bank.condition_rows(cond)
     return {"x": np.concatenate([initial_noise(0, batch, m.shape)] * passes),
-            "t": np.full(passes * batch, 500, np.int64), "cond": np.concatenate([conditions_for(batch)] * passes)}
+            "t": np.full(passes * batch, 500, np.int64), "cond": np.concatenate([cond] * passes)}
 
 
 def breakdown(m: Models, sampler: str, steps: int, guidance: float, batch: int, runs: int,

@@ -38,6 +38,7 @@ from onnxruntime.quantization import (
 from python.core.checksum import sha256
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
+from python.core.layout import LayoutBank
 from python.core.noise import gan_noise
 from python.training.latents import LatentSet, load_latents
 
@@ -58,8 +59,10 @@ class Feeds(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def model_inputs(name: str, manifest_entry: dict, lat: LatentSet, n: int, seed: int, batch: int = 32) -> list[dict]:
-    """`n` real inputs for an exported network, in batches: what it sees when the generators run."""
+def model_inputs(name: str, manifest_entry: dict, lat: LatentSet, n: int, seed: int, batch: int = 32,
+                 bank=None) -> list[dict]:
+    """`n` real inputs for an exported network, in batches: what it sees when the generators run (`bank`: a layout
+    denoiser's placement prior, python.core.layout, whose places join its conditions)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(lat), (n,), generator=gen)
     latents, labels = lat.sample(idx, gen).numpy(), lat.labels[idx].numpy()
@@ -73,7 +76,8 @@ def model_inputs(name: str, manifest_entry: dict, lat: LatentSet, n: int, seed: 
         a, s = (c.astype(np.float32)[:, None, None, None] for c in schedule.coeffs(t))
         eps = torch.randn(latents.shape, generator=gen).numpy()
         drop = (torch.rand(n, generator=gen) < 0.5).numpy()  # guidance runs conditional and unconditional halves
-        feeds = {"x": a * latents + s * eps, "t": t.astype(np.int64), "cond": np.where(drop[:, None], 0, labels)}
+        rows = bank.condition_rows(labels, seed) if bank is not None else labels
+        feeds = {"x": a * latents + s * eps, "t": t.astype(np.int64), "cond": np.where(drop[:, None], 0, rows)}
     else:
         raise ValueError(f"no int8 calibration for {name!r}; quantized are {', '.join(QUANTIZED)}")
     feeds = {k: np.ascontiguousarray(v, np.int64 if k == "t" else np.float32) for k, v in feeds.items()}
@@ -188,9 +192,10 @@ def quantize_export(out: Path, manifest: dict, data: Path, vae_dir: Path, sample
             print("OpenVINO int8 copies: nncf / openvino not installed; skipped (pip install openvino nncf)")
     for name in [n for n in QUANTIZED if manifest["models"].get(n, {}).get("format") == "onnx"]:
         entry = manifest["models"][name]
-        calibration = model_inputs(name, entry, lat, samples, seed=1)
-        verification = model_inputs(name, entry, lat, 64, seed=2)
-        keep = {k: v for k, v in entry.items() if k in ("schedule", "z_dim", "latent_shape")}
+        bank = LayoutBank.load(out) if entry.get("layout") else None
+        calibration = model_inputs(name, entry, lat, samples, seed=1, bank=bank)
+        verification = model_inputs(name, entry, lat, 64, seed=2, bank=bank)
+        keep = {k: v for k, v in entry.items() if k in ("schedule", "z_dim", "latent_shape", "layout")}
         try:
             q = quantize(out / entry["file"], out / f"{name}.int8.onnx", calibration, verification)
             manifest["models"][f"{name}_int8"] = {**q, **keep}

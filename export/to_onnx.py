@@ -34,6 +34,7 @@ from python.core.diffusion import Schedule
 from python.core.errors import UserError, cli
 from python.core.folders import replace_folder
 from python.core.labels import CLASS_NAMES
+from python.core.layout import BANK_FILE
 from python.models.classifier import load_class_grad, load_classifier
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
@@ -234,8 +235,10 @@ def collect(weights: Path | None, vae: Path | None = None) -> dict:
         require_latent_space(d, cfg, vae_dir)
         if name == "denoiser":
             t = torch.tensor([999, 10, 500, 0, 250])
-            found[name] = (model, {"x": rand(2, *shape), "t": t[:2], "cond": conds[:2]},
-                           {"x": rand(5, *shape), "t": t, "cond": conds}, ["out"], {"schedule": cfg["schedule"]})
+            rows = torch.from_numpy(model.layout_bank.condition_rows(conds.numpy())) if model.cfg.layout else conds
+            found[name] = (model, {"x": rand(2, *shape), "t": t[:2], "cond": rows[:2]},
+                           {"x": rand(5, *shape), "t": t, "cond": rows}, ["out"],
+                           {"schedule": cfg["schedule"], **({"layout": BANK_FILE} if model.cfg.layout else {})})
         else:
             z = model.cfg.z_dim
             found[name] = (model, {"z": rand(2, z), "cond": conds[:2]}, {"z": rand(5, z), "cond": conds}, ["latents"],
@@ -304,6 +307,9 @@ def _export_into(weights: Path | None, out: Path, formats, fp16: bool, int8_data
             manifest["models"][f"{name}_ts"] = {**export_torchscript(module, ex, out / f"{name}.ts", check), **extra}
         print(f"{name}: exported ({', '.join(formats)})")
     (out / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    if "denoiser" in nets and nets["denoiser"][0].cfg.layout:  # the placement prior the samplers draw places from
+        manifest["layout_bank"] = {"file": BANK_FILE, "sha256": sha256(nets["denoiser"][0].layout_bank.save(out))}
+        (out / "layout.txt").write_text(f"{nets['denoiser'][0].cfg.cond_dim}\n")  # the C++ sampler's row width
     if "denoiser" in nets:  # the schedule as a table, for the C++ sampler
         s = Schedule(**nets["denoiser"][4]["schedule"])
         c, h, w = nets["decoder"][4]["latent_shape"]

@@ -10,7 +10,8 @@ Layout (Triton's): one folder per model with config.pbtxt and a version folder 1
 - ldm: a Python-backend model that runs the project's sampling loop (the numpy core, python/core/, copied beside
   model.py as core/) and calls denoiser, class_grad and decoder through Triton (BLS), so they batch across
   requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE, APG_NORM, CLASS_SCALE,
-  CLASS_ITERS; output IMAGES.
+  CLASS_ITERS; output IMAGES. A layout denoiser's placement prior (layouts.npz, python/core/layout.py) is copied
+  beside model.py, and each request's places are drawn from its SEED, as the runtime draws them.
 - gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from python.core.checksum import sha256
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE
 from python.core.errors import UserError
+from python.core.layout import BANK_FILE
 
 CORE = Path(__file__).resolve().parent.parent / "python" / "core"
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16"}
@@ -132,6 +134,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from core.diffusion import Schedule, check_apg_norm, check_class_iters, check_class_scale  # noqa: E402
+from core.layout import BANK_FILE, LayoutBank  # noqa: E402
 from core.sampling import diffusion_latents  # noqa: E402
 
 
@@ -155,6 +158,8 @@ class TritonPythonModel:
         self.apg_norm = float(params["default_apg_norm"])
         self.class_scale = float(params["default_class_scale"])
         self.class_iters = int(params["default_class_iters"])
+        here = Path(__file__).resolve().parent  # a layout denoiser's placement prior, copied beside this file
+        self.layout_bank = LayoutBank.load(here) if (here / BANK_FILE).exists() else None
 
     def _scalar(self, request, name, default, kind):
         t = pb_utils.get_input_tensor_by_name(request, name)
@@ -175,7 +180,7 @@ class TritonPythonModel:
         lat = diffusion_latents(denoiser, self.schedule, cond, self.shape, self.sampler, steps, guidance,
                                 seeds=parts, batch=len(cond), apg_norm=apg_norm,
                                 class_grad=class_grad if class_scale else None, class_scale=class_scale,
-                                class_iters=class_iters)
+                                class_iters=class_iters, layout_bank=self.layout_bank)
         return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
 
     def execute(self, requests):
@@ -216,7 +221,8 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
     mf = export / "manifest.json"
     if not mf.exists():
         raise UserError(f"{export}: no manifest.json (export the models first with export/to_onnx.py)")
-    models = json.loads(mf.read_text())["models"]
+    manifest_all = json.loads(mf.read_text())
+    models = manifest_all["models"]
     onnx_models = [n for n in ("judge", "judge2", "decoder", "denoiser", "generator", "class_grad")
                    if models.get(n, {}).get("format") == "onnx"]
     if "decoder" not in onnx_models:
@@ -237,6 +243,13 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
         shutil.rmtree(d / "core", ignore_errors=True)  # the one copy of the maths, shipped beside the backend
         shutil.copytree(CORE, d / "core", ignore=shutil.ignore_patterns("__pycache__"))
         (d / "model.py").write_text(LDM_MODEL)
+        (d / BANK_FILE).unlink(missing_ok=True)
+        bank = manifest_all.get("layout_bank")
+        if bank:  # a layout denoiser: the sampler draws each row's places from this prior (python/core/layout.py)
+            src = export / bank["file"]
+            if sha256(src) != bank["sha256"]:
+                raise UserError(f"{src}: checksum differs from manifest.json; re-export")
+            shutil.copyfile(src, d / BANK_FILE)
         manifest = {"schedule": models["denoiser"]["schedule"], "latent_shape": models["decoder"]["latent_shape"]}
         (out / "ldm" / "config.pbtxt").write_text(LDM_CONFIG.format(
             max_batch=MAX_BATCH, guidance=DEFAULT_GUIDANCE, apg_norm=DEFAULT_APG_NORM,

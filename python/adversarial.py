@@ -289,7 +289,7 @@ def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
 
 
 def train(args, cfg: dict) -> tuple[Path, int]:
-    teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
+    teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM, layout_for="python.adversarial")
     vae_dir = args.vae or SHIPPED_VAE
     require_latent_space(args.ldm or SHIPPED_LDM, tcfg, vae_dir)
     schedule = Schedule(**tcfg["schedule"])

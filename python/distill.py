@@ -85,7 +85,7 @@ def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps:
 def make_pairs(args) -> None:
     check_apg_norm(args.apg_norm, "--apg-norm")
     ldm_dir = args.ldm or SHIPPED_LDM
-    model, cfg = load_denoiser(ldm_dir)
+    model, cfg = load_denoiser(ldm_dir, layout_for="python.distill")
     schedule = Schedule(**cfg["schedule"])
     classifier = load_classifier_for(args.classifier, args.vae or SHIPPED_VAE) if args.best_of > 1 else None
     train_sets = training_label_sets(args.data)
@@ -178,7 +178,8 @@ def mse_to_teacher(student: OneStep, pairs: dict[str, torch.Tensor], batch: int 
 
 def train(args) -> None:
     meta, pairs = load_pairs(args.pairs)
-    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else args.ldm)
+    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else args.ldm,
+                                   layout_for="python.distill")
     vae_dir = args.vae or SHIPPED_VAE
     pairs_count = len(pairs["cond"])
     if args.filter:

@@ -109,7 +109,7 @@ def make_trajectories(args) -> None:
     check_apg_norm(args.apg_norm, "--apg-norm")
     check_class_scale(args.class_scale, "--class-scale")
     check_class_iters(args.class_iters, "--class-iters")
-    model, cfg = load_denoiser(args.ldm or SHIPPED_LDM, args.device)
+    model, cfg = load_denoiser(args.ldm or SHIPPED_LDM, args.device, layout_for="python.distill_ldm")
     schedule = Schedule(**cfg["schedule"])
     grid = student_grid(schedule, args.teacher_steps, args.steps)
     class_grad = load_class_grad(args.guide or SHIPPED_GUIDE, args.vae or SHIPPED_VAE).to(args.device) \
@@ -171,7 +171,7 @@ def _init_student(src: Path | None):
         model.load_state_dict(ck[1]["model"])
         ema.load_state_dict(ck[1]["ema"])
         return model, ema, cfg
-    model, cfg = load_denoiser(src or SHIPPED_LDM)
+    model, cfg = load_denoiser(src or SHIPPED_LDM, layout_for="python.distill_ldm")
     return model, copy.deepcopy(model), cfg
 
 

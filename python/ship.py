@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from python.core.errors import UserError, cli
+from python.core.layout import LayoutBank
 from python.models.denoiser import Denoiser, denoiser_config, save_denoiser
 from python.models.generators import build_generator, save_generator
 from python.training.rundir import load_checkpoint
@@ -55,6 +56,8 @@ def main(argv=None):
             raise UserError(f"{args.run}: not an LDM run (config.json has no 'denoiser')")
         model = Denoiser(denoiser_config(cfg, args.run))
         model.load_state_dict(weights["model" if args.raw else "ema"])
+        if model.cfg.layout:  # the placement prior the run drew (python/core/layout.py) travels with the weights
+            model.layout_bank = LayoutBank.load(args.run)
         # a distilled few-step denoiser (python.distill_ldm) says how it is meant to be sampled and from what
         distilled = {k: cfg[k] for k in ("sampling", "distilled_from") if k in cfg}
         save_denoiser(model.eval(), args.out, {"schedule": cfg["schedule"], **provenance, **distilled},

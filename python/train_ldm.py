@@ -52,8 +52,9 @@ import torch.distributed as dist
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm, x0_eps
 from python.core.errors import UserError, cli
 from python.core.labels import NUM_CLASSES
+from python.core.layout import BANK_FILE, LayoutBank
 from python.data.dataset import load_condition_file, load_split
-from python.data.layout import mirror, train_layouts
+from python.data.layout import make_bank, mirror, train_layouts
 from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
@@ -69,7 +70,7 @@ from python.training.schedules import warmup_cosine
 
 PRESETS = {
     "tiny": dict(width=32, depth=2, heads=2, batch=8, steps=6, eval_every=3, eval_conditions=8, eval_steps=4,
-                 lr=1e-3, warmup=2),
+                 lr=1e-3, warmup=2, layout_bank=8),
     "quick": dict(width=128, depth=4, heads=4, batch=64, steps=2000, eval_every=500, eval_conditions=64,
                   eval_steps=20, lr=5e-4, warmup=100),
     "full": dict(width=128, depth=8, heads=4, batch=128, steps=40000, eval_every=2000, eval_conditions=256,
@@ -94,6 +95,9 @@ def main(argv=None):
                         help="condition on each object's place too (python/data/layout.py; a data folder written by "
                              "python.make_data, whose scenes can be re-drawn); sampling draws places from the "
                              "renderer's placement prior")
+    parser.add_argument("--layout-bank", type=int,
+                        help="with --layout: scenes per object count in the placement prior drawn at the start and "
+                             "kept in the run folder (default 4096; the tiny preset 8)")
     parser.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="cosine")
     parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
     parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR gamma (0 disables)")
@@ -188,11 +192,14 @@ def main(argv=None):
     dcfg = DenoiserConfig(in_channels=lat.mean.shape[1], size=lat.mean.shape[2], patch=args.patch, width=cfg["width"],
                             depth=cfg["depth"], heads=cfg["heads"], cond=args.cond, pooled=args.pooled,
                             token_update=args.token_update, layout=args.layout)
+    if args.layout_bank is not None and not args.layout:
+        raise UserError("--layout-bank is the placement prior of a --layout model; give --layout")
     if args.layout:  # each latent's condition row: its multi-hot, then its objects' places (mirror images mirrored)
         split_names = load_split(args.data).names
         half = len(lat) // 2
         places = train_layouts(args.data, split_names, lat.labels[:half].numpy())
-        lat = replace(lat, labels=torch.cat([lat.labels, torch.from_numpy(np.concatenate([places, mirror(places)]))], 1))
+        places = torch.from_numpy(np.concatenate([places, mirror(places)]))
+        lat = replace(lat, labels=torch.cat([lat.labels, places], 1))
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world,
                count_scenes=dict(scenes=args.count_scenes, seed=args.count_seed, fraction=args.count_fraction)
                if args.count_scenes else None,
@@ -223,8 +230,8 @@ def main(argv=None):
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
             raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
-        # a pooled embedding, token update or layout input the init lacks starts at zero, so the warm start computes what the init
-        # did; any other weight it lacks is an error
+        # a pooled embedding, token update or layout input the init lacks starts at zero, so the warm start computes
+        # what the init did; any other weight it lacks is an error
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys
         plain = Denoiser(replace(dcfg, pooled=False, token_update=False, layout=False)).state_dict().keys()
         if any(k in plain for k in missing):
@@ -255,6 +262,14 @@ def main(argv=None):
         net = torch.compile(net)
     if world > 1:
         gen.manual_seed(args.seed * 1000003 + rank * 7919 + step)
+    if args.layout:  # the placement prior the probe (and later every sampler) draws places from, kept with the run
+        folder = Path(args.run_dir)
+        bank = LayoutBank.load(folder) if (folder / BANK_FILE).exists() else None
+        if bank is None:
+            bank = make_bank(cfg.get("layout_bank") or 4096, seed=args.seed, workers=1 if world > 1 else None)
+            if run:
+                bank.save(folder)
+        model.layout_bank = ema.layout_bank = bank
     lat = lat.to(device)
     if repa_targets:  # the first 2,048 latents (deterministic, so a resumed run standardises as the first did)
         repa_targets.fit(lat.mean[:2048].float() * lat.scale_factor)
@@ -303,7 +318,8 @@ def main(argv=None):
                     loss = loss + args.repa_weight * align
             if cls_nets and (sel := keep & (t < cls_max_t)).any():
                 x0 = x0_eps(x_t[sel], out[sel].float(), ca_tab[t][sel], cs_tab[t][sel], schedule.prediction)[0]
-                cls_term = class_term(cls_nets, x0, cond[sel][:, :NUM_CLASSES].clamp(max=1))  # presence, whatever the count
+                present = cond[sel][:, :NUM_CLASSES].clamp(max=1)  # presence, whatever the count
+                cls_term = class_term(cls_nets, x0, present)
                 extra = {**extra, "cls": cls_term.detach(), "mse": extra.get("mse", loss.detach())}
                 loss = loss + args.cls_weight * cls_term
             gnorm = optimiser_step(loss, opt, sched, clip=model.parameters())

@@ -136,7 +136,7 @@ def main(argv=None):
     device = torch.device(args.device)
     vae_folder = args.vae or SHIPPED_VAE
 
-    init, init_cfg = load_denoiser(args.init)
+    init, init_cfg = load_denoiser(args.init, layout_for="python.tune_ldm")
     require_latent_space(args.init, init_cfg, vae_folder)
     counter = load_classifier_for(args.counter, vae_folder, output="counts").to(device)
     lat = load_latents(args.data, vae_folder)

@@ -38,6 +38,7 @@ from python.core.errors import UserError, cli
 from python.core.images import image_grid, to_uint8
 from python.core.labels import load_conditions, parse_label_arg
 from python.core.memory import keep_freed_memory
+from python.core.noise import initial_noise
 from python.core.sampling import diffusion_latents, one_step_latents
 from runtime.judge import accuracy
 from runtime.models import BACKENDS, PRECISIONS, ExportFolder
@@ -117,7 +118,7 @@ class Pipeline:
         grad = lambda z, c: self.ex.run("class_grad", {"latents": z.astype(np.float32), "cond": c})[0]  # noqa: E731
         return diffusion_latents(denoiser, self.schedule, cond, self.latent_shape, sampler, steps, guidance, eta,
                                  seed, seeds, batch, x_T, on_step, apg_norm, grad if class_scale else None,
-                                 class_scale, class_iters)
+                                 class_scale, class_iters, self.ex.layout_bank)
 
     def gan_latents(self, cond: np.ndarray, seed: int = 0, batch: int = 1024,
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
@@ -191,6 +192,10 @@ def main(argv=None):
                         help="the engine that runs the export's graphs: onnxruntime (CPU or GPU providers) or openvino "
                              "(CPU; int8 from its NNCF copies, export/to_onnx.py --int8 with openvino and nncf installed)")
     parser.add_argument("--out", type=Path, required=True, help="a .png grid for --labels, a folder for --conditions")
+    parser.add_argument("--save-cond", type=Path, metavar="DIR",
+                        help="also write the LDM's inputs for these conditions and --seed to DIR: cond.f32 (its "
+                             "condition rows; a layout denoiser's with the places drawn, python/core/layout.py) and "
+                             "noise.f32 (x_T), the --cond and --noise files of the C++ sampler (runtime/cpp)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # batched inference: see python/core/memory.py
     if args.model not in ("ldm", "gan"):
@@ -203,6 +208,15 @@ def main(argv=None):
     check_output(args.out, folder=bool(args.conditions))
     if args.labels:
         cond = np.repeat(cond, args.n, axis=0)
+    if args.save_cond:
+        if args.model != "ldm" or not pipe.ex.has("denoiser"):
+            raise UserError("--save-cond writes the LDM's inputs: give --model ldm with an export that has the "
+                            "denoiser")
+        args.save_cond.mkdir(parents=True, exist_ok=True)
+        bank = pipe.ex.layout_bank
+        (bank.condition_rows(cond, args.seed) if bank is not None else cond).astype(np.float32).tofile(
+            args.save_cond / "cond.f32")
+        initial_noise(args.seed, len(cond), pipe.latent_shape).tofile(args.save_cond / "noise.f32")
     kw = {"seed": args.seed} if args.model == "gan" else dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                         eta=args.eta, seed=args.seed, batch=args.batch,
                                                         apg_norm=args.apg_norm, class_scale=args.class_scale,

@@ -9,6 +9,7 @@ import numpy as np
 
 from python.core.checksum import sha256
 from python.core.errors import UserError
+from python.core.layout import LayoutBank
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EXPORT = REPO / "exports" / "default"
@@ -92,6 +93,21 @@ class ExportFolder:
 
     def has(self, name: str) -> bool:
         return self.manifest["models"].get(name, {}).get("format") == "onnx"
+
+    @property
+    def layout_bank(self):
+        """The placement prior of a layout denoiser (python/core/layout.py), checked against the manifest; None for
+        a denoiser that reads the label set alone."""
+        entry = self.manifest.get("layout_bank")
+        if entry is None:
+            return None
+        if "_layout_bank" not in self.__dict__:
+            path = self.path / entry["file"]
+            if path.exists() and sha256(path) != entry.get("sha256"):
+                raise UserError(f"{path}: its checksum differs from manifest.json's (a partial, mixed or damaged "
+                                f"export); re-export with `python export/to_onnx.py --out {self.path}`")
+            self._layout_bank = LayoutBank.load(self.path)
+        return self._layout_bank
 
     def session(self, name: str):
         if name not in self._sessions:

@@ -111,3 +111,37 @@ def ddim_spacing(monkeypatch):
         monkeypatch.setattr(sampling, "make_sampler", lambda name, sch, n, eta=0.0: diffusion.DDIM(sch, n, eta, spacing)
                             if name == "ddim" else make(name, sch, n, eta))
     return use
+
+
+@pytest.fixture(scope="session")
+def layout_bank():
+    """A small placement prior (python/core/layout.py): 6 renderer scenes of each count 1-3."""
+    from python.data.layout import make_bank
+
+    return make_bank(per_count=6, max_objects=3, seed=2, workers=1)
+
+
+@pytest.fixture(scope="session")
+def layout_export(tiny_weights, layout_bank, tmp_path_factory):
+    """(weights, export): tiny_weights with a layout denoiser (perturbed, so that the places show) in ldm/, exported
+    to ONNX and TorchScript."""
+    import torch
+
+    from export.to_onnx import export_all
+    from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
+
+    root = tmp_path_factory.mktemp("layout_weights")
+    for sub in tiny_weights.iterdir():
+        if sub.name != "ldm":
+            (root / sub.name).symlink_to(sub)
+    _, cfg = load_denoiser(tiny_weights / "ldm")
+    torch.manual_seed(1)
+    den = Denoiser(DenoiserConfig(width=32, depth=2, heads=2, layout=True))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    den.layout_bank = layout_bank
+    save_denoiser(den, root / "ldm", {k: cfg[k] for k in ("schedule", "vae_sha")})
+    out = tmp_path_factory.mktemp("layout_export")
+    export_all(root, out, formats=("onnx", "torchscript"))
+    return root, out

@@ -189,3 +189,32 @@ def test_cpp_ddim_noise_matches_python(binary, tiny_weights, tmp_path):
                       "--step-noise holds 2 latents; --steps x items is 12")]:
         r = subprocess.run(base + [str(out)] + args + bad, capture_output=True, text=True)
         assert r.returncode == 2 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cpp_samples_a_layout_export_from_the_runtime_s_saved_inputs(binary, layout_export, tmp_path):
+    """A layout denoiser (python/core/layout.py): runtime.generate --save-cond writes the rows with the places it drew,
+    and the C++ sampler given them makes the Python runtime's images; --labels alone is refused, saying what to do."""
+    from runtime.generate import Pipeline
+    from runtime.generate import main as generate
+    from runtime.models import ExportFolder
+
+    _, ex = layout_export
+    saved = tmp_path / "inputs"
+    generate(["--export", str(ex), "--labels", "red sphere,cyan cylinder", "-n", "2", "--sampler", "ddim", "--steps",
+              "4", "--guidance", "2", "--apg-norm", "0", "--class-scale", "2", "--seed", "3", "--save-cond", str(saved),
+              "--out", str(tmp_path / "grid.png")])
+    rows = np.fromfile(saved / "cond.f32", np.float32).reshape(2, -1)
+    assert rows.shape[1] == int((ex / "layout.txt").read_text()) and (rows[:, 24:] > 0).sum() == 2 * 2 * 3
+    cond = np.repeat(encode(["red sphere", "cyan cylinder"])[None], 2, axis=0)
+    ref = Pipeline(ExportFolder(ex)).decode(Pipeline(ExportFolder(ex)).ldm_latents(
+        cond, "ddim", 4, 2.0, seed=3, apg_norm=0.0, class_scale=2.0))
+    out = tmp_path / "cpp"
+    out.mkdir()
+    r = subprocess.run([str(binary), str(ex), str(out), "--cond", str(saved / "cond.f32"), "--noise",
+                        str(saved / "noise.f32"), "--steps", "4", "--guidance", "2", "--apg-norm", "0",
+                        "--class-scale", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert np.abs(np.fromfile(out / "images.f32", np.float32).reshape(2, 3, 64, 64) - ref).max() <= 1e-3
+    r = subprocess.run([str(binary), str(ex), str(out), "--labels", "red sphere", "--steps", "2"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "layout.txt" in r.stderr and "--save-cond" in r.stderr

@@ -1,5 +1,6 @@
 """Object layouts (python/data/layout.py) and the denoiser that reads them (DenoiserConfig.layout)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,11 +9,13 @@ import torch
 from python.core.diffusion import Schedule
 from python.core.errors import UserError
 from python.core.labels import NUM_CLASSES, OBJECTS
+from python.core.layout import BANK_FILE, LAYOUT_DIM, SHAPE_OF, LayoutBank
 from python.data.dataset import read_labelled
-from python.data.layout import LAYOUT_DIM, mirror, sample_layouts, scene_layout, train_layouts, with_layouts
+from python.data.layout import make_bank, mirror, scene_layout, train_layouts
 from python.data.render import sample_scene
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from python.models.sampling import ldm_latents
+from python.ship import main as ship
 from python.train_ldm import main as train_ldm
 
 
@@ -67,22 +70,48 @@ def test_train_layouts_recover_the_renders_and_refuse_another_seed(tiny_data, tm
         train_layouts(tmp_path, names, labels)
 
 
-def test_sample_layouts_follow_the_condition_and_the_seed():
+def test_bank_holds_renderer_scenes_with_a_box_per_shape(layout_bank, tmp_path):
+    assert sorted(layout_bank.slots) == [1, 2, 3] and layout_bank.slots[3].shape == (6, 3, 3, 3)
+    s = layout_bank.slots[2]
+    assert (s[..., :2] > 0).all() and (s[..., :2] < 1).all() and (s[..., 2] > 0.01).all()
+    assert np.allclose(s[..., 0, 0], s[..., 1, 0], atol=0.02)  # the same place, whatever the shape...
+    assert (s[..., 0, 2] < s[..., 1, 2]).all()  # ...but a cube's box is smaller than a sphere's of the same size
+    assert np.array_equal(make_bank(per_count=6, max_objects=3, seed=2, workers=1).slots[3], layout_bank.slots[3])
+    layout_bank.save(tmp_path)
+    back = LayoutBank.load(tmp_path)
+    assert np.allclose(back.slots[2], layout_bank.slots[2], atol=1e-3)  # stored as fp16
+    (tmp_path / BANK_FILE).write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a layout bank"):
+        LayoutBank.load(tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        LayoutBank.load(tmp_path / "nowhere")
+
+
+def test_bank_draws_follow_the_condition_and_the_seed(layout_bank):
     cond = np.zeros((3, NUM_CLASSES), np.float32)
-    cond[0, [1, 9]] = 1
+    cond[0, [1, 9]] = 1  # red cube, red sphere
     cond[1, 4] = 1  # row 2: the empty set
-    lay = sample_layouts(cond, seed=0)
-    assert np.array_equal(lay.reshape(3, NUM_CLASSES, 3)[..., 2] > 0, cond > 0.5)
-    assert np.array_equal(lay, sample_layouts(cond, seed=0))
-    assert not np.array_equal(lay, sample_layouts(cond, seed=1))
-    assert np.array_equal(sample_layouts(cond[:1], seed=0), lay[:1])  # row i's places do not depend on the batch
-    wide = with_layouts(cond, seed=0)
-    assert wide.shape == (3, NUM_CLASSES + LAYOUT_DIM) and np.array_equal(wide[:, :NUM_CLASSES], cond)
+    lay = layout_bank.draw(cond, seed=0)
+    slots = lay.reshape(3, NUM_CLASSES, 3)
+    assert np.array_equal(slots[..., 2] > 0, cond > 0.5)
+    assert np.array_equal(lay, layout_bank.draw(cond, seed=0))
+    assert np.array_equal(layout_bank.draw(cond[:1], seed=0), lay[:1])  # row i does not depend on the batch
+    assert any(not np.array_equal(lay, layout_bank.draw(cond, seed=s)) for s in (1, 2, 3))
+    # every object takes a box of one bank scene of its count, the box of its own shape
+    scenes = layout_bank.slots[2]
+    for c in (1, 9):
+        assert np.isclose(scenes[:, :, SHAPE_OF[c]], slots[0, c]).all(-1).any()
+    rows = layout_bank.condition_rows(cond, seed=0)
+    assert rows.shape == (3, NUM_CLASSES + LAYOUT_DIM) and np.array_equal(rows[:, :NUM_CLASSES], cond)
     with pytest.raises(UserError, match="multi-hot"):
-        sample_layouts(np.zeros((2, 5)))
+        layout_bank.draw(np.zeros((2, 5)))
+    four = np.zeros((1, NUM_CLASSES), np.float32)
+    four[0, :4] = 1
+    with pytest.raises(UserError, match="asks for 4 objects"):
+        layout_bank.draw(four)
 
 
-def test_layout_input_starts_at_zero_and_then_moves_the_output():
+def test_layout_input_starts_at_zero_and_then_moves_the_output(layout_bank):
     torch.manual_seed(0)
     plain = Denoiser(DenoiserConfig(width=32, depth=2, heads=2))
     for p in plain.parameters():
@@ -93,7 +122,7 @@ def test_layout_input_starts_at_zero_and_then_moves_the_output():
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 700])
     cond = np.zeros((2, NUM_CLASSES), np.float32)
     cond[:, [2, 13]] = 1
-    wide = torch.from_numpy(with_layouts(cond, seed=4))
+    wide = torch.from_numpy(layout_bank.condition_rows(cond, seed=4))
     with torch.no_grad():
         assert torch.allclose(lay_model(x, t, wide), plain(x, t, torch.from_numpy(cond)), atol=1e-6)  # warm start
         torch.nn.init.normal_(lay_model.layout_in.weight, std=0.05)
@@ -118,16 +147,69 @@ def test_blobs_peak_where_the_object_stands():
     assert (iy, ix) == (4, 12)  # the cells whose centres (4.5 / 16, 12.5 / 16) are nearest
 
 
-def test_train_ldm_with_layouts_and_sample(tiny_data, parts, tmp_path):
+def test_train_ldm_with_layouts_ship_and_sample(tiny_data, parts, tmp_path):
     run = tmp_path / "run"
     train_ldm(["--preset", "tiny", "--data", str(tiny_data), "--vae", str(parts / "vae"), "--judge",
                str(parts / "judge" / "checkpoint.pth"), "--run-dir", str(run), "--steps", "2", "--layout",
                "--no-pooled", "--no-bf16"])
-    model, cfg = load_denoiser(run / "final")
-    assert cfg["denoiser"]["layout"] is True and model.cfg.cond_dim == NUM_CLASSES + LAYOUT_DIM
+    assert sorted(LayoutBank.load(run).slots) == [1, 2, 3, 4, 5] and len(LayoutBank.load(run).slots[5]) == 8
+    ship(["ldm", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    for folder in (run / "final", tmp_path / "shipped"):
+        model, cfg = load_denoiser(folder)
+        assert cfg["denoiser"]["layout"] is True and model.cfg.cond_dim == NUM_CLASSES + LAYOUT_DIM
+        assert np.allclose(model.layout_bank.slots[2], LayoutBank.load(run).slots[2])
     cond = np.zeros((2, NUM_CLASSES), np.float32)
     cond[:, [9, 22]] = 1
     sch = Schedule(**cfg["schedule"])
-    lat = ldm_latents(model, sch, cond, "ddim", 3, 2.0, seed=1)  # places drawn from the prior per seed
+    lat = ldm_latents(model, sch, cond, "ddim", 3, 2.0, seed=1)  # places drawn from the bank per seed
     assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()
-    assert torch.equal(lat, ldm_latents(model, sch, with_layouts(cond, 1), "ddim", 3, 2.0, seed=1))
+    assert torch.equal(lat, ldm_latents(model, sch, model.layout_bank.condition_rows(cond, 1), "ddim", 3, 2.0, seed=1))
+    del model.layout_bank
+    with pytest.raises(UserError, match="placement prior"):
+        ldm_latents(model, sch, cond, "ddim", 3, 2.0, seed=1)
+
+
+def test_runtime_draws_the_same_places_as_torch(layout_export, tmp_path):
+    from python.models.classifier import load_class_grad
+    from python.models.sampling import decode
+    from python.models.vae import Decoder, load_vae
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    root, out = layout_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["denoiser"]["layout"] == BANK_FILE and manifest["layout_bank"]["file"] == BANK_FILE
+    cond = np.zeros((3, NUM_CLASSES), np.float32)
+    cond[0, [9, 7, 22]] = 1
+    cond[1, 0] = 1
+    cond[2, [2, 11]] = 1
+    pipe = Pipeline(ExportFolder(out))
+    seeds = [(5, 2), (6, 1)]
+    ours = pipe.decode(pipe.ldm_latents(cond, "dpmpp", 6, 3.0, batch=2, seeds=seeds, apg_norm=2.0, class_scale=2.0))
+    model, cfg = load_denoiser(root / "ldm")
+    sch = Schedule(**cfg["schedule"])
+    grad = load_class_grad(root / "guide", root / "vae")
+    ref = decode(Decoder(load_vae(root / "vae")), ldm_latents(model, sch, cond, "dpmpp", 6, 3.0, seeds=seeds,
+                                                              apg_norm=2.0, class_grad=grad, class_scale=2.0))
+    assert np.abs(ours - ref.numpy()).max() <= 1e-3
+    other = ldm_latents(model, sch, cond, "dpmpp", 6, 3.0, seeds=[(5, 2), (7, 1)], apg_norm=2.0)
+    same = ldm_latents(model, sch, cond, "dpmpp", 6, 3.0, seeds=seeds, apg_norm=2.0)
+    # each seed part is its own (noise and places)
+    assert torch.equal(other[:2], same[:2]) and not torch.equal(other[2], same[2])
+    # a bank that is not the one exported is refused (on a copy: the export is shared)
+    copy = shutil.copytree(out, tmp_path / "copy")
+    (copy / BANK_FILE).write_bytes((copy / BANK_FILE).read_bytes()[:-8] + b"damaged!")
+    with pytest.raises(UserError, match="checksum"):
+        Pipeline(ExportFolder(copy)).ldm_latents(cond, "ddim", 2, 1.0, class_scale=0.0)
+
+
+def test_tools_that_feed_label_sets_alone_refuse_a_layout_denoiser(layout_export, tmp_path, capsys):
+    root, _ = layout_export
+    with pytest.raises(UserError, match="python.adversarial calls its network with label sets alone"):
+        load_denoiser(root / "ldm", layout_for="python.adversarial")
+    from python.distill_ldm import main as distill_ldm
+
+    with pytest.raises(SystemExit):
+        distill_ldm(["trajectories", "--ldm", str(root / "ldm"), "--out", str(tmp_path / "t.npz"), "--data",
+                     str(tmp_path)])
+    assert "a layout denoiser" in capsys.readouterr().err and not (tmp_path / "t.npz").exists()

@@ -162,3 +162,38 @@ def test_refuses_an_export_without_a_decoder(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(UserError, match="no decoder"):
         write_repository(tmp_path, tmp_path / "repo")
+
+
+def test_a_layout_denoiser_s_places_come_with_the_repository(layout_export, tmp_path, monkeypatch):
+    """A layout denoiser (python/core/layout.py): the placement prior is copied beside the Python backend, and each
+    request draws its places from its SEED as the runtime does."""
+    _, ex = layout_export
+    out = tmp_path / "triton"
+    write_repository(ex, out)
+    assert (out / "ldm" / "1" / "layouts.npz").read_bytes() == (ex / "layouts.npz").read_bytes()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
+    monkeypatch.syspath_prepend(str(out / "ldm" / "1"))
+    spec = importlib.util.spec_from_file_location("triton_ldm_layout_model", out / "ldm" / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": _pbtxt_parameters(
+        (out / "ldm" / "config.pbtxt").read_text())})})
+    pb = sys.modules["triton_python_backend_utils"]
+    a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
+    b = encode(["cyan cylinder"])[None].astype(np.float32)
+    reqs = [pb.InferenceRequest("ldm", [], [pb.Tensor("COND", c), pb.Tensor("SEED", np.full((len(c), 1), s, np.int64)),
+                                            pb.Tensor("STEPS", np.full((len(c), 1), 3, np.int32))])
+            for c, s in ((a, 3), (b, 8))]
+    responses = model.execute(reqs)
+    pipe = Pipeline(ExportFolder(ex, threads=2))
+    for resp, cond, seed in zip(responses, (a, b), (3, 8)):
+        assert not resp.has_error(), resp.error().message()
+        np.testing.assert_allclose(pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy(),
+                                   pipe.generate(cond, steps=3, seed=seed), atol=1e-5)
+    (ex / "layouts.npz").write_bytes((ex / "layouts.npz").read_bytes() + b"x")
+    try:
+        with pytest.raises(UserError, match="checksum"):
+            write_repository(ex, tmp_path / "triton2")
+    finally:
+        (ex / "layouts.npz").write_bytes((ex / "layouts.npz").read_bytes()[:-1])

@@ -28,6 +28,7 @@ from .diffusion import (
     sample_loop,
 )
 from .errors import UserError
+from .labels import NUM_CLASSES
 from .noise import gan_noise, initial_noise, segments, step_noise_segments
 
 ModelCall = Callable[..., np.ndarray]
@@ -81,12 +82,19 @@ def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shap
                       steps: int = 20, guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0, seed: int = 0,
                       seeds: list[tuple[int, int]] | None = None, batch: int = 256, x_T=None,
                       on_step=None, apg_norm: float = DEFAULT_APG_NORM, class_grad: ModelCall | None = None,
-                      class_scale: float = 0.0, class_iters: int = DEFAULT_CLASS_ITERS) -> np.ndarray:
+                      class_scale: float = 0.0, class_iters: int = DEFAULT_CLASS_ITERS,
+                      layout_bank=None) -> np.ndarray:
     """Latents (generator scale) for multi-hot conditions (N, 24). x_T (optional) replaces the seeds' initial
     noise; on_step(i, x, rows) sees every intermediate sample of each chunk (the denoising-process grid); apg_norm:
-    adaptive projected guidance, class_grad, class_scale and class_iters: classifier guidance (see `guided`)."""
+    adaptive projected guidance, class_grad, class_scale and class_iters: classifier guidance (see `guided`).
+    layout_bank (python.core.layout.LayoutBank): a layout denoiser's placement prior; each row's places are drawn
+    from its seed and join its condition (the classifier still reads the label set alone)."""
     cond = np.asarray(cond, np.float32)
     parts = seed_parts(len(cond), seed, seeds)
+    if layout_bank is not None:
+        cond = layout_bank.condition_rows(cond, seed, seeds)
+        if class_grad is not None:
+            class_grad = (lambda g: lambda x0, c: g(x0, c[:, :NUM_CLASSES]))(class_grad)
     x_T = segments(initial_noise, parts, latent_shape) if x_T is None else np.asarray(x_T, np.float32)
     noise = step_noise_segments(parts, latent_shape)
     out = []

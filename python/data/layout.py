@@ -7,32 +7,44 @@ per requested object, at the place the object is to stand, the way layout-to-ima
 LLM-grounded diffusion) split "what and where" from "how it looks".
 
 The layout of an image is a latent variable of the scene, not a user's input: at sampling time it is drawn from
-the renderer's own placement prior (`sample_scene`: objects in view, apart, each mostly unoccluded) for the
-requested classes, so the condition the user gives is still the label set alone. For the training images of the
+the renderer's own placement prior (`sample_scene`: objects in view, apart, each mostly unoccluded), kept with the
+weights as a bank of scenes (`make_bank`; drawn from by python.core.layout, which the runtime shares), so the
+condition the user gives is still the label set alone. For the training images of the
 synthetic data set the layout is recovered exactly: every scene is drawn from np.random.default_rng([seed, TRAIN,
 scene]) and re-drawing it costs no rendering beyond the placement's occlusion test.
 
-Encoding: per class, (u, v, r): the centre of the object's projected bounding box in [0, 1] image coordinates
-(u right, v down, the 64x64 image's frame, which to64 stretches from the 4:3 render) and r, the geometric mean of
-the box's half-extents in the same units. A condition row is the 24-dim multi-hot followed by the 24 x 3 layout
+Encoding (python.core.layout): per class, (u, v, r): the centre of the object's projected bounding box in [0, 1]
+image coordinates (u right, v down, the 64x64 image's frame, which to64 stretches from the 4:3 render) and r, the
+geometric mean of the box's half-extents in the same units. A condition row is the 24-dim multi-hot followed by the 24 x 3 layout
 (python.models.denoiser, DenoiserConfig.layout): the samplers' unconditional pass zeroes the whole row, which is
 exactly "no objects, no layout".
 """
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from python.core.errors import UserError
-from python.core.labels import NUM_CLASSES, OBJECTS
+from python.core.labels import NUM_CLASSES, OBJECTS, SHAPES
+from python.core.layout import LAYOUT_DIM, PER_CLASS, LayoutBank
 from python.data.dataset import cache_dir
-from python.data.render import Scene, project, sample_scene
-from python.data.synthetic import RESOLUTION, TRAIN, random_classes, scene_rng
+from python.data.render import Obj, Scene, project, sample_scene
+from python.data.synthetic import LAYOUTS, RESOLUTION, TRAIN, pool_map, random_classes, scene_rng
 
-PER_CLASS = 3  # u, v, r
-LAYOUT_DIM = NUM_CLASSES * PER_CLASS
+
+def object_box(scene: Scene, o: Obj, width: int = RESOLUTION[0], height: int = RESOLUTION[1]) -> tuple:
+    """(u, v, r) of object `o` in `scene`'s camera: its projected bounding box's centre and the geometric mean of the
+    box's half-extents, in [0, 1] image units."""
+    r, h2 = o.footprint, 2 * o.half
+    corners = [[o.x + sx * r, o.y + sy * r, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, h2)]
+    px, _ = project(scene, corners, width, height)
+    lo, hi = px.min(0), px.max(0)
+    return ((lo[0] + hi[0]) / 2 / width, (lo[1] + hi[1]) / 2 / height,
+            np.sqrt((hi[0] - lo[0]) / 2 / width * (hi[1] - lo[1]) / 2 / height))
 
 
 def scene_layout(scene: Scene, upto: int | None = None, width: int = RESOLUTION[0],
@@ -40,13 +52,7 @@ def scene_layout(scene: Scene, upto: int | None = None, width: int = RESOLUTION[
     """(24 * 3,) float32: (u, v, r) of each of the scene's first `upto` objects at its class's slot, zero elsewhere."""
     out = np.zeros((NUM_CLASSES, PER_CLASS), np.float32)
     for o in scene.objects[:upto]:
-        r, h2 = o.footprint, 2 * o.half
-        corners = [[o.x + sx * r, o.y + sy * r, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, h2)]
-        px, _ = project(scene, corners, width, height)
-        lo, hi = px.min(0), px.max(0)
-        u, v = (lo[0] + hi[0]) / 2 / width, (lo[1] + hi[1]) / 2 / height
-        rad = np.sqrt((hi[0] - lo[0]) / 2 / width * (hi[1] - lo[1]) / 2 / height)
-        out[OBJECTS[o.label]] = (u, v, rad)
+        out[OBJECTS[o.label]] = object_box(scene, o, width, height)
     return out.reshape(-1)
 
 
@@ -97,23 +103,26 @@ def train_layouts(data: Path, names: list[str], labels: np.ndarray) -> np.ndarra
     return out
 
 
-def sample_layouts(cond: np.ndarray, seed: int = 0, width: int = RESOLUTION[0], height: int = RESOLUTION[1]) -> np.ndarray:
-    """(N, 72) layouts for multi-hot conditions (N, 24), drawn from the renderer's placement prior, row i from
-    np.random.default_rng([seed, i]) (the same layouts whatever the batch)."""
-    cond = np.asarray(cond)
-    if cond.ndim != 2 or cond.shape[1] != NUM_CLASSES:
-        raise UserError(f"conditions must be (N, {NUM_CLASSES}) multi-hot, got shape {cond.shape}")
-    out = np.zeros((len(cond), LAYOUT_DIM), np.float32)
-    for i, row in enumerate(cond):
-        classes = [int(c) for c in np.flatnonzero(row > 0.5)]
-        if classes:
-            rng = np.random.default_rng([seed, i])
-            classes = [classes[j] for j in rng.permutation(len(classes))]  # placement order is drawn, not sorted
-            out[i] = scene_layout(sample_scene(rng, classes, width, height), None, width, height)
+def _bank_scenes(args):
+    seed, n, start, count, width, height = args
+    out = np.zeros((count, n, len(SHAPES), PER_CLASS), np.float32)
+    for j in range(count):
+        rng = scene_rng(seed, LAYOUTS, n * 10_000_000 + start + j)
+        sc = sample_scene(rng, random_classes(rng, n), width, height)
+        out[j] = [[object_box(sc, replace(o, shape=k), width, height) for k in range(len(SHAPES))] for o in sc.objects]
     return out
 
 
-def with_layouts(cond: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Multi-hot (N, 24) -> the layout model's condition rows (N, 24 + 72)."""
-    cond = np.asarray(cond, np.float32)
-    return np.concatenate([cond, sample_layouts(cond, seed)], axis=1)
+def make_bank(per_count: int = 4096, max_objects: int = 5, seed: int = 0, workers: int | None = None,
+              width: int = RESOLUTION[0], height: int = RESOLUTION[1]) -> LayoutBank:
+    """The placement prior a layout model samples from (python.core.layout.LayoutBank): `per_count` scenes of each
+    count 1..max_objects, drawn by the renderer's scene sampler from the LAYOUTS stream of `seed`."""
+    if per_count < 1 or not 1 <= max_objects <= NUM_CLASSES:
+        raise UserError(f"a layout bank needs >= 1 scene per count and 1..{NUM_CLASSES} objects, got {per_count} and "
+                        f"{max_objects}")
+    chunk = 256
+    tasks = [(seed, n, a, min(chunk, per_count - a), width, height) for n in range(1, max_objects + 1)
+             for a in range(0, per_count, chunk)]
+    parts = pool_map(_bank_scenes, tasks, workers or os.cpu_count() or 1, "layout bank")
+    return LayoutBank({n: np.concatenate([p for t, p in zip(tasks, parts) if t[1] == n])
+                       for n in range(1, max_objects + 1)})

@@ -24,8 +24,9 @@ from python.data.dataset import to64
 from python.data.render import render, sample_scene
 
 # random streams (REFERENCE: evaluation's renders; COUNTS: the object counter's scenes, duplicates allowed;
-# FAINT: scenes with one half-transparent object, for a classifier that calls a ghost absent)
-TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE, COUNTS, FAINT = 0, 1, 2, 3, 4, 5, 6
+# FAINT: scenes with one half-transparent object, for a classifier that calls a ghost absent; LAYOUTS: the placement
+# prior of a layout model, python/data/layout.py)
+TRAIN, CONDITIONS, HELDOUT, JUDGE, REFERENCE, COUNTS, FAINT, LAYOUTS = 0, 1, 2, 3, 4, 5, 6, 7
 RESOLUTION = (160, 120)  # 4:3 like CLEVR's 320x240, at a quarter of the pixels
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from python.core.errors import UserError
 from python.core.labels import NUM_CLASSES
+from python.core.layout import LayoutBank
 from python.models.weights import SHIPPED, load_state_into, read_config, save_weights
 
 SHIPPED_LDM = SHIPPED / "ldm"
@@ -241,7 +242,12 @@ class Denoiser(nn.Module):
 
 
 def save_denoiser(model: Denoiser, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    save_weights(folder, model, "denoiser.safetensors", {"denoiser": asdict(model.cfg), **(extra or {})}, half)
+    """The weights and config; a layout model's placement prior (`model.layout_bank`) beside them."""
+    if model.cfg.layout and getattr(model, "layout_bank", None) is None:
+        raise UserError("a layout model is saved with its placement prior: set model.layout_bank (python.data.layout."
+                        "make_bank) first")
+    save_weights(folder, model, "denoiser.safetensors", {"denoiser": asdict(model.cfg), **(extra or {})}, half,
+                 also=model.layout_bank.save if model.cfg.layout else None)
 
 
 def denoiser_config(cfg: dict, where: Path) -> DenoiserConfig:
@@ -251,9 +257,16 @@ def denoiser_config(cfg: dict, where: Path) -> DenoiserConfig:
         raise UserError(f"{where / 'config.json'}: not a denoiser config ({type(e).__name__}: {e})") from None
 
 
-def load_denoiser(folder: Path | None = None, device="cpu") -> tuple[Denoiser, dict]:
-    """(denoiser, config dict with the schedule and anything else saved beside it)."""
+def load_denoiser(folder: Path | None = None, device="cpu", layout_for: str | None = None) -> tuple[Denoiser, dict]:
+    """(denoiser, config dict with the schedule and anything else saved beside it). layout_for: the name of a tool
+    that calls the network with label sets alone, which a layout model (DenoiserConfig.layout) is refused for."""
     folder = Path(folder) if folder else SHIPPED_LDM
     cfg = read_config(folder, "denoiser.safetensors", "LDM", "python -m python.train_ldm")
+    if layout_for and cfg.get("denoiser", {}).get("layout"):
+        raise UserError(f"{folder}: a layout denoiser (its condition carries where each object stands, "
+                        f"python/core/layout.py); {layout_for} calls its network with label sets alone and does not "
+                        "take one yet")
     model = load_state_into(Denoiser(denoiser_config(cfg, folder)), folder / "denoiser.safetensors")
+    if model.cfg.layout:  # the placement prior the samplers draw the places from (python/core/layout.py)
+        model.layout_bank = LayoutBank.load(folder)
     return model.to(device).eval(), cfg

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_GUIDANCE, Schedule
-from python.core.labels import NUM_CLASSES
+from python.core.errors import UserError
 from python.core.sampling import ModelCall, diffusion_latents, one_step_latents
-from python.data.layout import with_layouts
 
 
 def torch_call(model: torch.nn.Module, device="cpu", bf16: bool = False) -> ModelCall:
@@ -38,16 +37,14 @@ def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: 
     python.core.sampling.guided)."""
     shape = (model.cfg.in_channels, model.cfg.size, model.cfg.size)
     grad = torch_call(class_grad, device) if class_grad is not None else None
-    if getattr(model.cfg, "layout", False):  # a layout model: places drawn from the renderer's prior, per seed
-        cond = np.asarray(cond, np.float32)
-        if cond.shape[1] == NUM_CLASSES:
-            cond = with_layouts(cond, seed)
-        if grad is not None:
-            grad = (lambda g: lambda x0, c: g(x0, c[:, :NUM_CLASSES]))(grad)
+    if model.cfg.layout and getattr(model, "layout_bank", None) is None:
+        raise UserError("this denoiser reads object layouts but carries no placement prior (layout_bank); load it "
+                        "with load_denoiser from a folder that has layouts.npz")
     return torch.from_numpy(diffusion_latents(torch_call(model, device, bf16), schedule, cond, shape, sampler, steps,
                                               guidance, eta, seed, seeds, batch, on_step=on_step,
                                               apg_norm=apg_norm, class_grad=grad, class_scale=class_scale,
-                                              class_iters=class_iters))
+                                              class_iters=class_iters,
+                                              layout_bank=getattr(model, "layout_bank", None)))
 
 
 def gan_latents(gen, cond, seed: int = 0, batch: int = 1024, device="cpu", seeds=None) -> torch.Tensor:

@@ -19,9 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "weights"
 
 
-def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: dict, half: bool = False) -> None:
+def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: dict, half: bool = False,
+                 also=None) -> None:
     """`filename` (safetensors; floating tensors as fp16 with half) and config.json (with the file's sha256, checked
-    at load), written atomically as a folder: a copy of the folder (its other files, e.g. MODEL_CARD.md, kept) is
+    at load), and whatever also(staged_folder) writes beside them (None: nothing), written atomically as a folder: a
+    copy of the folder (its other files, e.g. MODEL_CARD.md, kept) is
     staged beside it, the new files written and read back there, and the staged folder swapped in with renames. A
     crash or a full disk leaves the old folder whole, never new weights beside an old config."""
     folder = Path(folder)
@@ -36,6 +38,8 @@ def save_weights(folder: Path, model: torch.nn.Module, filename: str, config: di
         save_file({k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                    for k, v in model.state_dict().items()}, str(stage / filename))
         read_state(stage / filename)  # verify: what was written reads back
+        if also is not None:
+            also(stage)
         checksums = {**config.get("sha256", {}), filename: sha256(stage / filename)}
         (stage / "config.json").write_text(json.dumps({**config, "sha256": checksums}, indent=1))
         replace_folder(stage, folder)

@@ -21,7 +21,7 @@ from python.training.rundir import RunDir
 # (--save-every 0), train nothing and save an untrained model as final (--steps -5), or fail deep inside a loop.
 POSITIVE = ("steps", "batch", "save_every", "eval_every", "eval_conditions", "eval_steps", "eval_images",
             "train_images", "width", "depth", "heads", "patch", "channels", "g_channels", "d_channels", "head_width",
-            "d_t_max", "d_steps")
+            "d_t_max", "d_steps", "layout_bank")
 NON_NEGATIVE = ("warmup", "seed", "val_pairs", "cls_steps", "d_warmup")
 # (low, high, whether high is allowed) for the fractions and rates
 RANGES = {"lr": (0.0, math.inf, False),  # lr 0: a step that changes nothing (tests of a warm start use it)

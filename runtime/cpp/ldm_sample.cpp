@@ -19,6 +19,9 @@
 // stochastic term as python.core.diffusion.DDIM does: sigma = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)),
 // x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z, z drawn per step from --seed's own stream, or
 // read from --step-noise (steps x N x C x H x W float32: python.core.noise.step_noise, for parity tests).
+// A layout denoiser's export (layout.txt: the width of its condition rows, the label set then each class's place,
+// python/core/layout.py) is sampled from --cond files whose rows carry the places: `python -m runtime.generate ...
+// --save-cond DIR` draws them from the export's placement prior and writes DIR/cond.f32 and DIR/noise.f32.
 // Writes 0.ppm ... N-1.ppm and images.f32 (N x 3 x 64 x 64, float32, [-1, 1]) for parity tests.
 #include <torch/script.h>
 
@@ -152,12 +155,20 @@ int main(int argc, char** argv) {
   if (!(eta >= 0 && eta <= 1)) fail("--eta must be in [0, 1] (0: deterministic DDIM)");
   if (!step_noise_file.empty() && eta == 0) fail("--step-noise is DDIM's noise per step; it needs --eta > 0");
 
+  // a layout denoiser (python/core/layout.py) reads each class's place beside the label set: layout.txt holds the
+  // width of its condition rows (24 + 72); the places are drawn by the Python side, which writes --cond files
+  int64_t cond_dim = 24;
+  if (std::ifstream(ex + "/layout.txt")) cond_dim = std::stoll(read_lines(ex + "/layout.txt").at(0));
   torch::Tensor cond, x;
   if (!cond_file.empty()) {
-    cond = read_f32(cond_file, {24});
+    cond = read_f32(cond_file, {cond_dim});
     x = read_f32(noise_file, {C, H, W});
     if (x.size(0) != cond.size(0)) fail("--noise and --cond hold different numbers of items");
   } else {
+    if (cond_dim != 24)
+      fail("this export's denoiser reads where each object stands beside the labels (layout.txt: condition rows of " +
+           std::to_string(cond_dim) + " floats); give --cond and --noise files whose rows carry the places, as "
+           "python -m runtime.generate --save-cond writes them");
     auto names = read_lines(ex + "/labels.txt");
     cond = torch::zeros({n, (int64_t)names.size()});
     std::stringstream ss(labels);
@@ -206,6 +217,7 @@ int main(int argc, char** argv) {
     ts[i] = spacing == "leading" ? int64_t(steps - 1 - i) * (T / steps)
                                  : int64_t(std::nearbyint(T - i * (double(T) / steps))) - 1;
   auto both = torch::cat({cond, torch::zeros_like(cond)});
+  auto labels_of = cond.slice(1, 0, 24);  // what the guidance classifier reads: the label set alone
   auto sample = [&](torch::Tensor x) {  // noise -> images: the timed part
     for (int i = 0; i < steps; ++i) {
       const int64_t t = ts[i], prev = i + 1 < steps ? ts[i + 1] : -1;
@@ -231,7 +243,7 @@ int main(int argc, char** argv) {
       }
       if (cls > 0) {  // classifier guidance: x_0 down the guidance classifier's gradient for the requested labels,
         auto x0g = to_x0(out);  // `iters` steps, each gradient taken where the last step left x_0
-        for (int k = 0; k < iters; ++k) x0g = x0g - cls * class_grad.forward({x0g, cond}).toTensor();
+        for (int k = 0; k < iters; ++k) x0g = x0g - cls * class_grad.forward({x0g, labels_of}).toTensor();
         out = from_x0(x0g);
       }
       torch::Tensor x0, eps;
