@@ -230,6 +230,9 @@ def main(argv=None):
                                in_channels=c.in_channels, size=c.size)
         if shape(init.cfg) != shape(dcfg):
             raise UserError(f"--init {args.init}: its denoiser {shape(init.cfg)} does not match this run's {shape(dcfg)}")
+        if init.cfg.layout and not dcfg.layout:
+            raise UserError(f"--init {args.init}: a layout denoiser (it reads where each object stands); give --layout "
+                            "to carry on with it")
         # a pooled embedding, token update or layout input the init lacks starts at zero, so the warm start computes
         # what the init did; any other weight it lacks is an error
         missing = model.load_state_dict(init.state_dict(), strict=False).missing_keys

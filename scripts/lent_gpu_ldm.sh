@@ -10,7 +10,8 @@
 #
 # Comes back under $OUT (8 files at most): ldm/{config.json,denoiser.safetensors} (the shipped form: EMA, fp16),
 # model.safetensors (the raw weights, fp32, for a later warm start), run_config.json, log.txt, metrics.jsonl,
-# heldout.png (the last probe's samples), device.txt (GPU, versions, phase timings). Then, on the CPU:
+# heldout.png (the last probe's samples; for a layout model ldm/layouts.npz instead, its placement prior), device.txt
+# (GPU, versions, phase timings). Then, on the CPU:
 #   python -m python.eval_gen --model ldm --weights CAND --data ~/data/iclevr --seeds 0 1 2 --steps 10 ...
 # with CAND holding <files_at>/ldm and links to the other shipped weights folders (weights/ldm/MODEL_CARD.md).
 #
@@ -42,6 +43,8 @@ if [ "$INIT" = none ]; then
 else
     # the shipped weights have no pooled embedding; keep their architecture so that every loader takes the result
     INIT_ARGS=(--init "$INIT"); LR=${LR:-2e-4}; POOLED=--no-pooled
+    # a layout denoiser (python/core/layout.py) carries on as one: the renders' places are recovered from the data
+    if grep -q '"layout": true' "$INIT/config.json"; then INIT_ARGS+=(--layout); fi
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
@@ -67,5 +70,6 @@ cp "$ckpt/model.safetensors" "$OUT/model.safetensors"
 cp "$WORK/run/config.json" "$OUT/run_config.json"
 cp "$WORK/run/log.txt" "$WORK/run/metrics.jsonl" "$OUT/"
 last=$(ls "$WORK/run/samples" | tail -1 || true)
-[ -n "$last" ] && cp "$WORK/run/samples/$last" "$OUT/heldout.png"
+# at most 8 files come back: a layout model's ldm/layouts.npz takes the probe grid's place
+if [ -n "$last" ] && [ ! -e "$OUT/ldm/layouts.npz" ]; then cp "$WORK/run/samples/$last" "$OUT/heldout.png"; fi
 phase "done"

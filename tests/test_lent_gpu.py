@@ -33,3 +33,23 @@ def test_lent_gpu_script_dry_run_on_cpu(tmp_path):
     assert [m["step"] for m in evals if "heldout_subset" in m] == [3]
     timings = (out / "device.txt").read_text()
     assert "render start" in timings and "train end" in timings and "STEPS=3" in timings
+
+
+def test_lent_gpu_script_carries_a_layout_model_on_as_one(tmp_path, layout_export):
+    """INIT a layout denoiser: the script adds --layout, and its placement prior comes back in the probe grid's
+    place (still 8 files)."""
+    root, _ = layout_export
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable, "DEVICE": "cpu",
+           "MINUTES": "5", "STEPS": "2", "BATCH": "8", "SCENES": "10", "INIT": str(root / "ldm"), "OMP_NUM_THREADS": "1",
+           "DATA_ARGS": "--heldout-images 40 --heldout-conditions 8",
+           "EXTRA": f"--vae {root / 'vae'} --width 32 --depth 2 --heads 2 --eval-conditions 4 --eval-steps 2 "
+                    "--layout-bank 8 --no-bf16"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "lent_gpu_ldm.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["device.txt", "ldm/config.json", "ldm/denoiser.safetensors", "ldm/layouts.npz", "log.txt",
+                     "metrics.jsonl", "model.safetensors", "run_config.json"]
+    model, _ = load_denoiser(out / "ldm")
+    assert model.cfg.layout and len(model.layout_bank.slots[5]) == 8
