@@ -265,3 +265,20 @@ def test_load_test_smoke(onnx_export, tmp_path):
     for r in res["runs"]:
         assert r["answered"] == 6 and r["errors"] == 0 and r["mismatched"] == 0 and r["images_per_sec"] > 0
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and 0 <= r["judge_accuracy"] <= 1
+
+
+def test_a_layout_export_is_served_with_its_places_and_refuses_more_objects_than_it_places(layout_export):
+    """A layout denoiser (python/core/layout.py): each request's places are drawn from its seed, as the runtime draws
+    them; a label set larger than the placement prior holds is a 400 naming the bound (the GAN path takes it)."""
+    _, ex = layout_export
+    with TestClient(build_app(ex, window_ms=5, max_batch=64, max_queue=64, threads=2)) as c:
+        body = {"labels": ["red sphere", "cyan cylinder"], "n": 2, "steps": 3, "seed": 4, "format": "json"}
+        r = c.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        ref = Pipeline(ExportFolder(ex, threads=2)).generate(condition(parse_request(body, Limits())), "ldm", steps=3,
+                                                             seeds=[(4, 2)])
+        assert np.abs(_decode_pngs(r.json()).astype(int) - to_uint8(ref).astype(int)).max() <= 1
+        four = {"labels": ["red sphere", "cyan cylinder", "gray cube", "blue cube"], "steps": 3}
+        r = c.post("/generate", json=four)
+        assert r.status_code == 400 and "places at most 3" in r.text
+        assert c.post("/generate", json={**four, "model": "gan"}).status_code == 200
