@@ -213,3 +213,17 @@ def test_tools_that_feed_label_sets_alone_refuse_a_layout_denoiser(layout_export
         distill_ldm(["trajectories", "--ldm", str(root / "ldm"), "--out", str(tmp_path / "t.npz"), "--data",
                      str(tmp_path)])
     assert "a layout denoiser" in capsys.readouterr().err and not (tmp_path / "t.npz").exists()
+
+
+def test_int8_calibration_feeds_a_layout_denoiser_its_places(layout_bank, tiny_data, tiny_weights):
+    from export.quantize import model_inputs
+    from python.training.latents import load_latents
+
+    lat = load_latents(tiny_data, tiny_weights / "vae")
+    entry = {"schedule": Schedule("cosine", prediction="v_prediction").config(), "layout": BANK_FILE}
+    batches = model_inputs("denoiser", entry, lat, 16, seed=1, batch=8, bank=layout_bank)
+    cond = np.concatenate([b["cond"] for b in batches])
+    assert cond.shape == (16, NUM_CLASSES + LAYOUT_DIM)
+    kept = cond[:, :NUM_CLASSES].sum(1) > 0  # the guidance's unconditional half: no objects and no places
+    assert kept.any() and not kept.all() and not cond[~kept].any()
+    assert np.array_equal(cond[kept, NUM_CLASSES:].reshape(-1, NUM_CLASSES, 3)[..., 2] > 0, cond[kept, :NUM_CLASSES] > 0)
