@@ -58,8 +58,7 @@ def test_cpp_matches_python_runtime(binary, tiny_weights, tmp_path):
     pipe = Pipeline(ExportFolder(ex))
     # classifier-free, projected with a cap, projected without one; each alone and with classifier guidance (the
     # default descent steps, and one)
-    settings = [(0.0, 0.0, 1), (0.3, 0.0, 1), (float("inf"), 0.0, 1), (0.0, 2.0, DEFAULT_CLASS_ITERS),
-                (0.3, 2.0, DEFAULT_CLASS_ITERS), (0.3, 2.0, 1)]
+    settings = [(0.0, 0.0, 1), (0.3, 0.0, 1), (float("inf"), 0.0, 1), (0.0, 2.0, 3), (0.3, 2.0, 3), (0.3, 2.0, 1)]
     refs = {(r, c, k): pipe.decode(pipe.ldm_latents(cond, "ddim", 6, 2.5, x_T=noise, apg_norm=r, class_scale=c,
                                                     class_iters=k))
             for r, c, k in settings}
@@ -153,6 +152,7 @@ def test_cpp_default_guidance_is_the_python_default():
     assert float(re.search(r"double w = ([0-9.]+);", src).group(1)) == DEFAULT_GUIDANCE
     assert float(re.search(r"double apg = ([0-9.]+);", src).group(1)) == DEFAULT_APG_NORM
     assert float(re.search(r"double cls = ([0-9.]+);", src).group(1)) == DEFAULT_CLASS_SCALE
+    assert int(re.search(r"int iters = ([0-9]+);", src).group(1)) == DEFAULT_CLASS_ITERS
 
 
 def test_cpp_ddim_noise_matches_python(binary, tiny_weights, tmp_path):

@@ -134,7 +134,7 @@ def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypat
     bad.inputs[1] = pb.Tensor("SEED", np.array([[1], [2]]))  # seeds differing within a request
     responses = model.execute([request(a, 3, 4), request(b, 8, 4), bad, request(b, 8, 4, apg_norm=0.0),
                                request(b, 8, 4, apg_norm=-1.0), request(b, 8, 4, class_scale=0.0),
-                               request(b, 8, 4, class_scale=-2.0), request(b, 8, 4, class_iters=1),
+                               request(b, 8, 4, class_scale=-2.0), request(b, 8, 4, class_iters=3),
                                request(b, 8, 4, class_iters=0)])
     assert responses[2].has_error() and "SEED" in responses[2].error().message()
     assert responses[4].has_error() and "APG_NORM must be 0" in responses[4].error().message()
@@ -147,15 +147,15 @@ def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypat
     # in the same execute()
     for resp, cond, seed, kw in ((responses[0], a, 3, {}), (responses[1], b, 8, {}),
                                  (responses[3], b, 8, {"apg_norm": 0.0}), (responses[5], b, 8, {"class_scale": 0.0}),
-                                 (responses[7], b, 8, {"class_iters": 1})):
+                                 (responses[7], b, 8, {"class_iters": 3})):
         images = pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy()
         np.testing.assert_allclose(images, pipe.generate(cond, steps=4, seed=seed, **kw), atol=1e-5)
     cfg, apg = (pb.get_output_tensor_by_name(responses[i], "IMAGES").as_numpy() for i in (3, 1))
     assert np.abs(cfg - apg).max() > 1e-4  # so the parity above tells the two guidances apart
     plain = pb.get_output_tensor_by_name(responses[5], "IMAGES").as_numpy()
     assert np.abs(plain - apg).max() > 1e-4  # and classifier guidance from none
-    one_step = pb.get_output_tensor_by_name(responses[7], "IMAGES").as_numpy()
-    assert np.abs(one_step - apg).max() > 1e-5  # and one descent step from the default's several
+    three_steps = pb.get_output_tensor_by_name(responses[7], "IMAGES").as_numpy()
+    assert np.abs(three_steps - apg).max() > 1e-5  # and three descent steps from the default's one
 
 
 def test_refuses_an_export_without_a_decoder(tmp_path):

@@ -36,9 +36,11 @@ DEFAULT_CLASS_SCALE = 2.0
 # (weights/ldm/MODEL_CARD.md, fifteenth session): accuracy level, unasked objects halved, heldout FD 515 -> 101.
 DEFAULT_COUNT_WEIGHT = 2.5
 # Descent steps on x_0 per sampler step in classifier guidance (guide_class's `iters`; each one more class_grad call,
-# the gradient taken again where the last step left x_0). Chosen by measurement (weights/ldm/MODEL_CARD.md, sixteenth
-# session): against one step, a quarter fewer doubled objects and fewer unasked ones at the same accuracy.
-DEFAULT_CLASS_ITERS = 3
+# the gradient taken again where the last step left x_0). Three steps (the sixteenth session's choice for the plain
+# LDM, which drew a requested colour twice in half its images) overshoot on the layout LDM shipped on 2026-12-06 and
+# break an image now and then; one step reads heldout FD 26 (the VAE's floor) against 71, accuracy within the seeds'
+# spread (weights/ldm/MODEL_CARD.md, twenty-first session), at a third of the class_grad calls.
+DEFAULT_CLASS_ITERS = 1
 MAX_CLASS_ITERS = 16
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 

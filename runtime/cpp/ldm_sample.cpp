@@ -5,9 +5,9 @@
 // per sampler step, --class-scale 0 to leave it out.
 //
 //   ldm_sample EXPORT_DIR OUT_DIR --labels "red sphere,yellow cube" [-n 8] [--steps 20] [--guidance 5]
-//              [--apg-norm 5] [--class-scale 2] [--class-iters 3] [--spacing trailing] [--eta 0] [--seed 0]
+//              [--apg-norm 5] [--class-scale 2] [--class-iters 1] [--spacing trailing] [--eta 0] [--seed 0]
 //   ldm_sample EXPORT_DIR OUT_DIR --cond COND.f32 --noise NOISE.f32 [--steps 20] [--guidance 5] [--apg-norm 5]
-//              [--class-scale 2] [--class-iters 3] [--spacing trailing] [--eta E --step-noise STEPS.f32]
+//              [--class-scale 2] [--class-iters 1] [--spacing trailing] [--eta E --step-noise STEPS.f32]
 //   --repeat R: sample R times from the same noise and print {"seconds": [...]} (noise -> images, models
 //   already loaded), for bench/latency.py.
 //
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   std::string ex = argv[1], out = argv[2], labels, cond_file, noise_file, step_noise_file;
   std::string spacing = "trailing";  // = python.core.diffusion.DDIM's default
   int n = 8, steps = 20, repeat = 1;
-  int iters = 3;  // = python.core.diffusion.DEFAULT_CLASS_ITERS (descent steps on x_0 per sampler step)
+  int iters = 1;  // = python.core.diffusion.DEFAULT_CLASS_ITERS (descent steps on x_0 per sampler step)
   double w = 5.0;  // = python.core.diffusion.DEFAULT_GUIDANCE
   double apg = 5.0;  // = python.core.diffusion.DEFAULT_APG_NORM (0: classifier-free guidance)
   double cls = 2.0;  // = python.core.diffusion.DEFAULT_CLASS_SCALE (0: no classifier guidance)
