@@ -71,7 +71,7 @@ def main(argv=None):
         raise UserError(f"--latents must be >= 6, got {args.latents}")
     torch.manual_seed(args.seed)
     vae = args.weights / "vae"
-    den, cfg = load_denoiser(args.weights / "ldm")
+    den, cfg = load_denoiser(args.weights / "ldm", layout_for="bench/feature_probe.py")
     schedule = Schedule(**cfg["schedule"])
     if any(not 1 <= t <= schedule.T for t in args.t_max):
         raise UserError(f"--t-max values must be in 1..{schedule.T}, got {args.t_max}")

@@ -644,7 +644,8 @@ def main(argv=None):
 
         cls_flops = flops_per_item(load_classifier(args.weights / "classifier")[0], torch.randn(2, *m.shape))
     if m.ldm:
-        den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]), torch.zeros(2, 24))
+        den_flops = flops_per_item(m.ldm, torch.randn(2, *m.shape), torch.tensor([500, 500]),
+                                   torch.zeros(2, m.ldm.cfg.cond_dim))  # a layout model reads places too
         grad_flops = (args.class_iters * flops_per_item(m.class_grad, torch.randn(2, *m.shape), torch.zeros(2, 24))
                       if args.class_scale and m.class_grad is not None else 0.0)
         for sampler, steps, best_of in ldm_settings:
