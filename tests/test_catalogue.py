@@ -61,6 +61,7 @@ def broken(tiny_weights, onnx_export, tiny_data, tmp_path_factory):
     return paths
 
 
+PLAIN_TEACHER = ("--ldm", "{weights}/ldm", "--vae", "{weights}/vae", "--init", "none")
 CASES = [
     # runtime.generate (no torch): counts, numbers, outputs, condition files, export folders
     _case("runtime.generate", ["--labels", "red sphere", "-n", "100000000", "--model", "gan", "--out", "{tmp}/x.png"],
@@ -142,15 +143,18 @@ CASES = [
           ["--steps must be >= 1"], "{tmp}/run"),
     _case("python.adversarial", ["--data", "{data}", "--d-t-max", "0", "--run-dir", "{tmp}/run"],
           ["--d-t-max must be a positive integer"], "{tmp}/run"),
-    _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-layers", "99", "--run-dir", "{tmp}/run"],
-          ["--d-layers must be block indices in 0..7, got [99]"], "{tmp}/run"),
-    _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-features", "classifier",
+    # (the checks that need the teacher loaded: a plain one, the tiny weights' 2-block LDM, since the shipped LDM is a
+    # layout model that these trainers refuse first)
+    _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-layers", "99", *PLAIN_TEACHER,
+                                 "--run-dir", "{tmp}/run"],
+          ["--d-layers must be block indices in 0..1, got [99]"], "{tmp}/run"),
+    _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--d-features", "classifier", *PLAIN_TEACHER,
                                  "--run-dir", "{tmp}/run"],
           ["--d-features classifier needs --d-classifier"], "{tmp}/run"),
     _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--mismatch", "-1", "--run-dir", "{tmp}/run"],
           ["--mismatch must be in [0, inf)"], "{tmp}/run"),
     _case("python.adversarial", ["--data", "{data}", "--preset", "tiny", "--adv-weight", "0", "--dmd-weight", "1",
-                                 "--count-weight", "1", "--run-dir", "{tmp}/run"],
+                                 "--count-weight", "1", *PLAIN_TEACHER, "--run-dir", "{tmp}/run"],
           ["--count-weight needs --counter"], "{tmp}/run"),
     # the server refuses to start on bad settings or a broken export (its requests: test_serve.py)
     _case("runtime.serve", ["--max-n", "0"], ["--max-n"], None),
@@ -161,8 +165,9 @@ CASES = [
 
 @pytest.mark.parametrize("module, argv, words, out", CASES)
 def test_bad_input_is_one_line_and_leaves_nothing_behind(module, argv, words, out, tiny_data, onnx_export, broken,
-                                                          tmp_path, capsys):
-    fill = lambda s: s.format(tmp=tmp_path, broken=broken["root"], data=tiny_data, export=onnx_export)  # noqa: E731
+                                                          tiny_weights, tmp_path, capsys):
+    fill = lambda s: s.format(tmp=tmp_path, broken=broken["root"], data=tiny_data, export=onnx_export,  # noqa: E731
+                              weights=tiny_weights)
     main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as exit_:
         main([fill(a) for a in argv])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from python import distill_ldm
-from python.core.diffusion import DDIM, DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, ddim_target
+from python.core.diffusion import DDIM, DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_GUIDANCE, Schedule, ddim_target
 from python.core.errors import UserError
 from python.models.classifier import load_class_grad
 from python.models.denoiser import load_denoiser
@@ -57,7 +57,7 @@ def test_trajectories_follow_the_guided_teacher_and_resume(tiny_data, tiny_weigh
     grad = load_class_grad(tiny_weights / "guide", tiny_weights / "vae")
     shard = np.load(files[1])
     x0 = ldm_latents(teacher, sch, shard["cond"], "ddim", 6, DEFAULT_GUIDANCE, seed=1, apg_norm=DEFAULT_APG_NORM,
-                     class_grad=grad, class_scale=2.0, class_iters=3).numpy()
+                     class_grad=grad, class_scale=2.0, class_iters=DEFAULT_CLASS_ITERS).numpy()
     np.testing.assert_allclose(shard["xs"][-1], x0, atol=1e-5)  # the last kept point is the teacher's sample
     before = files[0].stat().st_mtime_ns
     distill_ldm.main(_traj_args(tiny_data, tiny_weights, out, "--count", "9", "--shard", "3"))
