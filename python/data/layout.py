@@ -15,9 +15,9 @@ scene]) and re-drawing it costs no rendering beyond the placement's occlusion te
 
 Encoding (python.core.layout): per class, (u, v, r): the centre of the object's projected bounding box in [0, 1]
 image coordinates (u right, v down, the 64x64 image's frame, which to64 stretches from the 4:3 render) and r, the
-geometric mean of the box's half-extents in the same units. A condition row is the 24-dim multi-hot followed by the 24 x 3 layout
-(python.models.denoiser, DenoiserConfig.layout): the samplers' unconditional pass zeroes the whole row, which is
-exactly "no objects, no layout".
+geometric mean of the box's half-extents in the same units. A condition row is the 24-dim multi-hot followed by
+the 24 x 3 layout (python.models.denoiser, DenoiserConfig.layout): the samplers' unconditional pass zeroes the
+whole row, which is exactly "no objects, no layout".
 """
 from __future__ import annotations
 
@@ -32,16 +32,14 @@ from python.core.errors import UserError
 from python.core.labels import NUM_CLASSES, OBJECTS, SHAPES
 from python.core.layout import LAYOUT_DIM, PER_CLASS, LayoutBank
 from python.data.dataset import cache_dir
-from python.data.render import Obj, Scene, project, sample_scene
+from python.data.render import Obj, Scene, box_corners_px, sample_scene
 from python.data.synthetic import LAYOUTS, RESOLUTION, TRAIN, pool_map, random_classes, scene_rng
 
 
 def object_box(scene: Scene, o: Obj, width: int = RESOLUTION[0], height: int = RESOLUTION[1]) -> tuple:
     """(u, v, r) of object `o` in `scene`'s camera: its projected bounding box's centre and the geometric mean of the
     box's half-extents, in [0, 1] image units."""
-    r, h2 = o.footprint, 2 * o.half
-    corners = [[o.x + sx * r, o.y + sy * r, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, h2)]
-    px, _ = project(scene, corners, width, height)
+    px = box_corners_px(scene, o, width, height)
     lo, hi = px.min(0), px.max(0)
     return ((lo[0] + hi[0]) / 2 / width, (lo[1] + hi[1]) / 2 / height,
             np.sqrt((hi[0] - lo[0]) / 2 / width * (hi[1] - lo[1]) / 2 / height))

@@ -317,10 +317,16 @@ def _random_scene_frame(rng: np.random.Generator):
     return dict(cam_pos=tuple(cam), key_light=tuple(key), fill_light=tuple(fill), back_light=tuple(back))
 
 
-def _in_view(scene: Scene, o: Obj, width: int, height: int, margin: float = 0.04) -> bool:
+def box_corners_px(scene: Scene, o: Obj, width: int, height: int) -> np.ndarray:
+    """(8, 2) pixel coordinates of the corners of the upright box that holds object `o` (its footprint cylinder's
+    square, from the floor to its top)."""
     r, h2 = o.footprint, 2 * o.half
     corners = np.array([[o.x + sx * r, o.y + sy * r, z] for sx in (-1, 1) for sy in (-1, 1) for z in (0, h2)])
-    px, _ = project(scene, corners, width, height)
+    return project(scene, corners, width, height)[0]
+
+
+def _in_view(scene: Scene, o: Obj, width: int, height: int, margin: float = 0.04) -> bool:
+    px = box_corners_px(scene, o, width, height)
     return bool((px[:, 0] > margin * width).all() and (px[:, 0] < (1 - margin) * width).all()
                 and (px[:, 1] > margin * height).all() and (px[:, 1] < (1 - margin) * height).all())
 
