@@ -288,7 +288,8 @@ def gan_runner(m: Models, backend: str, cond: np.ndarray, best_of: int = 1):
     gen = m.ts["generator"] if backend == "torchscript" else m.gan
     decoder = m.ts["decoder"] if backend == "torchscript" else m.decoder
     z = torch.from_numpy(gan_noise(0, len(cond), m.gan.cfg.z_dim))
-    c = torch.from_numpy(cond)
+    bank = getattr(m.gan, "layout_bank", None)  # a layout generator's rows carry the places (seed 0's)
+    c = torch.from_numpy(bank.condition_rows(cond) if bank is not None else cond)
 
     @torch.no_grad()
     def run():
@@ -444,7 +445,9 @@ def gan_breakdown(m: Models, batch: int, runs: int, backend: str = "onnxruntime"
     the rest (noise, Python) = end to end minus both."""
     pipe = m.pipes[PIPE[backend]]
     cond = conditions_for(batch)
-    feeds = {"z": gan_noise(0, batch, pipe.ex.manifest["models"]["generator"]["z_dim"]), "cond": cond}
+    bank = pipe.ex.generator_layout_bank
+    feeds = {"z": gan_noise(0, batch, pipe.ex.manifest["models"]["generator"]["z_dim"]),
+             "cond": bank.condition_rows(cond) if bank is not None else cond}
     lat = pipe.ex.run("generator", feeds)[0]
     gen = float(np.median(timed(lambda: pipe.ex.run("generator", feeds), runs)))
     dec = float(np.median(timed(lambda: pipe.decode(lat, batch=batch), runs)))
@@ -676,7 +679,8 @@ def main(argv=None):
                                           base["images_per_sec"], best_of, ddim_eta(smp, args.eta)))
                     _print(results[-1])
     if m.gan:
-        gen_flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim), torch.zeros(2, 24))
+        gen_flops = flops_per_item(m.gan, torch.randn(2, m.gan.cfg.z_dim),  # a layout generator reads places too
+                                   torch.zeros(2, getattr(m.gan.cfg, "cond_dim", 24)))
         for best_of in best_ofs:
             flops = (gen_flops + cls_flops * (best_of > 1)) * best_of + dec_flops
             for backend in cfg["gan_backends"] if best_of == 1 else ["onnxruntime"]:

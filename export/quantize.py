@@ -62,14 +62,15 @@ class Feeds(CalibrationDataReader):
 def model_inputs(name: str, manifest_entry: dict, lat: LatentSet, n: int, seed: int, batch: int = 32,
                  bank=None) -> list[dict]:
     """`n` real inputs for an exported network, in batches: what it sees when the generators run (`bank`: a layout
-    denoiser's placement prior, python.core.layout, whose places join its conditions)."""
+    denoiser's or generator's placement prior, python.core.layout, whose places join its conditions)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(lat), (n,), generator=gen)
     latents, labels = lat.sample(idx, gen).numpy(), lat.labels[idx].numpy()
     if name in ("decoder", "classifier"):
         feeds = {"latents": latents}
     elif name == "generator":
-        feeds = {"z": gan_noise(seed, n, manifest_entry["z_dim"]), "cond": labels}
+        rows = bank.condition_rows(labels, seed) if bank is not None else labels
+        feeds = {"z": gan_noise(seed, n, manifest_entry["z_dim"]), "cond": rows}
     elif name == "denoiser":
         schedule = Schedule(**manifest_entry["schedule"])
         t = torch.randint(0, schedule.T, (n,), generator=gen).numpy()
@@ -192,7 +193,7 @@ def quantize_export(out: Path, manifest: dict, data: Path, vae_dir: Path, sample
             print("OpenVINO int8 copies: nncf / openvino not installed; skipped (pip install openvino nncf)")
     for name in [n for n in QUANTIZED if manifest["models"].get(n, {}).get("format") == "onnx"]:
         entry = manifest["models"][name]
-        bank = LayoutBank.load(out) if entry.get("layout") else None
+        bank = LayoutBank.load(out, entry["layout"]) if entry.get("layout") else None
         calibration = model_inputs(name, entry, lat, samples, seed=1, bank=bank)
         verification = model_inputs(name, entry, lat, 64, seed=2, bank=bank)
         keep = {k: v for k, v in entry.items() if k in ("schedule", "z_dim", "latent_shape", "layout")}

@@ -34,10 +34,10 @@ from python.core.diffusion import Schedule
 from python.core.errors import UserError, cli
 from python.core.folders import replace_folder
 from python.core.labels import CLASS_NAMES
-from python.core.layout import BANK_FILE
+from python.core.layout import BANK_FILE, GENERATOR_BANK_FILE
 from python.models.classifier import load_class_grad, load_classifier
 from python.models.denoiser import load_denoiser
-from python.models.generators import load_generator
+from python.models.generators import load_generator, reads_layout
 from python.models.judge import SHIPPED_JUDGES, judge_logits, load_judge
 from python.models.vae import Decoder, load_vae, require_latent_space
 from python.models.weights import SHIPPED
@@ -240,9 +240,10 @@ def collect(weights: Path | None, vae: Path | None = None) -> dict:
                            {"x": rand(5, *shape), "t": t, "cond": rows}, ["out"],
                            {"schedule": cfg["schedule"], **({"layout": BANK_FILE} if model.cfg.layout else {})})
         else:
-            z = model.cfg.z_dim
-            found[name] = (model, {"z": rand(2, z), "cond": conds[:2]}, {"z": rand(5, z), "cond": conds}, ["latents"],
-                           {"z_dim": z})
+            z, layout = model.cfg.z_dim, reads_layout(model)
+            rows = torch.from_numpy(model.layout_bank.condition_rows(conds.numpy())) if layout else conds
+            found[name] = (model, {"z": rand(2, z), "cond": rows[:2]}, {"z": rand(5, z), "cond": rows}, ["latents"],
+                           {"z_dim": z, **({"layout": GENERATOR_BANK_FILE} if layout else {})})
     d = _weights(weights, "classifier")
     if (d / "config.json").exists():
         cls, cfg = load_classifier(d)
@@ -310,6 +311,9 @@ def _export_into(weights: Path | None, out: Path, formats, fp16: bool, int8_data
     if "denoiser" in nets and nets["denoiser"][0].cfg.layout:  # the placement prior the samplers draw places from
         manifest["layout_bank"] = {"file": BANK_FILE, "sha256": sha256(nets["denoiser"][0].layout_bank.save(out))}
         (out / "layout.txt").write_text(f"{nets['denoiser'][0].cfg.cond_dim}\n")  # the C++ sampler's row width
+    if "generator" in nets and reads_layout(nets["generator"][0]):  # a layout student's own prior, in its own file
+        path = nets["generator"][0].layout_bank.save(out, GENERATOR_BANK_FILE)
+        manifest["generator_layout_bank"] = {"file": GENERATOR_BANK_FILE, "sha256": sha256(path)}
     if "denoiser" in nets:  # the schedule as a table, for the C++ sampler
         s = Schedule(**nets["denoiser"][4]["schedule"])
         c, h, w = nets["decoder"][4]["latent_shape"]

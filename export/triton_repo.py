@@ -12,7 +12,10 @@ Layout (Triton's): one folder per model with config.pbtxt and a version folder 1
   requests on the GPU. Inputs COND (24 multi-hot), SEED, and optional STEPS, GUIDANCE, APG_NORM, CLASS_SCALE,
   CLASS_ITERS; output IMAGES. A layout denoiser's placement prior (layouts.npz, python/core/layout.py) is copied
   beside model.py, and each request's places are drawn from its SEED, as the runtime draws them.
-- gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES).
+- gan: an ensemble, generator -> decoder (inputs Z, COND; output IMAGES). For a layout generator (a one-step
+  student of a layout LDM) a Python-backend model instead, like ldm: inputs COND (24 multi-hot) and SEED, the noise
+  and each row's places drawn from SEED as the runtime draws them (its prior copied beside model.py), one BLS call
+  to generator and one to decoder.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from python.core.checksum import sha256
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_CLASS_SCALE, DEFAULT_GUIDANCE
 from python.core.errors import UserError
-from python.core.layout import BANK_FILE
+from python.core.layout import BANK_FILE, GENERATOR_BANK_FILE
 
 CORE = Path(__file__).resolve().parent.parent / "python" / "core"
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16"}
@@ -114,6 +117,91 @@ ensemble_scheduling {{
   ]
 }}
 """
+
+GAN_LAYOUT_CONFIG = """name: "gan"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{ name: "COND", data_type: TYPE_FP32, dims: [ 24 ] }},
+  {{ name: "SEED", data_type: TYPE_INT64, dims: [ 1 ] }}
+]
+output [
+  {{ name: "IMAGES", data_type: TYPE_FP32, dims: [ 3, 64, 64 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 10000 }}
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+parameters: {{ key: "z_dim", value: {{ string_value: "{z_dim}" }} }}
+"""
+
+GAN_LAYOUT_MODEL = '''"""Triton Python backend: a layout GAN-path generator (one call) and the decoder.
+
+Written by export/triton_repo.py. The generator's condition rows carry each object's place, drawn from the
+placement prior beside this file (core/layout.py) with the request's SEED, and its noise from the same SEED, as
+the project's runtime draws both (core/sampling.py one_step_latents); every request in one execute() call is one
+batch, each with its own seed, so a request's images do not depend on its batch-mates.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from core.layout import LayoutBank  # noqa: E402
+from core.sampling import one_step_latents  # noqa: E402
+
+BANK = "{bank}"
+
+
+def _call(model, inputs, output):
+    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=[output],
+                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+    resp = req.exec()
+    if resp.has_error():
+        raise pb_utils.TritonModelException(resp.error().message())
+    return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {{k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}}
+        self.z_dim = int(params["z_dim"])
+        self.layout_bank = LayoutBank.load(Path(__file__).resolve().parent, BANK)
+
+    def execute(self, requests):
+        members, responses = [], [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                cond = pb_utils.get_input_tensor_by_name(r, "COND").as_numpy().astype(np.float32)
+                seed = pb_utils.get_input_tensor_by_name(r, "SEED")
+                seeds = np.unique(seed.as_numpy()) if seed is not None else np.zeros(1, np.int64)
+                if len(seeds) != 1:
+                    raise ValueError("SEED must be the same for every row of a request")
+                self.layout_bank.draw(cond)  # a set the prior cannot place fails this request alone
+                members.append((i, cond, int(seeds[0])))
+            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        if not members:
+            return responses
+        try:
+            cond = np.concatenate([c for _, c, _ in members])
+            generator = lambda z, c: _call("generator", {{"z": z, "cond": c}}, "latents")  # noqa: E731
+            lat = one_step_latents(generator, cond, self.z_dim, seeds=[(s, len(c)) for _, c, s in members],
+                                   batch=len(cond), layout_bank=self.layout_bank)
+            images = _call("decoder", {{"latents": lat.astype(np.float32)}}, "images")
+        except Exception as e:  # noqa: BLE001
+            for i, _, _ in members:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+            return responses
+        start = 0
+        for i, c, _ in members:
+            out = pb_utils.Tensor("IMAGES", images[start:start + len(c)].astype(np.float32))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+            start += len(c)
+        return responses
+'''
 
 LDM_MODEL = '''"""Triton Python backend: guided latent diffusion over the denoiser and decoder models.
 
@@ -257,8 +345,21 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
             manifest=json.dumps(json.dumps(manifest))))
         written.append("ldm")
     if "generator" in onnx_models:
-        (out / "gan" / "1").mkdir(parents=True, exist_ok=True)  # ensembles have an empty version folder
-        (out / "gan" / "config.pbtxt").write_text(GAN_CONFIG.format(max_batch=MAX_BATCH,
-                                                                    z_dim=models["generator"]["z_dim"]))
+        d = out / "gan" / "1"
+        d.mkdir(parents=True, exist_ok=True)  # ensembles have an empty version folder
+        for stale in ("model.py", GENERATOR_BANK_FILE):
+            (d / stale).unlink(missing_ok=True)
+        shutil.rmtree(d / "core", ignore_errors=True)
+        bank = manifest_all.get("generator_layout_bank")
+        config = GAN_CONFIG
+        if bank:  # a layout generator: a Python backend draws each row's places (and noise) from its SEED
+            src = export / bank["file"]
+            if sha256(src) != bank["sha256"]:
+                raise UserError(f"{src}: checksum differs from manifest.json; re-export")
+            shutil.copyfile(src, d / GENERATOR_BANK_FILE)
+            shutil.copytree(CORE, d / "core", ignore=shutil.ignore_patterns("__pycache__"))
+            (d / "model.py").write_text(GAN_LAYOUT_MODEL.format(bank=GENERATOR_BANK_FILE))
+            config = GAN_LAYOUT_CONFIG
+        (out / "gan" / "config.pbtxt").write_text(config.format(max_batch=MAX_BATCH, z_dim=models["generator"]["z_dim"]))
         written.append("gan")
     return written

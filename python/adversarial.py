@@ -30,6 +30,13 @@ cannot see a requested object drawn twice; the counter can, and reads the shippe
 more objects than were asked for. Measured: the generator meets the term by fading every object, not by dropping the
 extra one (weights/gan/MODEL_CARD.md, runs dmdc1-dmdc2); kept as an option for runs that measure what bounds it.
 
+A layout LDM as teacher (python/core/layout.py: its condition row carries each object's place) makes a layout
+student: its rows carry the places too (a student of a plain LDM given as --init grows the layout input, zero at
+first), the real latents come with their own places (recovered from the renderer, python/data/layout.py) and the
+fakes are asked for the same sets at the same places, so teacher, fake score and the heads' frozen features all read
+where each object is to stand; the heads' projections and the classifiers read the label set alone. The student
+ships with its teacher's placement prior and every sampler draws the places from it, as for the LDM.
+
 No regression to the teacher and no classifier in the generator's loss by default: the adversarial term is what
 makes the image. --cls-weight adds a frozen latent classifier's cross-entropy (trained on real latents only, never
 a judge, and better another than the best-of selector) for runs that measure what it adds. No judge in any loss or
@@ -45,6 +52,7 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -80,7 +88,7 @@ from python.models.one_step import OneStep
 from python.models.sampling import decode, gan_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space
 from python.training.ema import ema_update
-from python.training.latents import load_latents
+from python.training.latents import load_latents, with_places
 from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import class_term, coeff_tables, count_reward, diffusion_loss, min_snr_weight
 from python.training.rundir import RunDir, load_checkpoint
@@ -179,13 +187,15 @@ class FeatureDiscriminator(nn.Module):
         self.layers = sorted(set(layers))
         object.__setattr__(self, "backbone", backbone.eval().requires_grad_(False))
         self.heads = nn.ModuleList(Head(dims[i], width, num_classes) for i in self.layers)
+        self.num_classes = num_classes
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
         return self.score(self.backbone.features(x_t, t, cond, self.layers), cond)
 
     def score(self, feats: list[torch.Tensor], cond: torch.Tensor) -> list[torch.Tensor]:
         """Per head, the token and image logits (N, L + 1) of features the frozen network computed."""
-        return [head(f, cond) for head, f in zip(self.heads, feats)]
+        labels = cond[:, : self.num_classes]  # a layout row's places reach the heads through the features only
+        return [head(f, labels) for head, f in zip(self.heads, feats)]
 
 
 def mismatched(cond: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -243,7 +253,8 @@ def dmd_loss(fake: torch.Tensor, cond: torch.Tensor, teacher: Denoiser, fake_sco
         else:
             real_x0 = x0_eps(x_t, guide(both[: len(fake)], both[len(fake):], guidance), ca[t], cs[t], prediction)[0]
         if class_scale:
-            real_x0 = descend_x0(real_x0, lambda x0: class_grad(x0, cond), class_scale, class_iters)
+            labels = cond[:, :NUM_CLASSES]  # the classifier reads the label set alone (a layout row has places too)
+            real_x0 = descend_x0(real_x0, lambda x0: class_grad(x0, labels), class_scale, class_iters)
         fake_x0 = x0_eps(x_t, fake_score(x_t, t, cond), ca[t], cs[t], prediction)[0]
         scale = (fake - real_x0).abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-4)
         step = (fake_x0 - real_x0) / scale
@@ -262,6 +273,19 @@ def _student(init: Path | None, teacher: Denoiser, tcfg: dict, vae_dir: Path) ->
         raise UserError(f"--init {init}: a {cfg.get('kind')} generator; this trainer fine-tunes a one-step "
                         "student (kind 'distilled', e.g. weights/gan)")
     require_latent_space(init, cfg, vae_dir)
+    if student.cfg.layout and not teacher.cfg.layout:
+        raise UserError(f"--init {init}: a layout student (it reads where each object stands); its teacher (--ldm) "
+                        "must be a layout LDM too")
+    if teacher.cfg.layout and not student.cfg.layout:
+        # a student of a plain LDM carried on against a layout LDM: the layout input starts at zero (python.train_ldm
+        # --init does the same), so the first step computes what the init did; any other weight it lacks is an error
+        grown = OneStep(replace(student.denoiser.cfg, layout=True), tcfg["schedule"])
+        missing = grown.denoiser.load_state_dict(student.denoiser.state_dict(), strict=False).missing_keys
+        if any(not k.startswith("layout_in.") for k in missing):
+            raise UserError(f"--init {init}: its denoiser is not the layout LDM's shape (weights missing for {missing})")
+        student = grown
+    if student.cfg.layout:
+        student.layout_bank = teacher.layout_bank  # the places the student is asked for are the teacher's prior
     return student.float().train()
 
 
@@ -289,13 +313,19 @@ def _warm_start_heads(disc: nn.Module, source: Path, spec: dict) -> None:
 
 
 def train(args, cfg: dict) -> tuple[Path, int]:
-    teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM, layout_for="python.adversarial")
+    teacher, tcfg = load_denoiser(args.ldm or SHIPPED_LDM)
+    layout = teacher.cfg.layout  # a layout LDM: teacher, fake score, heads' backbone and student read the places too
     vae_dir = args.vae or SHIPPED_VAE
     require_latent_space(args.ldm or SHIPPED_LDM, tcfg, vae_dir)
     schedule = Schedule(**tcfg["schedule"])
     if not 1 <= cfg["d_t_max"] <= schedule.T:
         raise UserError(f"--d-t-max must be in 1..{schedule.T}, got {cfg['d_t_max']}")
+    if layout and cfg["mismatch"] > 0:
+        raise UserError("--mismatch changes a label set by one object, which a layout LDM's condition (the set and each "
+                        "object's place) does not take; give --mismatch 0 with a layout teacher")
     lat = load_latents(args.data, vae_dir)
+    if layout:  # real latents under their own places; the fakes are asked for the same sets at the same places
+        lat = with_places(lat, args.data)
     torch.manual_seed(args.seed)
     student = _student(args.init, teacher, tcfg, vae_dir)
     if cfg["d_features"] == "classifier":
@@ -349,6 +379,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
             raise UserError("--init-disc warm-starts the discriminator's heads, which --adv-weight 0 does not use")
         _warm_start_heads(disc, args.init_disc, cfg["discriminator"])
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "discriminator", "dmd", "count_term"))
+    if layout:  # the placement prior travels with the run, for python.ship (the student's samplers draw from it)
+        student.layout_bank.save(run.path)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["lr"], betas=(0.0, 0.99))
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg["d_lr"], betas=(0.0, 0.99))
@@ -479,11 +511,11 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                     loss = loss + cfg["dmd_weight"] * g_dmd
                     extra["g_dmd"] = g_dmd.item()
                 if cls_nets:
-                    cls_term = class_term(cls_nets, fake, cond)
+                    cls_term = class_term(cls_nets, fake, cond[:, :NUM_CLASSES])
                     loss = loss + args.cls_weight * cls_term
                     extra["cls"] = cls_term.item()
                 if counter is not None:  # "k objects in all": a requested object drawn twice, or a faint ghost, fails it
-                    total = count_reward(counter, fake, cond, present=0.0, absent=0.0, total=1.0)
+                    total = count_reward(counter, fake, cond[:, :NUM_CLASSES], present=0.0, absent=0.0, total=1.0)
                     loss = loss + args.count_weight * total
                     extra["count"] = total.item()
                 gnorm = optimiser_step(loss, opt, clip=student.parameters())

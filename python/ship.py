@@ -17,7 +17,7 @@ from pathlib import Path
 from python.core.errors import UserError, cli
 from python.core.layout import LayoutBank
 from python.models.denoiser import Denoiser, denoiser_config, save_denoiser
-from python.models.generators import build_generator, save_generator
+from python.models.generators import build_generator, reads_layout, save_generator
 from python.training.rundir import load_checkpoint
 
 
@@ -67,6 +67,8 @@ def main(argv=None):
             raise UserError(f"{args.run}: not a GAN run (config.json has no 'gan')")
         gen = build_generator(cfg, args.run / "config.json")
         gen.load_state_dict(weights["generator" if args.raw else "ema"])
+        if reads_layout(gen):  # a layout student's placement prior (its teacher's), kept with the run
+            gen.layout_bank = LayoutBank.load(args.run)
         # what trained it, beside what it is (kind): e.g. objective "adversarial" and its discriminator's settings,
         # or "dmd" and the distribution matching's
         provenance.update({k: cfg[k] for k in ("objective", "discriminator", "dmd") if cfg.get(k) is not None})

@@ -45,7 +45,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,15 +52,15 @@ from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, 
 from python.core.errors import UserError, cli
 from python.core.labels import NUM_CLASSES
 from python.core.layout import BANK_FILE, LayoutBank
-from python.data.dataset import load_condition_file, load_split
-from python.data.layout import make_bank, mirror, train_layouts
+from python.data.dataset import load_condition_file
+from python.data.layout import make_bank
 from python.evaluation.metrics import ldm_probe
 from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
 from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
 from python.training.ema import ema_update
-from python.training.latents import count_latents, load_latents, mixed_batch
+from python.training.latents import count_latents, load_latents, mixed_batch, with_places
 from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
 from python.training.losses import class_term, coeff_tables, diffusion_loss, min_snr_weight
 from python.training.repa import ClassifierTargets, Projector, alignment_loss
@@ -195,11 +194,7 @@ def main(argv=None):
     if args.layout_bank is not None and not args.layout:
         raise UserError("--layout-bank is the placement prior of a --layout model; give --layout")
     if args.layout:  # each latent's condition row: its multi-hot, then its objects' places (mirror images mirrored)
-        split_names = load_split(args.data).names
-        half = len(lat) // 2
-        places = train_layouts(args.data, split_names, lat.labels[:half].numpy())
-        places = torch.from_numpy(np.concatenate([places, mirror(places)]))
-        lat = replace(lat, labels=torch.cat([lat.labels, places], 1))
+        lat = with_places(lat, args.data)
     cfg.update(denoiser=asdict(dcfg), schedule=schedule.config(), vae_sha=vae_digest(vae_folder), world=world,
                count_scenes=dict(scenes=args.count_scenes, seed=args.count_seed, fraction=args.count_fraction)
                if args.count_scenes else None,

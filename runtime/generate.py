@@ -124,7 +124,8 @@ class Pipeline:
                     seeds: list[tuple[int, int]] | None = None) -> np.ndarray:
         self._need("generator", "the GAN")
         generator = lambda z, cond: self.ex.run("generator", {"z": z, "cond": cond})[0]  # noqa: E731
-        return one_step_latents(generator, cond, self.ex.manifest["models"]["generator"]["z_dim"], seed, seeds, batch)
+        return one_step_latents(generator, cond, self.ex.manifest["models"]["generator"]["z_dim"], seed, seeds, batch,
+                                self.ex.generator_layout_bank)
 
     def decode(self, latents: np.ndarray, batch: int = 256) -> np.ndarray:
         self._need("decoder", "the VAE")

@@ -89,7 +89,7 @@ class ExportFolder:
                             f"`python export/to_onnx.py --out {self.path}`") from None
         self.providers = pick_providers(providers) if backend == "onnxruntime" else ["OpenVINO CPU"]
         self.threads = threads or os.cpu_count()
-        self._sessions = {}
+        self._sessions, self._banks = {}, {}
 
     def has(self, name: str) -> bool:
         return self.manifest["models"].get(name, {}).get("format") == "onnx"
@@ -98,16 +98,24 @@ class ExportFolder:
     def layout_bank(self):
         """The placement prior of a layout denoiser (python/core/layout.py), checked against the manifest; None for
         a denoiser that reads the label set alone."""
-        entry = self.manifest.get("layout_bank")
+        return self._bank("layout_bank")
+
+    @property
+    def generator_layout_bank(self):
+        """The same for a layout GAN-path generator (a one-step student of a layout LDM)."""
+        return self._bank("generator_layout_bank")
+
+    def _bank(self, key: str):
+        entry = self.manifest.get(key)
         if entry is None:
             return None
-        if "_layout_bank" not in self.__dict__:
+        if key not in self._banks:
             path = self.path / entry["file"]
             if path.exists() and sha256(path) != entry.get("sha256"):
                 raise UserError(f"{path}: its checksum differs from manifest.json's (a partial, mixed or damaged "
                                 f"export); re-export with `python export/to_onnx.py --out {self.path}`")
-            self._layout_bank = LayoutBank.load(self.path)
-        return self._layout_bank
+            self._banks[key] = LayoutBank.load(self.path, entry["file"])
+        return self._banks[key]
 
     def session(self, name: str):
         if name not in self._sessions:

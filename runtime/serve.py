@@ -86,6 +86,7 @@ class Limits:
     timeout_s: float = 120.0  # a request not answered by then gets a 504 and its work is cancelled
     class_guidance: bool = True  # the export has class_grad (build_app sets it from Pipeline.default_class_scale)
     max_ldm_objects: int | None = None  # a layout denoiser's placement prior holds scenes of up to this many objects
+    max_gan_objects: int | None = None  # the same for a layout GAN-path generator
 
 
 def work(req: dict) -> int:
@@ -168,9 +169,10 @@ def parse_request(body, limits: Limits) -> dict:
         check_class_iters(r["class_iters"], "'class_iters'")
     except UserError as e:  # the shared check's message, as a 400
         raise BadRequest(str(e)) from None
-    if r["model"] == "ldm" and limits.max_ldm_objects and len(labels) > limits.max_ldm_objects:
-        raise BadRequest(f"'labels' has {len(labels)} objects; this server's LDM places at most "
-                         f"{limits.max_ldm_objects} (its placement prior, python/core/layout.py)")
+    most = limits.max_ldm_objects if r["model"] == "ldm" else limits.max_gan_objects
+    if most and len(labels) > most:
+        raise BadRequest(f"'labels' has {len(labels)} objects; this server's {r['model'].upper()} places at most "
+                         f"{most} (its placement prior, python/core/layout.py)")
     if r["class_scale"] > limits.max_guidance:
         raise BadRequest(f"'class_scale' must be between 0 and {limits.max_guidance}, got {r['class_scale']}")
     if r["class_iters"] > limits.max_class_iters:
@@ -416,8 +418,10 @@ def build_app(export: Path | None = None, window_ms: float = 10.0, max_batch: in
 
     pipe = Pipeline(ExportFolder(export, providers, threads, precision, backend))
     bank = pipe.ex.layout_bank if pipe.ex.has("denoiser") else None
+    gen_bank = pipe.ex.generator_layout_bank if pipe.ex.has("generator") else None
     limits = replace(limits or Limits(), class_guidance=pipe.default_class_scale > 0,
-                     max_ldm_objects=bank.max_objects if bank is not None else None)
+                     max_ldm_objects=bank.max_objects if bank is not None else None,
+                     max_gan_objects=gen_bank.max_objects if gen_bank is not None else None)
     batcher = Batcher(pipe, window_ms, max_batch, max_queue, batching, max_queue_work)
     available = [m for m, part in (("ldm", "denoiser"), ("gan", "generator")) if pipe.ex.has(part)]
     warm = warm_up(pipe, available)

@@ -123,16 +123,20 @@ def layout_bank():
 
 @pytest.fixture(scope="session")
 def layout_export(tiny_weights, layout_bank, tmp_path_factory):
-    """(weights, export): tiny_weights with a layout denoiser (perturbed, so that the places show) in ldm/, exported
-    to ONNX and TorchScript."""
+    """(weights, export): tiny_weights with a layout denoiser (perturbed, so that the places show) in ldm/ and a
+    layout one-step student in gan/ (its own prior, drawn with another seed: the export must keep the two apart),
+    exported to ONNX and TorchScript."""
     import torch
 
     from export.to_onnx import export_all
+    from python.data.layout import make_bank
     from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
+    from python.models.generators import save_generator
+    from python.models.one_step import OneStep
 
     root = tmp_path_factory.mktemp("layout_weights")
     for sub in tiny_weights.iterdir():
-        if sub.name != "ldm":
+        if sub.name not in ("ldm", "gan"):
             (root / sub.name).symlink_to(sub)
     _, cfg = load_denoiser(tiny_weights / "ldm")
     torch.manual_seed(1)
@@ -142,6 +146,12 @@ def layout_export(tiny_weights, layout_bank, tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.05)
     den.layout_bank = layout_bank
     save_denoiser(den, root / "ldm", {k: cfg[k] for k in ("schedule", "vae_sha")})
+    gen = OneStep(den.cfg, cfg["schedule"])
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen.layout_bank = make_bank(per_count=5, max_objects=3, seed=3, workers=1)
+    save_generator(gen.eval(), root / "gan", {"vae_sha": cfg["vae_sha"]})
     out = tmp_path_factory.mktemp("layout_export")
     export_all(root, out, formats=("onnx", "torchscript"))
     return root, out

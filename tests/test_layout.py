@@ -227,3 +227,74 @@ def test_int8_calibration_feeds_a_layout_denoiser_its_places(layout_bank, tiny_d
     kept = cond[:, :NUM_CLASSES].sum(1) > 0  # the guidance's unconditional half: no objects and no places
     assert kept.any() and not kept.all() and not cond[~kept].any()
     assert np.array_equal(cond[kept, NUM_CLASSES:].reshape(-1, NUM_CLASSES, 3)[..., 2] > 0, cond[kept, :NUM_CLASSES] > 0)
+
+
+def test_a_layout_student_draws_its_own_places_in_torch_and_the_runtime(layout_export):
+    """A one-step student of a layout LDM (python/models/generators.py): its placement prior travels with its weights
+    and into the export beside (not instead of) the denoiser's, and torch and the ONNX runtime draw the same places
+    for the same seeds (the Triton backend: tests/test_triton.py)."""
+    from python.core.layout import GENERATOR_BANK_FILE
+    from python.core.sampling import one_step_latents
+    from python.models.generators import load_generator, reads_layout
+    from python.models.sampling import gan_latents, torch_call
+    from runtime.generate import Pipeline
+    from runtime.models import ExportFolder
+
+    root, out = layout_export
+    gen, _ = load_generator(root / "gan")
+    assert reads_layout(gen) and gen.cfg.cond_dim == NUM_CLASSES + LAYOUT_DIM
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["generator"]["layout"] == GENERATOR_BANK_FILE
+    ex = ExportFolder(out, threads=2)
+    assert len(ex.generator_layout_bank.slots[2]) == 5 and len(ex.layout_bank.slots[2]) == 6  # two priors, apart
+    cond = np.zeros((3, NUM_CLASSES), np.float32)
+    cond[0, [9, 7, 22]] = 1
+    cond[1, 0] = 1
+    cond[2, [2, 11]] = 1
+    seeds = [(5, 2), (6, 1)]
+    ours = Pipeline(ex).gan_latents(cond, seeds=seeds)
+    ref = gan_latents(gen, cond, seeds=seeds).numpy()
+    assert np.abs(ours - ref).max() <= 1e-4
+    # the rows it drew are the prior's for those seeds; other places (same noise) give another image
+    rows = gen.layout_bank.condition_rows(cond, seeds=seeds)
+    assert np.array_equal(one_step_latents(torch_call(gen), rows, gen.cfg.z_dim, seeds=seeds), ref)
+    moved = one_step_latents(torch_call(gen), gen.layout_bank.condition_rows(cond, seeds=[(50, 2), (60, 1)]),
+                             gen.cfg.z_dim, seeds=seeds)
+    assert np.abs(moved - ref).max() > 1e-3
+    del gen.layout_bank
+    with pytest.raises(UserError, match="placement prior"):
+        gan_latents(gen, cond)
+
+
+def test_adversarial_grows_a_plain_student_into_a_layout_one_and_ships_it(tiny_data, layout_export, tmp_path, capsys):
+    """python.adversarial with a layout LDM as teacher: a plain one-step student given as --init gets the layout input
+    (zero at first), trains against the teacher reading the real latents' own places, and ships with the teacher's
+    prior; the matching-aware term, which edits label sets alone, is refused."""
+    from dataclasses import replace
+
+    from python.adversarial import main as adversarial
+    from python.models.generators import load_generator, reads_layout, save_generator
+    from python.models.one_step import OneStep
+    from python.models.sampling import gan_latents
+
+    root, _ = layout_export
+    teacher, tcfg = load_denoiser(root / "ldm")
+    plain = OneStep(replace(teacher.cfg, layout=False), tcfg["schedule"])
+    plain.denoiser.load_state_dict(teacher.state_dict(), strict=False)  # everything but the layout input
+    save_generator(plain, tmp_path / "plain", {"vae_sha": tcfg["vae_sha"]})
+    args = ["--preset", "tiny", "--data", str(tiny_data), "--ldm", str(root / "ldm"), "--vae", str(root / "vae"),
+            "--judge", str(root / "judge" / "checkpoint.pth"), "--dmd-weight", "1", "--init", str(tmp_path / "plain")]
+    with pytest.raises(SystemExit):
+        adversarial(args + ["--run-dir", str(tmp_path / "refused")])  # the tiny preset's --mismatch 1
+    assert "give --mismatch 0 with a layout teacher" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    run = tmp_path / "run"
+    adversarial(args + ["--run-dir", str(run), "--mismatch", "0"])
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    gen, cfg = load_generator(tmp_path / "shipped")
+    assert reads_layout(gen) and cfg["objective"] == "adversarial+dmd" and cfg["trained_steps"] == 6
+    assert all(np.array_equal(gen.layout_bank.slots[n], teacher.layout_bank.slots[n]) for n in teacher.layout_bank.slots)
+    assert gen.denoiser.layout_in.weight.abs().sum() > 0  # zero in the init; the places now reach the image
+    cond = np.zeros((2, NUM_CLASSES), np.float32)
+    cond[:, [9, 22]] = 1
+    lat = gan_latents(gen, cond, seed=1)
+    assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()

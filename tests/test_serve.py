@@ -268,8 +268,9 @@ def test_load_test_smoke(onnx_export, tmp_path):
 
 
 def test_a_layout_export_is_served_with_its_places_and_refuses_more_objects_than_it_places(layout_export):
-    """A layout denoiser (python/core/layout.py): each request's places are drawn from its seed, as the runtime draws
-    them; a label set larger than the placement prior holds is a 400 naming the bound (the GAN path takes it)."""
+    """A layout denoiser and a layout one-step generator (python/core/layout.py): each request's places are drawn from
+    its seed, as the runtime draws them; a label set larger than a model's placement prior holds is a 400 naming
+    that model's bound."""
     _, ex = layout_export
     with TestClient(build_app(ex, window_ms=5, max_batch=64, max_queue=64, threads=2)) as c:
         body = {"labels": ["red sphere", "cyan cylinder"], "n": 2, "steps": 3, "seed": 4, "format": "json"}
@@ -280,5 +281,11 @@ def test_a_layout_export_is_served_with_its_places_and_refuses_more_objects_than
         assert np.abs(_decode_pngs(r.json()).astype(int) - to_uint8(ref).astype(int)).max() <= 1
         four = {"labels": ["red sphere", "cyan cylinder", "gray cube", "blue cube"], "steps": 3}
         r = c.post("/generate", json=four)
-        assert r.status_code == 400 and "places at most 3" in r.text
-        assert c.post("/generate", json={**four, "model": "gan"}).status_code == 200
+        assert r.status_code == 400 and "LDM places at most 3" in r.text
+        r = c.post("/generate", json={**four, "model": "gan"})
+        assert r.status_code == 400 and "GAN places at most 3" in r.text
+        r = c.post("/generate", json={**body, "model": "gan"})
+        assert r.status_code == 200, r.text
+        ref = Pipeline(ExportFolder(ex, threads=2)).generate(condition(parse_request(body, Limits())), "gan",
+                                                             seeds=[(4, 2)])
+        assert np.abs(_decode_pngs(r.json()).astype(int) - to_uint8(ref).astype(int)).max() <= 1

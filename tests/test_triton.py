@@ -15,6 +15,7 @@ from export.triton_repo import io_of, write_repository
 from python.core.diffusion import DEFAULT_CLASS_ITERS
 from python.core.errors import UserError
 from python.core.labels import encode
+from python.core.layout import GENERATOR_BANK_FILE
 from runtime.generate import Pipeline
 from runtime.models import ExportFolder
 
@@ -197,3 +198,35 @@ def test_a_layout_denoiser_s_places_come_with_the_repository(layout_export, tmp_
             write_repository(ex, tmp_path / "triton2")
     finally:
         (ex / "layouts.npz").write_bytes((ex / "layouts.npz").read_bytes()[:-1])
+
+
+def test_a_layout_generator_is_served_by_a_python_backend_that_draws_its_places(layout_export, tmp_path, monkeypatch):
+    """A layout one-step generator (python/core/layout.py): the gan model is a Python backend in place of the ensemble,
+    with the generator's own placement prior beside it, drawing noise and places from each request's SEED as the
+    runtime does; a set larger than the prior places fails that request alone."""
+    _, ex = layout_export
+    out = tmp_path / "triton"
+    write_repository(ex, out)
+    assert (out / "gan" / "1" / GENERATOR_BANK_FILE).read_bytes() == (ex / GENERATOR_BANK_FILE).read_bytes()
+    assert 'backend: "python"' in (out / "gan" / "config.pbtxt").read_text()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
+    monkeypatch.syspath_prepend(str(out / "gan" / "1"))
+    spec = importlib.util.spec_from_file_location("triton_gan_layout_model", out / "gan" / "1" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": _pbtxt_parameters(
+        (out / "gan" / "config.pbtxt").read_text())})})
+    pb = sys.modules["triton_python_backend_utils"]
+    a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
+    b = encode(["cyan cylinder"])[None].astype(np.float32)
+    four = encode(["red sphere", "gray cube", "blue cube", "cyan cylinder"])[None].astype(np.float32)
+    reqs = [pb.InferenceRequest("gan", [], [pb.Tensor("COND", c), pb.Tensor("SEED", np.full((len(c), 1), s, np.int64))])
+            for c, s in ((a, 3), (four, 1), (b, 8))]
+    responses = model.execute(reqs)
+    assert responses[1].has_error() and "holds scenes of [1, 2, 3]" in responses[1].error().message()
+    pipe = Pipeline(ExportFolder(ex, threads=2))
+    for resp, cond, seed in zip(responses[::2], (a, b), (3, 8)):
+        assert not resp.has_error(), resp.error().message()
+        np.testing.assert_allclose(pb.get_output_tensor_by_name(resp, "IMAGES").as_numpy(),
+                                   pipe.generate(cond, "gan", seed=seed), atol=1e-5)

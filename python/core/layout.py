@@ -23,6 +23,7 @@ from .sampling import seed_parts
 PER_CLASS = 3  # u, v, r
 LAYOUT_DIM = NUM_CLASSES * PER_CLASS
 BANK_FILE = "layouts.npz"
+GENERATOR_BANK_FILE = "generator_layouts.npz"  # an export's second prior, a layout GAN-path generator's
 SHAPE_OF = np.arange(NUM_CLASSES) // (NUM_CLASSES // len(SHAPES))  # the official order is shape-major
 
 
@@ -40,16 +41,16 @@ class LayoutBank:
     def max_objects(self) -> int:
         return max(self.slots)
 
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / BANK_FILE
+    def save(self, folder: Path, name: str = BANK_FILE) -> Path:
+        path = Path(folder) / name
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez(tmp, **{f"n{n}": a.astype(np.float16) for n, a in self.slots.items()})
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "LayoutBank":
-        path = Path(folder) / BANK_FILE
+    def load(cls, folder: Path, name: str = BANK_FILE) -> "LayoutBank":
+        path = Path(folder) / name
         try:
             with np.load(path) as d:
                 return cls({int(k[1:]): d[k].astype(np.float32) for k in d.files})

@@ -109,8 +109,12 @@ def diffusion_latents(denoiser: ModelCall, schedule: Schedule, cond, latent_shap
 
 
 def one_step_latents(generator: ModelCall, cond, z_dim: int, seed: int = 0,
-                     seeds: list[tuple[int, int]] | None = None, batch: int = 1024) -> np.ndarray:
-    """Latents of a one-call generator(z, cond) (the GAN path), in chunks of `batch` rows."""
+                     seeds: list[tuple[int, int]] | None = None, batch: int = 1024,
+                     layout_bank=None) -> np.ndarray:
+    """Latents of a one-call generator(z, cond) (the GAN path), in chunks of `batch` rows. layout_bank: a layout
+    generator's placement prior, drawn from as diffusion_latents draws it (the same places for the same seed)."""
     cond = np.asarray(cond, np.float32)
+    if layout_bank is not None:
+        cond = layout_bank.condition_rows(cond, seed, seeds)
     z = segments(gan_noise, seed_parts(len(cond), seed, seeds), z_dim)
     return np.concatenate([generator(z[i:i + batch], cond[i:i + batch]) for i in range(0, len(cond), batch)])

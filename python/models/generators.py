@@ -10,8 +10,10 @@ for a one-step student fine-tuned against real latents with a discriminator (set
 for distribution matching against the guided LDM (settings under "dmd"), "adversarial+dmd" for both; absent for the
 regression-to-teacher students of python -m python.distill.
 
-Both are (z: N x z_dim, cond: N x 24) -> latents, so export, runtime, server and bench take either. A config.json
-without "kind" (written before it existed) is read by the key it has.
+Both are (z: N x z_dim, cond: N x 24) -> latents, so export, runtime, server and bench take either. A one-step
+student of a layout LDM (DenoiserConfig.layout) reads the wider rows of python/core/layout.py: its placement prior
+(layouts.npz, `gen.layout_bank`) is saved and loaded beside its weights, and every sampler draws the places from it
+as the LDM's samplers do. A config.json without "kind" (written before it existed) is read by the key it has.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from python.core.errors import UserError
+from python.core.layout import LayoutBank
 from python.models.denoiser import DenoiserConfig
 from python.models.gan import GANConfig, Generator
 from python.models.one_step import OneStep
@@ -55,8 +58,18 @@ def generator_config(gen: torch.nn.Module) -> dict:
     return {"kind": "adversarial", "gan": asdict(gen.cfg)}
 
 
+def reads_layout(gen: torch.nn.Module) -> bool:
+    """Whether a generator's condition rows carry each object's place (python/core/layout.py)."""
+    return bool(getattr(gen.cfg, "layout", False))
+
+
 def save_generator(gen: torch.nn.Module, folder: Path, extra: dict | None = None, half: bool = False) -> None:
-    save_weights(folder, gen, "generator.safetensors", {**generator_config(gen), **(extra or {})}, half)
+    """Weights and config; a layout generator's placement prior (`gen.layout_bank`) beside them."""
+    if reads_layout(gen) and getattr(gen, "layout_bank", None) is None:
+        raise UserError("a layout generator is saved with its placement prior: set gen.layout_bank (its teacher's, "
+                        "python.data.layout.make_bank) first")
+    save_weights(folder, gen, "generator.safetensors", {**generator_config(gen), **(extra or {})}, half,
+                 also=gen.layout_bank.save if reads_layout(gen) else None)
 
 
 def load_generator(folder: Path | None = None, device="cpu") -> tuple[torch.nn.Module, dict]:
@@ -64,4 +77,6 @@ def load_generator(folder: Path | None = None, device="cpu") -> tuple[torch.nn.M
     cfg = read_config(folder, "generator.safetensors", "GAN",
                       "python -m python.train_gan` or `python -m python.distill")
     gen = load_state_into(build_generator(cfg, folder / "config.json"), folder / "generator.safetensors")
+    if reads_layout(gen):  # the placement prior the samplers draw the places from (python/core/layout.py)
+        gen.layout_bank = LayoutBank.load(folder)
     return gen.to(device).eval(), cfg

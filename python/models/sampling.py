@@ -48,8 +48,14 @@ def ldm_latents(model, schedule: Schedule, cond, sampler: str = "dpmpp", steps: 
 
 
 def gan_latents(gen, cond, seed: int = 0, batch: int = 1024, device="cpu", seeds=None) -> torch.Tensor:
-    """Latents of a torch GAN-path generator (either kind) for multi-hot conditions."""
-    return torch.from_numpy(one_step_latents(torch_call(gen, device), cond, gen.cfg.z_dim, seed, seeds, batch))
+    """Latents of a torch GAN-path generator (either kind) for multi-hot conditions; a layout generator draws each
+    row's places from its `layout_bank` (python.models.generators.load_generator attaches it)."""
+    bank = getattr(gen, "layout_bank", None)
+    if getattr(gen.cfg, "layout", False) and bank is None:
+        raise UserError("this generator reads object layouts but carries no placement prior (layout_bank); load it "
+                        "with load_generator from a folder that has layouts.npz")
+    return torch.from_numpy(one_step_latents(torch_call(gen, device), cond, gen.cfg.z_dim, seed, seeds, batch,
+                                             layout_bank=bank))
 
 
 @torch.no_grad()

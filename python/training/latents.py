@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from python.core.errors import UserError
 from python.data.dataset import cache_dir, load_split, to_model_range
+from python.data.layout import mirror, train_layouts
 from python.data.synthetic import render_count_arrays, render_faint_arrays
 from python.models.vae import SHIPPED_VAE, VAE, encoder_digest, load_vae
 
@@ -79,6 +80,15 @@ def load_latents(data: Path, vae_folder: Path | None = None, labels_file: str = 
     d = np.load(path)
     return LatentSet(torch.from_numpy(d["mean"]), torch.from_numpy(d["std"]), torch.from_numpy(d["labels"]),
                      vae.cfg.scale_factor)
+
+
+def with_places(lat: LatentSet, data: Path) -> LatentSet:
+    """The set with each latent's condition row widened to a layout model's: its multi-hot, then its objects'
+    places (python/data/layout.py; recovered from the renderer for a python.make_data folder, mirrored for the
+    mirror-image half of the cache)."""
+    half = len(lat) // 2
+    places = train_layouts(data, load_split(data).names, lat.labels[:half].numpy())
+    return replace(lat, labels=torch.cat([lat.labels, torch.from_numpy(np.concatenate([places, mirror(places)]))], 1))
 
 
 def _encoded_renders(path: Path, key: str, vae: VAE, render, rendered: str, stored: str, log,
