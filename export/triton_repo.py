@@ -118,6 +118,17 @@ ensemble_scheduling {{
 }}
 """
 
+BLS_CALL = '''
+
+def _call(model, inputs, output):
+    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=[output],
+                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+    resp = req.exec()
+    if resp.has_error():
+        raise pb_utils.TritonModelException(resp.error().message())
+    return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
+'''  # the Python backends' one call to another model of the repository
+
 GAN_LAYOUT_CONFIG = """name: "gan"
 backend: "python"
 max_batch_size: {max_batch}
@@ -149,26 +160,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from core.layout import LayoutBank  # noqa: E402
+from core.layout import GENERATOR_BANK_FILE, LayoutBank  # noqa: E402
 from core.sampling import one_step_latents  # noqa: E402
-
-BANK = "{bank}"
-
-
-def _call(model, inputs, output):
-    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=[output],
-                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
-    resp = req.exec()
-    if resp.has_error():
-        raise pb_utils.TritonModelException(resp.error().message())
-    return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
-
+''' + BLS_CALL + '''
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = {{k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}}
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.z_dim = int(params["z_dim"])
-        self.layout_bank = LayoutBank.load(Path(__file__).resolve().parent, BANK)
+        self.layout_bank = LayoutBank.load(Path(__file__).resolve().parent, GENERATOR_BANK_FILE)
 
     def execute(self, requests):
         members, responses = [], [None] * len(requests)
@@ -187,10 +187,10 @@ class TritonPythonModel:
             return responses
         try:
             cond = np.concatenate([c for _, c, _ in members])
-            generator = lambda z, c: _call("generator", {{"z": z, "cond": c}}, "latents")  # noqa: E731
+            generator = lambda z, c: _call("generator", {"z": z, "cond": c}, "latents")  # noqa: E731
             lat = one_step_latents(generator, cond, self.z_dim, seeds=[(s, len(c)) for _, c, s in members],
                                    batch=len(cond), layout_bank=self.layout_bank)
-            images = _call("decoder", {{"latents": lat.astype(np.float32)}}, "images")
+            images = _call("decoder", {"latents": lat.astype(np.float32)}, "images")
         except Exception as e:  # noqa: BLE001
             for i, _, _ in members:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
@@ -224,16 +224,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from core.diffusion import Schedule, check_apg_norm, check_class_iters, check_class_scale  # noqa: E402
 from core.layout import BANK_FILE, LayoutBank  # noqa: E402
 from core.sampling import diffusion_latents  # noqa: E402
-
-
-def _call(model, inputs, output):
-    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=[output],
-                                    inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
-    resp = req.exec()
-    if resp.has_error():
-        raise pb_utils.TritonModelException(resp.error().message())
-    return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
-
+''' + BLS_CALL + '''
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -358,7 +349,7 @@ def write_repository(export: Path, out: Path, gpu: bool = True) -> list[str]:
                 raise UserError(f"{src}: checksum differs from manifest.json; re-export")
             shutil.copyfile(src, d / GENERATOR_BANK_FILE)
             shutil.copytree(CORE, d / "core", ignore=shutil.ignore_patterns("__pycache__"))
-            (d / "model.py").write_text(GAN_LAYOUT_MODEL.format(bank=GENERATOR_BANK_FILE))
+            (d / "model.py").write_text(GAN_LAYOUT_MODEL)
             config = GAN_LAYOUT_CONFIG
         (out / "gan" / "config.pbtxt").write_text(config.format(max_batch=MAX_BATCH, z_dim=models["generator"]["z_dim"]))
         written.append("gan")

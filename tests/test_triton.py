@@ -105,17 +105,24 @@ def _pbtxt_parameters(text):
             for k, v in re.findall(r'key: "(\w+)", value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)}
 
 
-def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypatch):
-    out, _ = repo
+def _python_backend(out, name, monkeypatch):
+    """(model, pb_utils stand-in): repository `out`'s Python-backend model `name`, loaded and initialised with the
+    parameters of its config.pbtxt."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
-    monkeypatch.syspath_prepend(str(out / "ldm" / "1"))
-    spec = importlib.util.spec_from_file_location("triton_ldm_model", out / "ldm" / "1" / "model.py")
+    monkeypatch.syspath_prepend(str(out / name / "1"))
+    spec = importlib.util.spec_from_file_location(f"triton_{name}_model_{out.name}", out / name / "1" / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    params = _pbtxt_parameters((out / "ldm" / "config.pbtxt").read_text())
     model = mod.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": params})})
-    pb = sys.modules["triton_python_backend_utils"]
+    model.initialize({"model_config": json.dumps({"parameters": _pbtxt_parameters(
+        (out / name / "config.pbtxt").read_text())})})
+    return model, sys.modules["triton_python_backend_utils"]
+
+
+def test_python_backend_sampler_matches_the_runtime(repo, onnx_export, monkeypatch):
+    out, _ = repo
+    model, pb = _python_backend(out, "ldm", monkeypatch)
+    params = _pbtxt_parameters((out / "ldm" / "config.pbtxt").read_text())
     a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
     b = encode(["cyan cylinder"])[None].astype(np.float32)
 
@@ -172,15 +179,7 @@ def test_a_layout_denoiser_s_places_come_with_the_repository(layout_export, tmp_
     out = tmp_path / "triton"
     write_repository(ex, out)
     assert (out / "ldm" / "1" / "layouts.npz").read_bytes() == (ex / "layouts.npz").read_bytes()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
-    monkeypatch.syspath_prepend(str(out / "ldm" / "1"))
-    spec = importlib.util.spec_from_file_location("triton_ldm_layout_model", out / "ldm" / "1" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = mod.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": _pbtxt_parameters(
-        (out / "ldm" / "config.pbtxt").read_text())})})
-    pb = sys.modules["triton_python_backend_utils"]
+    model, pb = _python_backend(out, "ldm", monkeypatch)
     a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
     b = encode(["cyan cylinder"])[None].astype(np.float32)
     reqs = [pb.InferenceRequest("ldm", [], [pb.Tensor("COND", c), pb.Tensor("SEED", np.full((len(c), 1), s, np.int64)),
@@ -209,15 +208,7 @@ def test_a_layout_generator_is_served_by_a_python_backend_that_draws_its_places(
     write_repository(ex, out)
     assert (out / "gan" / "1" / GENERATOR_BANK_FILE).read_bytes() == (ex / GENERATOR_BANK_FILE).read_bytes()
     assert 'backend: "python"' in (out / "gan" / "config.pbtxt").read_text()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(out))
-    monkeypatch.syspath_prepend(str(out / "gan" / "1"))
-    spec = importlib.util.spec_from_file_location("triton_gan_layout_model", out / "gan" / "1" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    model = mod.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"parameters": _pbtxt_parameters(
-        (out / "gan" / "config.pbtxt").read_text())})})
-    pb = sys.modules["triton_python_backend_utils"]
+    model, pb = _python_backend(out, "gan", monkeypatch)
     a = np.stack([encode(["red sphere", "gray cube"])] * 2).astype(np.float32)
     b = encode(["cyan cylinder"])[None].astype(np.float32)
     four = encode(["red sphere", "gray cube", "blue cube", "cyan cylinder"])[None].astype(np.float32)
