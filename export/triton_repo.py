@@ -127,7 +127,23 @@ def _call(model, inputs, output):
     if resp.has_error():
         raise pb_utils.TritonModelException(resp.error().message())
     return pb_utils.get_output_tensor_by_name(resp, output).as_numpy()
-'''  # the Python backends' one call to another model of the repository
+
+
+def _answer(responses, members, sample):
+    """Fill responses[i] for the requests batched together, members [(i, cond, seed)]: each one's rows of sample()
+    (the batch's images in member order), or, if sampling fails, the error for every member."""
+    try:
+        images = sample()
+    except Exception as e:  # noqa: BLE001
+        for i, _, _ in members:
+            responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        return
+    start = 0
+    for i, c, _ in members:
+        out = pb_utils.Tensor("IMAGES", images[start:start + len(c)].astype(np.float32))
+        responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+        start += len(c)
+'''  # the Python backends' shared helpers: one call to another model of the repository; a batch's answers
 
 GAN_LAYOUT_CONFIG = """name: "gan"
 backend: "python"
@@ -183,24 +199,16 @@ class TritonPythonModel:
                 members.append((i, cond, int(seeds[0])))
             except Exception as e:  # noqa: BLE001 - one bad request fails alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-        if not members:
-            return responses
-        try:
-            cond = np.concatenate([c for _, c, _ in members])
-            generator = lambda z, c: _call("generator", {"z": z, "cond": c}, "latents")  # noqa: E731
-            lat = one_step_latents(generator, cond, self.z_dim, seeds=[(s, len(c)) for _, c, s in members],
-                                   batch=len(cond), layout_bank=self.layout_bank)
-            images = _call("decoder", {"latents": lat.astype(np.float32)}, "images")
-        except Exception as e:  # noqa: BLE001
-            for i, _, _ in members:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-            return responses
-        start = 0
-        for i, c, _ in members:
-            out = pb_utils.Tensor("IMAGES", images[start:start + len(c)].astype(np.float32))
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
-            start += len(c)
+        if members:
+            _answer(responses, members, lambda: self._sample(members))
         return responses
+
+    def _sample(self, members):
+        cond = np.concatenate([c for _, c, _ in members])
+        generator = lambda z, c: _call("generator", {"z": z, "cond": c}, "latents")  # noqa: E731
+        lat = one_step_latents(generator, cond, self.z_dim, seeds=[(s, len(c)) for _, c, s in members],
+                               batch=len(cond), layout_bank=self.layout_bank)
+        return _call("decoder", {"latents": lat.astype(np.float32)}, "images")
 '''
 
 LDM_MODEL = '''"""Triton Python backend: guided latent diffusion over the denoiser and decoder models.
@@ -277,19 +285,9 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - one bad request fails alone
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
         for (steps, guidance, apg_norm, class_scale, class_iters), members in groups.items():
-            try:
-                images = self._sample(np.concatenate([c for _, c, _ in members]),
-                                      [(s, len(c)) for _, c, s in members], steps, guidance, apg_norm,
-                                      class_scale, class_iters)
-            except Exception as e:  # noqa: BLE001
-                for i, _, _ in members:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-                continue
-            start = 0
-            for i, c, _ in members:
-                out = pb_utils.Tensor("IMAGES", images[start:start + len(c)].astype(np.float32))
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
-                start += len(c)
+            _answer(responses, members, lambda: self._sample(  # called at once, within this iteration
+                np.concatenate([c for _, c, _ in members]), [(s, len(c)) for _, c, s in members], steps, guidance,
+                apg_norm, class_scale, class_iters))
         return responses
 '''
 

@@ -11,6 +11,7 @@ import torch
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_GUIDANCE, Schedule
 from python.core.errors import UserError
 from python.core.sampling import ModelCall, diffusion_latents, one_step_latents
+from python.models.generators import reads_layout
 
 
 def torch_call(model: torch.nn.Module, device="cpu", bf16: bool = False) -> ModelCall:
@@ -51,7 +52,7 @@ def gan_latents(gen, cond, seed: int = 0, batch: int = 1024, device="cpu", seeds
     """Latents of a torch GAN-path generator (either kind) for multi-hot conditions; a layout generator draws each
     row's places from its `layout_bank` (python.models.generators.load_generator attaches it)."""
     bank = getattr(gen, "layout_bank", None)
-    if getattr(gen.cfg, "layout", False) and bank is None:
+    if reads_layout(gen) and bank is None:
         raise UserError("this generator reads object layouts but carries no placement prior (layout_bank); load it "
                         "with load_generator from a folder that has layouts.npz")
     return torch.from_numpy(one_step_latents(torch_call(gen, device), cond, gen.cfg.z_dim, seed, seeds, batch,
