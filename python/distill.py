@@ -12,6 +12,11 @@ Teacher (`pairs`): the LDM (DPM-Solver++, --steps, --guidance with --apg-norm) o
 no judge). Each shard file holds (labels, x_T, x_0) for --shard conditions, seeded by its index, so an interrupted
 run resumes by skipping the shards that exist, and adding shards adds data.
 
+A layout teacher (python/core/layout.py: its condition carries each object's place) is asked for each label set at
+places drawn from its placement prior (the shard's seed); the pairs keep the full condition rows, places included,
+and the student learns the teacher at those places: it reads them as the teacher does and ships with the teacher's
+prior (layouts.npz), so the samplers draw its places as they draw the LDM's.
+
 Student (`train`; `--init` continues another run's student, e.g. on more pairs): a copy of the teacher's
 denoiser, called once at t = T-1 on x_T, trained to map x_T to the teacher's x_0 (squared error on latents; EMA
 weights). The guidance is in the targets, so the student needs no unconditional pass: one network call per image. --filter keeps only
@@ -46,6 +51,7 @@ from python.core.best_of import best_of as select_best
 from python.core.best_of import candidate_seed
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE, Schedule, check_apg_norm
 from python.core.errors import UserError, cli
+from python.core.labels import NUM_CLASSES
 from python.core.noise import initial_noise
 from python.data.dataset import load_condition_file, training_label_sets
 from python.models.classifier import load_classifier_for
@@ -76,8 +82,9 @@ def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps:
         return initial_noise(candidate_seed(seed, 0), len(cond), shape), run(0)
     if classifier is None:
         raise UserError("--best-of needs the latent classifier (weights/classifier)")
-    with torch.no_grad():
-        x0, chosen = select_best(best_of, run, lambda z: classifier(torch.from_numpy(z)).numpy(), cond)
+    with torch.no_grad():  # the classifier scores the label set (a layout row's places are not its business)
+        x0, chosen = select_best(best_of, run, lambda z: classifier(torch.from_numpy(z)).numpy(),
+                                 np.asarray(cond)[:, :NUM_CLASSES])
     noises = np.stack([initial_noise(candidate_seed(seed, k), len(cond), shape) for k in range(best_of)])
     return noises[chosen, np.arange(len(cond))], x0
 
@@ -85,14 +92,15 @@ def teacher_shard(model, schedule: Schedule, cond: np.ndarray, seed: int, steps:
 def make_pairs(args) -> None:
     check_apg_norm(args.apg_norm, "--apg-norm")
     ldm_dir = args.ldm or SHIPPED_LDM
-    model, cfg = load_denoiser(ldm_dir, layout_for="python.distill")
+    model, cfg = load_denoiser(ldm_dir)
     schedule = Schedule(**cfg["schedule"])
     classifier = load_classifier_for(args.classifier, args.vae or SHIPPED_VAE) if args.best_of > 1 else None
     train_sets = training_label_sets(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"ldm": str(Path(ldm_dir).resolve()), "vae_sha": cfg.get("vae_sha"), "steps": args.steps,
             "guidance": args.guidance, "best_of": args.best_of, "shard": args.shard, "seed": args.seed,
-            **({"apg_norm": args.apg_norm} if args.apg_norm else {})}  # classifier-free folders read as before
+            **({"apg_norm": args.apg_norm} if args.apg_norm else {}),  # classifier-free folders read as before
+            **({"layout": True} if model.cfg.layout else {})}
     meta_file = args.out / "pairs.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
         raise UserError(f"{args.out} holds pairs made with other settings ({meta_file}); use another --out")
@@ -104,6 +112,8 @@ def make_pairs(args) -> None:
             continue
         rng = np.random.default_rng([args.seed, i])
         cond = train_sets[rng.integers(0, len(train_sets), args.shard)]
+        if model.cfg.layout:  # the places the teacher is asked for, drawn from its prior; kept in the pairs
+            cond = model.layout_bank.condition_rows(cond, seed=args.seed * 1_000_000 + i)
         t0 = time.time()
         x_T, x_0 = teacher_shard(model, schedule, cond, seed=args.seed * 1_000_000 + i, steps=args.steps,
                                  guidance=args.guidance, best_of=args.best_of, classifier=classifier,
@@ -162,7 +172,7 @@ def classifier_agrees(classifier, pairs: dict[str, torch.Tensor], batch: int = 1
     teacher's x_0: the official metric's all-hit case, read from the latent without decoding and without a judge."""
     x_0 = pairs["x_0"]
     logits = torch.cat([classifier(x_0[i:i + batch]) for i in range(0, len(x_0), batch)])
-    hits, total = topk_hits(logits, pairs["cond"])
+    hits, total = topk_hits(logits, pairs["cond"][:, :NUM_CLASSES])
     return torch.from_numpy(hits == total)
 
 
@@ -178,8 +188,12 @@ def mse_to_teacher(student: OneStep, pairs: dict[str, torch.Tensor], batch: int 
 
 def train(args) -> None:
     meta, pairs = load_pairs(args.pairs)
-    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else args.ldm,
-                                   layout_for="python.distill")
+    teacher, tcfg = load_denoiser(Path(meta["ldm"]) if Path(meta["ldm"]).exists() else args.ldm)
+    if pairs["cond"].shape[1] != teacher.cfg.cond_dim:
+        made = "a layout teacher (label sets and places)" if meta.get("layout") else "a teacher of label sets alone"
+        raise UserError(f"{args.pairs}: its pairs were made with {made}, {pairs['cond'].shape[1]} numbers per "
+                        f"condition; the teacher found ({meta['ldm']} or --ldm) reads {teacher.cfg.cond_dim}: give "
+                        "--ldm the LDM the pairs came from")
     vae_dir = args.vae or SHIPPED_VAE
     pairs_count = len(pairs["cond"])
     if args.filter:
@@ -191,10 +205,14 @@ def train(args) -> None:
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     torch.manual_seed(args.seed)
     student = OneStep(teacher.cfg, tcfg["schedule"])
+    if teacher.cfg.layout:
+        student.layout_bank = teacher.layout_bank  # its places are the teacher's prior (saved with the run, shipped)
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), teacher=meta, pairs_count=pairs_count,
                pairs_kept=len(pairs["cond"]))
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "lr", "lr_schedule"))
     student.denoiser.load_state_dict(teacher.state_dict())
+    if teacher.cfg.layout:
+        student.layout_bank.save(run.path)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     sched = warmup_cosine(opt, args.steps) if args.lr_schedule == "cosine" else None
@@ -236,16 +254,17 @@ def train(args) -> None:
     while step < args.steps:
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         x_T, x_0, cond = pairs["x_T"][idx], pairs["x_0"][idx], pairs["cond"][idx]
-        fake = student(x_T.flatten(1), cond)
+        fake = student(x_T.flatten(1), cond)  # a layout student reads the places too
+        labels = cond[:, :NUM_CLASSES]  # the classifiers and the discriminator read the label set alone
         loss = reg = (fake - x_0).square().mean()
         extra = {}
         if cls_nets:
-            cls_term = class_term(cls_nets, fake, cond)
+            cls_term = class_term(cls_nets, fake, labels)
             loss = loss + args.cls_weight * cls_term
             extra["cls"] = cls_term.item()
         if disc is not None:
             disc.requires_grad_(False)
-            adv = -disc(fake, cond)[0].mean()
+            adv = -disc(fake, labels)[0].mean()
             disc.requires_grad_(True)
             w = args.adv_weight * adaptive_weight(reg, adv, student.denoiser.out.weight)
             loss = loss + w * adv
@@ -254,8 +273,8 @@ def train(args) -> None:
             extra["reg"] = reg.item()
         gnorm = optimiser_step(loss, opt, sched, clip=student.parameters())
         if disc is not None:  # after the student's step, whose backward needs the discriminator as it was
-            d_loss = (torch.relu(1 - disc(x_0, cond)[0]).mean() +
-                      torch.relu(1 + disc(fake.detach(), cond)[0]).mean())
+            d_loss = (torch.relu(1 - disc(x_0, labels)[0]).mean() +
+                      torch.relu(1 + disc(fake.detach(), labels)[0]).mean())
             optimiser_step(d_loss, d_opt)
             extra["d_loss"] = d_loss.item()
         step += 1

@@ -298,3 +298,54 @@ def test_adversarial_grows_a_plain_student_into_a_layout_one_and_ships_it(tiny_d
     cond[:, [9, 22]] = 1
     lat = gan_latents(gen, cond, seed=1)
     assert lat.shape == (2, 4, 16, 16) and torch.isfinite(lat).all()
+
+
+def test_distill_pairs_of_a_layout_teacher_keep_the_places_and_train_a_layout_student(tiny_data, tiny_weights,
+                                                                                      layout_export, tmp_path, capsys):
+    """python.distill with a layout LDM: each pair's condition row holds the places the teacher was asked for (drawn
+    from its prior with the shard's seed), x_0 is the teacher's sample at those places, and the student trained on
+    them reads the places and ships with the teacher's prior; pairs of another kind of teacher are refused."""
+    from python import distill
+    from python.core.best_of import candidate_seed
+    from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_GUIDANCE
+    from python.core.noise import initial_noise
+    from python.models.generators import load_generator, reads_layout
+
+    root, _ = layout_export
+    teacher, tcfg = load_denoiser(root / "ldm")
+    pairs = tmp_path / "pairs"
+    distill.main(["pairs", "--data", str(tiny_data), "--out", str(pairs), "--ldm", str(root / "ldm"), "--steps", "2",
+                  "--count", "6", "--shard", "3", "--best-of", "2", "--classifier", str(root / "classifier"),
+                  "--vae", str(root / "vae")])
+    meta, got = distill.load_pairs(pairs)
+    assert meta["layout"] is True and got["cond"].shape == (6, NUM_CLASSES + LAYOUT_DIM)
+    cond = got["cond"].numpy()
+    labels = cond[:, :NUM_CLASSES]
+    assert np.array_equal(cond[:, NUM_CLASSES:].reshape(6, NUM_CLASSES, 3)[..., 2] > 0, labels > 0.5)
+    # shard 1's rows are the prior's draw for that shard's seed, and x_0 the teacher's sample at those places
+    assert np.array_equal(cond[3:], teacher.layout_bank.condition_rows(labels[3:], seed=1))
+    with np.load(pairs / "pairs-00001.npz") as shard:
+        x_T = shard["x_T"].astype(np.float32)
+    for k in range(2):  # the kept noise is one of the two candidates'
+        ref = ldm_latents(teacher, Schedule(**tcfg["schedule"]), torch.from_numpy(cond[3:]), "dpmpp", 2,
+                          DEFAULT_GUIDANCE, seed=candidate_seed(1, k), apg_norm=DEFAULT_APG_NORM).numpy()
+        noise = initial_noise(candidate_seed(1, k), 3, (4, 16, 16))
+        for i in np.flatnonzero(np.abs(x_T - noise).max((1, 2, 3)) < 2e-3):
+            np.testing.assert_allclose(got["x_0"][3 + i].numpy(), ref[i], atol=5e-3, rtol=2e-3)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--vae", str(root / "vae"),
+            "--judge", str(root / "judge" / "judge.safetensors"), "--batch", "4", "--lr", "1e-3", "--eval-every", "2",
+            "--eval-conditions", "4", "--steps", "2", "--adv-weight", "0.5", "--cls-weight", "1",
+            "--cls-classifier", str(root / "classifier")]
+    distill.main(args + ["--run-dir", str(run)])
+    ship(["gan", "--run", str(run), "--out", str(tmp_path / "shipped")])
+    gen, cfg = load_generator(tmp_path / "shipped")
+    assert reads_layout(gen) and cfg["trained_steps"] == 2
+    assert all(np.array_equal(gen.layout_bank.slots[n], teacher.layout_bank.slots[n]) for n in teacher.layout_bank.slots)
+    # the same pairs when their teacher is gone and --ldm names a plain one: refused before a run folder is made
+    moved = shutil.copytree(pairs, tmp_path / "moved")
+    (moved / "pairs.json").write_text(json.dumps({**meta, "ldm": str(tmp_path / "gone")}))
+    with pytest.raises(SystemExit):
+        distill.main([str(moved) if a == str(pairs) else a for a in args]
+                     + ["--run-dir", str(tmp_path / "refused"), "--ldm", str(tiny_weights / "ldm")])
+    assert "made with a layout teacher" in capsys.readouterr().err and not (tmp_path / "refused").exists()
