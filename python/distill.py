@@ -112,10 +112,11 @@ def make_pairs(args) -> None:
             continue
         rng = np.random.default_rng([args.seed, i])
         cond = train_sets[rng.integers(0, len(train_sets), args.shard)]
+        seed = args.seed * 1_000_000 + i
         if model.cfg.layout:  # the places the teacher is asked for, drawn from its prior; kept in the pairs
-            cond = model.layout_bank.condition_rows(cond, seed=args.seed * 1_000_000 + i)
+            cond = model.layout_bank.condition_rows(cond, seed=seed)
         t0 = time.time()
-        x_T, x_0 = teacher_shard(model, schedule, cond, seed=args.seed * 1_000_000 + i, steps=args.steps,
+        x_T, x_0 = teacher_shard(model, schedule, cond, seed=seed, steps=args.steps,
                                  guidance=args.guidance, best_of=args.best_of, classifier=classifier,
                                  apg_norm=args.apg_norm)
         tmp = args.out / f".pairs-{i:05d}.tmp.npz"
@@ -205,13 +206,12 @@ def train(args) -> None:
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     torch.manual_seed(args.seed)
     student = OneStep(teacher.cfg, tcfg["schedule"])
-    if teacher.cfg.layout:
-        student.layout_bank = teacher.layout_bank  # its places are the teacher's prior (saved with the run, shipped)
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"), teacher=meta, pairs_count=pairs_count,
                pairs_kept=len(pairs["cond"]))
     run = RunDir(args.run_dir, cfg, args.resume, fixed=("distilled", "vae_sha", "lr", "lr_schedule"))
     student.denoiser.load_state_dict(teacher.state_dict())
-    if teacher.cfg.layout:
+    if teacher.cfg.layout:  # its places are the teacher's prior, kept with the run (python.ship ships it)
+        student.layout_bank = teacher.layout_bank
         student.layout_bank.save(run.path)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)

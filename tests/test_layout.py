@@ -326,12 +326,15 @@ def test_distill_pairs_of_a_layout_teacher_keep_the_places_and_train_a_layout_st
     assert np.array_equal(cond[3:], teacher.layout_bank.condition_rows(labels[3:], seed=1))
     with np.load(pairs / "pairs-00001.npz") as shard:
         x_T = shard["x_T"].astype(np.float32)
+    checked = 0
     for k in range(2):  # the kept noise is one of the two candidates'
         ref = ldm_latents(teacher, Schedule(**tcfg["schedule"]), torch.from_numpy(cond[3:]), "dpmpp", 2,
                           DEFAULT_GUIDANCE, seed=candidate_seed(1, k), apg_norm=DEFAULT_APG_NORM).numpy()
         noise = initial_noise(candidate_seed(1, k), 3, (4, 16, 16))
         for i in np.flatnonzero(np.abs(x_T - noise).max((1, 2, 3)) < 2e-3):
             np.testing.assert_allclose(got["x_0"][3 + i].numpy(), ref[i], atol=5e-3, rtol=2e-3)
+            checked += 1
+    assert checked == 3  # every row's noise is one candidate's
     run = tmp_path / "run"
     args = ["train", "--data", str(tiny_data), "--pairs", str(pairs), "--vae", str(root / "vae"),
             "--judge", str(root / "judge" / "judge.safetensors"), "--batch", "4", "--lr", "1e-3", "--eval-every", "2",
