@@ -192,11 +192,14 @@ class Models:
             export_all(weights, export, formats=("onnx", "torchscript"), int8_data=int8, vae=vae)
         self.export = export
         self.pipes = {"fp32": Pipeline(ExportFolder(export, threads=threads))}
-        if any(k.endswith("_int8") for k in self.pipes["fp32"].ex.manifest["models"]):
+        has_int8 = any(k.endswith("_int8") for k in self.pipes["fp32"].ex.manifest["models"])
+        if has_int8:
             self.pipes["int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8"))
         if openvino_available():
             self.pipes["ov-fp32"] = Pipeline(ExportFolder(export, threads=threads, backend="openvino"))
-            self.pipes["ov-int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8", backend="openvino"))
+            if has_int8:  # the openvino-int8 rows are left out below where the export has no int8 copies
+                self.pipes["ov-int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8",
+                                                              backend="openvino"))
         self.pipe = self.pipes["fp32"]
         self.vae = Path(vae) if vae else weights / "vae"
         self.decoder = Decoder(load_vae(self.vae)).eval()

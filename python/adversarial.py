@@ -323,6 +323,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
     if layout and cfg["mismatch"] > 0:
         raise UserError("--mismatch changes a label set by one object, which a layout LDM's condition (the set and each "
                         "object's place) does not take; give --mismatch 0 with a layout teacher")
+    probe = args.eval_data or args.data  # the folder whose heldout.json the log reads (one probe across training sets)
+    eval_cond = load_condition_file(probe, "heldout.json")[: cfg["eval_conditions"]]  # read before any run folder
     lat = load_latents(args.data, vae_dir)
     if layout:  # real latents under their own places; the fakes are asked for the same sets at the same places
         lat = with_places(lat, args.data)
@@ -399,9 +401,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
     tables = coeff_tables(schedule)  # (a_t, s_t) for every t
     decoder, judge = Decoder(load_vae(vae_dir)).eval(), load_judge(args.judge)
     image_counter = load_counter()[0] if (SHIPPED_COUNTER / "config.json").exists() else None
-    eval_cond = load_condition_file(args.data, "heldout.json")[: cfg["eval_conditions"]]
-    # the sharpness figures' reference: one fresh render per held-out condition (cached in the data's cache folder)
-    real = to_model_range(reference_renders(args.data, "heldout.json", eval_cond, 0))
+    # the sharpness figures' reference: one fresh render per held-out condition (cached in that folder's cache)
+    real = to_model_range(reference_renders(probe, "heldout.json", eval_cond, 0))
     real_contrast, real_sharpness = float(contrast(real).mean()), float(sharpness(real).mean())
     reads = "LDM" if cfg["d_features"] == "ldm" else f"classifier {feature_source}"
     run.log(f"generator {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
@@ -631,6 +632,9 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--save-every", type=int, help="checkpoint interval in steps (also at every evaluation)")
     parser.add_argument("--eval-conditions", type=int, help="heldout.json conditions the judge scores (log only)")
+    parser.add_argument("--eval-data", type=Path, help="the data folder whose heldout.json the log reads (default: "
+                                                        "--data; set it to compare runs on different training sets "
+                                                        "on one probe)")
     args = parser.parse_args(argv)
     if str(args.init).lower() == "none":
         args.init = None

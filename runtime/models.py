@@ -87,6 +87,12 @@ class ExportFolder:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
             raise UserError(f"{mf}: not an export manifest ({type(e).__name__}: {e}); re-export with "
                             f"`python export/to_onnx.py --out {self.path}`") from None
+        if precision != "fp32" and not any(k.endswith(f"_{precision}") for k in self.manifest["models"]):
+            # each model falls back to fp32 where its copy was refused; an export with no copy at all would run
+            # fp32 throughout under a precision the user asked for by name
+            flag = "--fp16" if precision == "fp16" else "--int8 --data DIR"
+            raise UserError(f"{self.path}: precision {precision}: this export has no {precision} copies; export them "
+                            f"with `python export/to_onnx.py --out {self.path} {flag}`, or run fp32")
         self.providers = pick_providers(providers) if backend == "onnxruntime" else ["OpenVINO CPU"]
         self.threads = threads or os.cpu_count()
         self._sessions, self._banks = {}, {}

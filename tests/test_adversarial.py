@@ -6,6 +6,7 @@ import torch
 from python import adversarial
 from python.core.diffusion import DEFAULT_APG_NORM, DEFAULT_CLASS_ITERS, DEFAULT_COUNT_WEIGHT
 from python.core.errors import UserError
+from python.data.dataset import load_condition_file
 from python.models.denoiser import load_denoiser
 from python.models.generators import load_generator
 from python.models.one_step import OneStep
@@ -388,3 +389,23 @@ def test_count_term_trains_the_generator_towards_the_requested_number_of_objects
                                    *bad))
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
+
+
+def test_eval_data_sets_the_probe_the_log_reads(tiny_data, tiny_weights, tmp_path, capsys):
+    """--eval-data: the held-out conditions of the log come from that folder, not --data (here two 3-object
+    conditions; the tiny set's own heldout.json holds other sizes), so runs on different training sets share a probe;
+    a folder without heldout.json is refused before any run folder is made."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "heldout.json").write_text(json.dumps([["red sphere", "blue cube", "gray cylinder"]] * 2))
+    run = tmp_path / "run"
+    adversarial.main(_args(tiny_data, tiny_weights, run, "--steps", "1", "--eval-every", "1", "--eval-data", str(probe)))
+    evals = [json.loads(line)["heldout_subset"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "heldout_subset" in line]
+    assert evals and all(set(e["by_objects"]) == {"3"} for e in evals)
+    own = load_condition_file(tiny_data, "heldout.json")[:4].sum(1)  # what the log would read without the option
+    assert set(own.tolist()) != {3.0}
+    with pytest.raises(SystemExit):
+        adversarial.main(_args(tiny_data, tiny_weights, tmp_path / "bad", "--steps", "1",
+                               "--eval-data", str(tmp_path / "nowhere")))
+    assert "heldout.json" in capsys.readouterr().err and not (tmp_path / "bad").exists()

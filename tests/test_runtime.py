@@ -179,6 +179,8 @@ def test_fp16_export_and_runtime(tiny_weights, tmp_path):
     assert 0 < np.abs(full - half).max() < 5e-2  # a different model, and close to the float32 one
     with pytest.raises(UserError, match="precision"):
         ExportFolder(tmp_path, precision="int4")
+    with pytest.raises(UserError, match="no int8 copies; export them with .* --int8 --data DIR"):
+        ExportFolder(tmp_path, precision="int8")  # fp16 copies only: int8 would have run fp32 throughout
 
 
 def test_a_mixed_or_damaged_export_is_refused_at_load(export, tmp_path):
