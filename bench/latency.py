@@ -192,7 +192,7 @@ class Models:
             export_all(weights, export, formats=("onnx", "torchscript"), int8_data=int8, vae=vae)
         self.export = export
         self.pipes = {"fp32": Pipeline(ExportFolder(export, threads=threads))}
-        has_int8 = any(k.endswith("_int8") for k in self.pipes["fp32"].ex.manifest["models"])
+        has_int8 = self.pipes["fp32"].ex.has_copies("int8")
         if has_int8:
             self.pipes["int8"] = Pipeline(ExportFolder(export, threads=threads, precision="int8"))
         if openvino_available():

@@ -87,7 +87,7 @@ class ExportFolder:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
             raise UserError(f"{mf}: not an export manifest ({type(e).__name__}: {e}); re-export with "
                             f"`python export/to_onnx.py --out {self.path}`") from None
-        if precision != "fp32" and not any(k.endswith(f"_{precision}") for k in self.manifest["models"]):
+        if precision != "fp32" and not self.has_copies(precision):
             # each model falls back to fp32 where its copy was refused; an export with no copy at all would run
             # fp32 throughout under a precision the user asked for by name
             flag = "--fp16" if precision == "fp16" else "--int8 --data DIR"
@@ -99,6 +99,10 @@ class ExportFolder:
 
     def has(self, name: str) -> bool:
         return self.manifest["models"].get(name, {}).get("format") == "onnx"
+
+    def has_copies(self, precision: str) -> bool:
+        """Whether the export holds any model's copy at `precision` (fp16 / int8; OpenVINO's NNCF int8 ones too)."""
+        return any(k.endswith(f"_{precision}") for k in self.manifest["models"])
 
     @property
     def layout_bank(self):

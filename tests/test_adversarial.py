@@ -390,7 +390,6 @@ def test_count_term_trains_the_generator_towards_the_requested_number_of_objects
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-
 def test_eval_data_sets_the_probe_the_log_reads(tiny_data, tiny_weights, tmp_path, capsys):
     """--eval-data: the held-out conditions of the log come from that folder, not --data (here two 3-object
     conditions; the tiny set's own heldout.json holds other sizes), so runs on different training sets share a probe;
