@@ -87,6 +87,7 @@ from python.models.judge import judge_score, load_judge
 from python.models.one_step import OneStep
 from python.models.sampling import decode, gan_latents
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, require_latent_space
+from python.models.weights import lineage
 from python.training.ema import ema_update
 from python.training.latents import load_latents, with_places
 from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
@@ -366,6 +367,7 @@ def train(args, cfg: dict) -> tuple[Path, int]:
     if not 0 <= lo < hi <= schedule.T:
         raise UserError(f"--dmd-t-range must be two timesteps 0 <= LOW < HIGH <= {schedule.T}, got {lo} {hi}")
     cfg.update(**generator_config(student), vae_sha=tcfg.get("vae_sha"),
+               init_from=lineage(args.init) if args.init else None,
                objective="+".join(name for name, on in (("adversarial", use_adv), ("dmd", use_dmd)) if on),
                discriminator={"backbone": cfg["d_features"], "features": str(feature_source), "layers": disc.layers,
                               "head_width": cfg["head_width"], "t_max": cfg["d_t_max"],
@@ -552,6 +554,8 @@ def train(args, cfg: dict) -> tuple[Path, int]:
                                                        "objective": cfg["objective"],
                                                        "discriminator": cfg["discriminator"], "dmd": cfg["dmd"],
                                                        "count_term": cfg["count_term"],
+                                                       **({"init_from": cfg["init_from"]} if cfg.get("init_from")
+                                                          else {}),
                                                        "train_seconds": round(run.elapsed(), 1),
                                                        **({"stopped_early": True} if interrupt.requested else {})})
     run.log(f"saved the EMA generator to {final}")

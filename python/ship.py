@@ -50,7 +50,9 @@ def main(argv=None):
     step, weights, _ = ck
     cfg = json.loads((args.run / "config.json").read_text())
     provenance = {"vae_sha": cfg.get("vae_sha"), "trained_steps": step, "run": str(args.run.resolve()),
-                  "weights": "raw" if args.raw else "ema"}
+                  "weights": "raw" if args.raw else "ema",
+                  # the warm start's own provenance, nested back to the first run (python.models.weights.lineage)
+                  **({"init_from": cfg["init_from"]} if cfg.get("init_from") else {})}
     if args.kind == "ldm":
         if "denoiser" not in cfg:
             raise UserError(f"{args.run}: not an LDM run (config.json has no 'denoiser')")

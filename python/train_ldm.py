@@ -59,6 +59,7 @@ from python.models.classifier import load_classifier_for
 from python.models.denoiser import Denoiser, DenoiserConfig, load_denoiser, save_denoiser
 from python.models.judge import load_judge
 from python.models.vae import SHIPPED_VAE, Decoder, load_vae, vae_digest
+from python.models.weights import lineage
 from python.training.ema import ema_update
 from python.training.latents import count_latents, load_latents, mixed_batch, with_places
 from python.training.loop import Interruption, Progress, add_run_options, optimiser_step, resolve_config
@@ -211,6 +212,7 @@ def main(argv=None):
         cls_nets = [load_classifier_for(c, vae_folder).to(device) for c in args.cls_classifier or [None]]
     repa_targets = ClassifierTargets(load_classifier_for(args.repa_classifier, vae_folder), dcfg.size // dcfg.patch,
                                      args.repa_stage).to(device) if args.repa_weight else None
+    cfg["init_from"] = lineage(args.init) if args.init else None  # provenance; a resumed run keeps its own (RunDir)
     run = RunDir(args.run_dir, cfg, args.resume,
                  fixed=("denoiser", "schedule", "vae_sha", "lr", "warmup", "count_scenes", "new_lr_mult", "repa"),
                  defaults={"denoiser": asdict(DenoiserConfig())}) \
@@ -352,6 +354,7 @@ def main(argv=None):
     progress.close()
     if run:
         extra = {"schedule": schedule.config(), "vae_sha": cfg["vae_sha"], "trained_steps": step,
+                 **({"init_from": cfg["init_from"]} if cfg.get("init_from") else {}),
                  "train_seconds": round(run.elapsed(), 1), **({"stopped_early": True} if stopped else {})}
         save_denoiser(copy.deepcopy(ema).float().cpu(), run.path / "final", extra)
         run.log(f"saved EMA weights to {run.path / 'final'}")

@@ -312,6 +312,34 @@ def test_trainer_runs_distribution_matching_alone_and_resumes_only_with_it(tiny_
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_shipped_weights_record_the_chain_of_warm_starts_they_came_from(tiny_data, tiny_weights, tmp_path):
+    """A run warm-started from a weights folder records where it began (the folder, its checksums and the provenance
+    that folder carries); shipping carries it, nested back to the first run; a resumed run keeps what it began from
+    even after that folder was replaced, as weights/gan is each time a run ships."""
+    from python import ship
+    from python.models.weights import lineage
+
+    first, second, w = tmp_path / "first", tmp_path / "second", tmp_path / "w"
+    adversarial.main(_args(tiny_data, tiny_weights, first, "--adv-weight", "0", "--dmd-weight", "1"))
+    ship.main(["gan", "--run", str(first), "--out", str(w)])
+    _, w_cfg = load_generator(w)
+    assert "init_from" not in w_cfg  # began from the LDM itself (--init none)
+    args = _args(tiny_data, tiny_weights, second, "--adv-weight", "0", "--dmd-weight", "1")
+    args[args.index("--init") + 1] = str(w)
+    adversarial.main(args)
+    ship.main(["gan", "--run", str(second), "--out", str(tmp_path / "w2")])
+    _, w2_cfg = load_generator(tmp_path / "w2")
+    began = w2_cfg["init_from"]
+    assert began["path"] == str(w.resolve()) and began["sha256"] == w_cfg["sha256"]
+    assert began["run"] == str(first.resolve()) and began["trained_steps"] == w_cfg["trained_steps"]
+    assert lineage(tmp_path / "w2")["init_from"] == began  # a third run from w2 reads back to the first
+    ship.main(["gan", "--run", str(second), "--out", str(w), "--force"])  # the folder it began from, replaced
+    assert load_generator(w)[1]["sha256"] != began["sha256"]
+    adversarial.main(args + ["--resume", "--steps", "8"])
+    assert json.loads((second / "config.json").read_text())["init_from"] == began
+    assert load_generator(second / "final")[1]["init_from"] == began
+
+
 def test_trainer_runs_the_gan_loss_beside_distribution_matching_and_ships_both(tiny_data, tiny_weights, tmp_path,
                                                                                 capsys):
     """The shipped GAN path's recipe (DMD2): heads on real latents and an online fake score in one run. Both critics

@@ -98,7 +98,10 @@ def test_pooled_embedding_tells_the_set_size_and_warm_starts_unchanged(tiny_data
     run = tmp_path / "warm"
     train_ldm(_args(tiny_data, parts, run, "--steps", "2", "--eval-every", "2", "--no-bf16", "--init",
                     str(tmp_path / "plain"), "--lr", "0"))
-    warm, _ = load_denoiser(run / "final")
+    warm, warm_cfg = load_denoiser(run / "final")
+    # the warm start is on record with the weights it trained: the folder and its files' checksums
+    _, plain_cfg = load_denoiser(tmp_path / "plain")
+    assert warm_cfg["init_from"] == {"path": str((tmp_path / "plain").resolve()), "sha256": plain_cfg["sha256"]}
     # --eval-data: the held-out conditions come from that folder, not --data (here: two 3-object conditions)
     probe = tmp_path / "probe"
     probe.mkdir()

@@ -62,6 +62,22 @@ def read_config(folder: Path, filename: str, what: str, how: str) -> dict:
     return cfg
 
 
+def lineage(folder: Path) -> dict | None:
+    """Where a warm start began, for the provenance of what it trains: the folder, its files' sha256 and the
+    provenance its config.json carries, its own `init_from` included, so that a chain of warm starts (the GAN path:
+    a regression student, then one distribution-matching run after another) reads back to its first run from the
+    shipped config alone, whatever the folders hold by then. None where the folder has no readable config.json (its
+    loader says what is wrong)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    keep = ("sha256", "trained_steps", "run", "weights", "objective", "init_from")
+    return {"path": str(Path(folder).resolve()), **{k: cfg[k] for k in keep if cfg.get(k) is not None}}
+
+
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file as a state dict in float32 (shipped weights are fp16)."""
     try:

@@ -43,6 +43,8 @@ class RunDir:
             raise UserError(f"{self.path}: cannot create the run folder ({e.strerror})") from None
         if resume and (self.path / "config.json").exists():
             old = json.loads((self.path / "config.json").read_text())
+            if old.get("init_from") is not None:  # what the run began from, not what that folder holds today
+                config["init_from"] = old["init_from"]
             for key, fields in (defaults or {}).items():
                 if isinstance(old.get(key), dict):
                     old[key] = {**json.loads(json.dumps(fields, default=str)), **old[key]}
