@@ -426,7 +426,8 @@ def test_eval_data_sets_the_probe_the_log_reads(tiny_data, tiny_weights, tmp_pat
     probe.mkdir()
     (probe / "heldout.json").write_text(json.dumps([["red sphere", "blue cube", "gray cylinder"]] * 2))
     run = tmp_path / "run"
-    adversarial.main(_args(tiny_data, tiny_weights, run, "--steps", "1", "--eval-every", "1", "--eval-data", str(probe)))
+    adversarial.main(_args(tiny_data, tiny_weights, run, "--steps", "1", "--eval-every", "1",
+                           "--eval-data", str(probe)))
     evals = [json.loads(line)["heldout_subset"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "heldout_subset" in line]
     assert evals and all(set(e["by_objects"]) == {"3"} for e in evals)

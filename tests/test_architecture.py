@@ -124,9 +124,10 @@ def test_shipped_generators_give_the_images_they_gave_before_the_layering(ddim_s
     the shipped LDM (DPM-Solver++ 10 steps and stochastic DDIM) and GAN path, decoded by the shipped VAE. When shipped
     weights change, their entry is rewritten from the new weights (the GAN path's on 2026-12-03, dmd4, on 2026-12-04,
     dmdg2a01, on 2026-12-06, the layout student gld1, and on 2026-12-07, its continuations gld2 and gld3, places drawn
-    from its bank with the seed; the LDM's on 2026-12-06, the layout model, places drawn from its bank with the seed, and again
-    that day for its 5,000-step continuation and its 6,000 steps on 60,000 renders) and the others stay as they were. DDIM ran on "leading"
-    timesteps then (the default became "trailing" on 2026-12-06); the DDIM entry is reproduced with that spacing."""
+    from its bank with the seed; the LDM's on 2026-12-06, the layout model, places drawn from its bank with the seed,
+    and again that day for its 5,000-step continuation and its 6,000 steps on 60,000 renders) and the others stay as
+    they were. DDIM ran on "leading" timesteps then (the default became "trailing" on 2026-12-06); the DDIM entry is
+    reproduced with that spacing."""
     from python.core.diffusion import Schedule
     from python.models.denoiser import load_denoiser
     from python.models.generators import load_generator
